@@ -1,0 +1,1 @@
+"""Transports: thin adapters that convert messages and call the session engine."""

@@ -1,0 +1,183 @@
+"""The native API (rnnserve.v1): a thin adapter over the session engine."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterable, AsyncIterator
+
+import grpc
+
+from service.api.convert import array_to_tensor, tensor_to_array
+from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
+from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+from service.api.status import classify, grpc_status, unary
+from service.errors import Overloaded, RnnServeError, SeqOutOfOrder, Unavailable
+from service.metrics import Metrics
+from service.models import LoadedModel
+from service.sessions import SessionEngine, Step, StepResult
+from service.settings import Settings
+from service.state.record import Tensors
+
+log = logging.getLogger(__name__)
+
+StreamContext = grpc.aio.ServicerContext[pb.StepRequest, pb.StepResponse]
+
+
+def _outputs(outputs: Tensors) -> dict[str, pb.Tensor]:
+    return {name: array_to_tensor(value) for name, value in outputs.items()}
+
+
+def _model_info(model: LoadedModel) -> pb.ModelInfo:
+    manifest = model.manifest
+    return pb.ModelInfo(
+        name=manifest.name,
+        version=manifest.version,
+        task=manifest.task,
+        cell=manifest.cell,
+        streamable=manifest.streamable,
+        precision=manifest.precision,
+        fingerprint=manifest.fingerprint,
+        inputs=[pb.TensorSpec(name=t.name, dtype=t.dtype, shape=t.shape) for t in manifest.inputs],
+        outputs=[pb.TensorSpec(name=t.name, dtype=t.dtype, shape=t.shape) for t in manifest.outputs],
+        manifest_json=manifest.model_dump_json(),
+    )
+
+
+class NativeServicer(pb_grpc.RnnServeServicer):
+    def __init__(self, engine: SessionEngine, settings: Settings, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self._engine = engine
+        self._settings = settings
+        self._streams = 0
+        self.draining = False
+
+    # -- Stream --------------------------------------------------------------------------------
+
+    async def Stream(  # noqa: N802 - gRPC method name
+        self, request_iterator: AsyncIterable[pb.StepRequest], context: StreamContext
+    ) -> AsyncIterator[pb.StepResponse]:
+        refusal: RnnServeError | None = None
+        if self.draining:
+            refusal = Unavailable("the server is shutting down; reconnect (any replica can continue)")
+        elif self._streams >= self._settings.max_streams:
+            refusal = Overloaded(f"this replica has {self._streams} open streams; retry with backoff")
+        if refusal is not None:
+            self.metrics.errors.labels("Stream", refusal.code.name).inc()
+            await context.abort(grpc_status(refusal.code), refusal.message)
+        self._streams += 1
+        self.metrics.active_streams.inc()
+        responses: asyncio.Queue[pb.StepResponse | None] = asyncio.Queue()
+        reader = asyncio.create_task(self._read(request_iterator, responses))
+        try:
+            while (response := await responses.get()) is not None:
+                yield response
+            await reader  # surfaces a broken request stream
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+            self._streams -= 1
+            self.metrics.active_streams.dec()
+
+    async def _read(
+        self, requests: AsyncIterable[pb.StepRequest], responses: asyncio.Queue[pb.StepResponse | None]
+    ) -> None:
+        """Start a task per request (sessions proceed concurrently), bounded by max_inflight_per_stream."""
+        slots = asyncio.Semaphore(self._settings.max_inflight_per_stream)
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def answer(request: pb.StepRequest) -> None:
+            try:
+                await responses.put(await self._step(request))
+            finally:
+                slots.release()
+
+        try:
+            async for request in requests:
+                await slots.acquire()
+                task = asyncio.create_task(answer(request))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            if tasks:
+                await asyncio.gather(*tasks)
+            await responses.put(None)
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def _step(self, request: pb.StepRequest) -> pb.StepResponse:
+        try:
+            step = Step(
+                model=request.model,
+                version=request.version,
+                session_id=request.session_id,
+                seq=request.seq,
+                start=request.start,
+                end=request.end,
+                x=tensor_to_array(request.input),
+            )
+            result: StepResult = await self._engine.step(step)
+        except Exception as err:  # noqa: BLE001 - answered in-band, stream stays open
+            code, message = classify(err, "Stream")
+            self.metrics.errors.labels("Stream", code.name).inc()
+            return pb.StepResponse(
+                session_id=request.session_id,
+                seq=request.seq,
+                model=request.model,
+                version=request.version,
+                error=pb.Status(code=int(code), message=message),
+                expected_seq=err.expected_seq if isinstance(err, SeqOutOfOrder) else 0,
+            )
+        return pb.StepResponse(
+            session_id=result.session_id,
+            seq=result.seq,
+            model=result.model,
+            version=result.version,
+            outputs=_outputs(result.outputs),
+            replayed=result.replayed,
+        )
+
+    # -- unary calls ---------------------------------------------------------------------------
+
+    @unary
+    async def Infer(  # noqa: N802
+        self, request: pb.InferRequest, context: grpc.aio.ServicerContext[pb.InferRequest, pb.InferResponse]
+    ) -> pb.InferResponse:
+        model, outputs = await self._engine.infer(
+            request.model, request.version, tensor_to_array(request.input)
+        )
+        return pb.InferResponse(model=model.name, version=model.version, outputs=_outputs(outputs))
+
+    @unary
+    async def ListModels(  # noqa: N802
+        self,
+        request: pb.ListModelsRequest,
+        context: grpc.aio.ServicerContext[pb.ListModelsRequest, pb.ListModelsResponse],
+    ) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[_model_info(m) for m in self._engine.registry.all()])
+
+    @unary
+    async def GetSession(  # noqa: N802
+        self, request: pb.SessionRef, context: grpc.aio.ServicerContext[pb.SessionRef, pb.SessionInfo]
+    ) -> pb.SessionInfo:
+        info = await self._engine.get_session(request.model, request.session_id)
+        return pb.SessionInfo(
+            model=info.model,
+            session_id=info.session_id,
+            version=info.version or 0,
+            last_seq=info.last_seq,
+            fingerprint=info.fingerprint,
+            ttl_ms=info.ttl_ms if info.ttl_ms is not None else -1,
+        )
+
+    @unary
+    async def DeleteSession(  # noqa: N802
+        self,
+        request: pb.SessionRef,
+        context: grpc.aio.ServicerContext[pb.SessionRef, pb.DeleteSessionResponse],
+    ) -> pb.DeleteSessionResponse:
+        return pb.DeleteSessionResponse(
+            deleted=await self._engine.delete_session(request.model, request.session_id)
+        )

@@ -1,0 +1,95 @@
+"""Every Prometheus metric the service exports, registered on a registry passed in.
+
+Names start `rnnserve_`, use base units, and share the label names `model`, `version`, `method`, `code`.
+Session ids are never labels.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Sub-millisecond resolution: a CPU step is tens of microseconds of compute.
+LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+MODEL_LABELS = ("model", "version")
+
+
+class Metrics:
+    """The service's metric families; one instance per server, on its own registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+        def histogram(name: str, doc: str, labels: tuple[str, ...] = MODEL_LABELS) -> Histogram:
+            return Histogram(name, doc, labels, buckets=LATENCY_BUCKETS, registry=registry)
+
+        self.step_latency = histogram(
+            "rnnserve_step_latency_seconds", "Time from a step's arrival to its response, in the server."
+        )
+        self.queue_wait = histogram("rnnserve_queue_wait_seconds", "Time a step waited for its batch.")
+        self.runtime_latency = histogram("rnnserve_runtime_seconds", "One ONNX Runtime call (one batch).")
+        self.store_load_latency = histogram(
+            "rnnserve_store_load_seconds", "Loading session records from the store (one round trip).", ()
+        )
+        self.store_commit_latency = histogram(
+            "rnnserve_store_commit_seconds", "Committing one batch's session records (one round trip).", ()
+        )
+        self.batch_size = Histogram(
+            "rnnserve_batch_size",
+            "Sessions per runtime batch.",
+            MODEL_LABELS,
+            buckets=BATCH_BUCKETS,
+            registry=registry,
+        )
+        self.steps = Counter(
+            "rnnserve_steps_total", "Steps applied (retries not counted).", MODEL_LABELS, registry=registry
+        )
+        self.replays = Counter(
+            "rnnserve_replays_total",
+            "Repeated seqs answered from the stored outputs.",
+            MODEL_LABELS,
+            registry=registry,
+        )
+        self.errors = Counter(
+            "rnnserve_errors_total",
+            "Requests answered with an error, by gRPC code.",
+            ("method", "code"),
+            registry=registry,
+        )
+        self.conflicts = Counter(
+            "rnnserve_store_conflicts_total",
+            "Commits refused because another writer advanced the session.",
+            registry=registry,
+        )
+        self.expired = Counter(
+            "rnnserve_sessions_expired_total",
+            "Steps for sessions that had idled out or never started.",
+            registry=registry,
+        )
+        self.active_sessions = Gauge(
+            "rnnserve_active_sessions",
+            "Sessions whose state this replica holds in its cache.",
+            registry=registry,
+        )
+        self.active_streams = Gauge("rnnserve_active_streams", "Open Stream calls.", registry=registry)
+        self.model_info = Gauge(
+            "rnnserve_model_info",
+            "Loaded model versions (value 1).",
+            (*MODEL_LABELS, "provider", "precision"),
+            registry=registry,
+        )

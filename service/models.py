@@ -1,0 +1,85 @@
+"""The loaded models: every version found in the repository, each with its runtime."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from service.errors import ModelNotFound
+from service.repository import MODEL_FILE, Manifest, RepositoryError, read_manifest, version_dirs
+from service.runtime import ModelRuntime
+from service.settings import RuntimeSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    manifest: Manifest
+    runtime: ModelRuntime
+    fingerprint: bytes
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def version(self) -> int:
+        return self.manifest.version
+
+    def zero_states(self) -> dict[str, np.ndarray]:
+        """A fresh session's state, one row (no batch axis)."""
+        return {s.input: np.zeros(s.shape[1:], dtype=s.dtype) for s in self.manifest.state}
+
+
+class ModelRegistry:
+    """Lookup by (name, version) and by fingerprint. Version 0 means the newest loaded version."""
+
+    def __init__(self, models: list[LoadedModel]) -> None:
+        self._models = {(m.name, m.version): m for m in models}
+        self._by_fingerprint = {m.fingerprint: m for m in models}
+        self._latest = {m.name: m for m in sorted(models, key=lambda m: m.version)}
+
+    @classmethod
+    def from_repository(cls, repo: Path, settings: RuntimeSettings) -> ModelRegistry:
+        models = []
+        for name, version, directory in version_dirs(repo):
+            try:
+                manifest = read_manifest(directory)
+                runtime = ModelRuntime(directory / MODEL_FILE, manifest, settings)
+            except (RepositoryError, ValueError) as err:
+                log.error("not loading %s/%d: %s", name, version, err)
+                continue
+            log.info(
+                "loaded %s/%d (%s %s, %s) on %s, fingerprint %s",
+                name,
+                version,
+                manifest.cell,
+                manifest.precision,
+                manifest.task,
+                ",".join(runtime.providers),
+                manifest.fingerprint[:12],
+            )
+            models.append(LoadedModel(manifest, runtime, bytes.fromhex(manifest.fingerprint)))
+        if not models:
+            raise RepositoryError(f"no servable model version under {repo}")
+        return cls(models)
+
+    def all(self) -> list[LoadedModel]:
+        return [self._models[k] for k in sorted(self._models)]
+
+    def get(self, name: str, version: int = 0) -> LoadedModel:
+        model = self._latest.get(name) if version == 0 else self._models.get((name, version))
+        if model is not None:
+            return model
+        loaded = ", ".join(f"{n}/{v}" for n, v in sorted(self._models)) or "none"
+        wanted = name if version == 0 else f"{name}/{version}"
+        raise ModelNotFound(
+            f"no model {wanted!r} is loaded (loaded: {loaded}); check the model name and version"
+        )
+
+    def by_fingerprint(self, fingerprint: bytes) -> LoadedModel | None:
+        return self._by_fingerprint.get(fingerprint)

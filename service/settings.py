@@ -1,0 +1,82 @@
+"""One typed settings object. Every field can come from a flag or an `RNNSERVE_...` variable.
+
+Nested groups read as e.g. `RNNSERVE_REDIS__URL`, `RNNSERVE_BATCHING__MAX_BATCH_SIZE`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class RedisSettings(BaseModel):
+    """Where session state lives. Without a URL the server keeps state in process memory."""
+
+    url: str | None = Field(
+        default=None,
+        description="redis:// or rediss:// URL (user, password and db in the URL); unset: in-memory store",
+    )
+    socket_timeout_s: float = Field(default=2.0, gt=0, description="bound on one command's round trip")
+    connect_timeout_s: float = Field(default=2.0, gt=0, description="bound on opening a connection")
+    max_connections: int = Field(default=64, ge=1, description="connection pool size per replica")
+    key_prefix: str = Field(default="rnnserve", description="prefix of every key the service writes")
+
+
+class BatchingSettings(BaseModel):
+    """Size-or-deadline batching per loaded model version."""
+
+    max_batch_size: int = Field(default=64, ge=1, description="most sessions in one runtime call")
+    max_batch_wait_us: int = Field(
+        default=0, ge=0, description="how long a batch waits to fill; 0 takes whatever is queued"
+    )
+    max_queue: int = Field(default=4096, ge=1, description="pending steps per model version before refusing")
+    max_concurrent_batches: int = Field(
+        default=2, ge=1, description="batches in flight per model (one computing while one commits)"
+    )
+
+
+class RuntimeSettings(BaseModel):
+    """ONNX Runtime."""
+
+    providers: list[str] = Field(
+        default_factory=lambda: ["CPUExecutionProvider"], description="execution providers, in order"
+    )
+    intra_op_threads: int = Field(
+        default=1, ge=0, description="threads per runtime call; 0 = runtime default"
+    )
+    executor_threads: int = Field(default=2, ge=1, description="runtime calls that may run at once")
+
+
+class SessionSettings(BaseModel):
+    """Session lifetime and the per-replica cache of recently used states."""
+
+    state_ttl_s: float = Field(
+        default=3600.0, gt=0, description="a session idles out this long after its last write"
+    )
+    cache_max_sessions: int = Field(
+        default=100_000, ge=0, description="states kept in this replica's memory; 0 loads every step"
+    )
+    max_chunk_steps: int = Field(default=1024, ge=1, description="most time steps in one request")
+
+
+class Settings(BaseSettings):
+    """Everything `rnnserve serve` needs."""
+
+    model_config = SettingsConfigDict(env_prefix="RNNSERVE_", env_nested_delimiter="__")
+
+    model_repo: Path = Field(default=Path("models"), description="the model repository to serve")
+    host: str = Field(default="[::]", description="address to listen on")
+    port: int = Field(default=8500, ge=0, le=65535, description="gRPC port; 0 picks a free one")
+    metrics_port: int | None = Field(
+        default=9090, ge=0, le=65535, description="Prometheus /metrics port; 0 picks one; unset: none"
+    )
+    max_streams: int = Field(default=1024, ge=1, description="concurrent streams before RESOURCE_EXHAUSTED")
+    max_inflight_per_stream: int = Field(default=1024, ge=1, description="unanswered steps per stream")
+    max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="largest request message")
+    shutdown_grace_s: float = Field(default=10.0, ge=0, description="time to finish in-flight steps on stop")
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    batching: BatchingSettings = Field(default_factory=BatchingSettings)
+    runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
+    sessions: SessionSettings = Field(default_factory=SessionSettings)

@@ -1,0 +1,1 @@
+"""Session state: the record codec and the stores that keep records."""

@@ -1,0 +1,121 @@
+"""Session records in Redis: one hash per session ({token, rec}), compare-and-set in Lua, pipelined.
+
+Every write sets the TTL. A lost connection or a timeout becomes `Unavailable`; since a commit that
+timed out may or may not have been applied, the client's retry of the same seq settles it (a retry of
+an applied step returns the stored outputs).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError, RedisError
+
+from service.errors import Unavailable
+from service.settings import RedisSettings
+from service.state.store import Commit, CommitResult, Outcome, StateStore
+
+TOKEN_FIELD = "token"
+RECORD_FIELD = "rec"
+
+# KEYS[1] session; ARGV: expected token ('' = unconditional), new token, 'set' | 'del', record, ttl ms.
+# Returns {0, token} applied, {1, current} conflict, {2, ''} missing.
+_COMPARE_AND_SET = """
+local current = redis.call('HGET', KEYS[1], 'token')
+if ARGV[1] ~= '' then
+  if not current then return {2, ''} end
+  if current ~= ARGV[1] then return {1, current} end
+end
+if ARGV[3] == 'del' then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('HSET', KEYS[1], 'token', ARGV[2], 'rec', ARGV[4])
+  redis.call('PEXPIRE', KEYS[1], ARGV[5])
+end
+return {0, ARGV[2]}
+"""
+_OUTCOMES = {0: Outcome.OK, 1: Outcome.CONFLICT, 2: Outcome.MISSING}
+
+
+class RedisStateStore(StateStore):
+    def __init__(self, settings: RedisSettings) -> None:
+        if not settings.url:
+            raise ValueError("RedisStateStore needs a redis:// or rediss:// URL")
+        self._redis = aioredis.Redis.from_url(
+            settings.url,
+            socket_timeout=settings.socket_timeout_s,
+            socket_connect_timeout=settings.connect_timeout_s,
+            max_connections=settings.max_connections,
+            decode_responses=False,
+        )
+        self._cas_sha = hashlib.sha1(_COMPARE_AND_SET.encode()).hexdigest()
+
+    async def _run(self, what: str, pipeline: Any, *, raise_on_error: bool = True) -> list[Any]:
+        try:
+            return list(await pipeline.execute(raise_on_error=raise_on_error))
+        except RedisError as err:
+            raise Unavailable(
+                f"session store unreachable while {what} ({type(err).__name__}); retry"
+            ) from err
+        finally:
+            await pipeline.reset()  # returns its connection to the pool, or drops a broken one
+
+    async def load_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        if not keys:
+            return []
+        pipe = self._redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.hget(key, RECORD_FIELD)
+        return await self._run("loading sessions", pipe)
+
+    async def commit_many(self, commits: Sequence[Commit], ttl_s: float) -> list[CommitResult]:
+        ttl_ms = max(1, int(ttl_s * 1000))
+        replies: list[Any] = [None] * len(commits)
+        todo = list(range(len(commits)))
+        for attempt in range(2):
+            pipe = self._redis.pipeline(transaction=False)
+            for i in todo:
+                c = commits[i]
+                action = "del" if c.delete else "set"
+                pipe.evalsha(self._cas_sha, 1, c.key, c.expected or "", c.token, action, c.record, ttl_ms)
+            answers = await self._run("committing sessions", pipe, raise_on_error=False)
+            for i, reply in zip(todo, answers, strict=True):
+                replies[i] = reply
+            # NOSCRIPT: Redis restarted or flushed its script cache; those commits were not applied.
+            todo = [i for i in todo if isinstance(replies[i], NoScriptError)]
+            if not todo:
+                break
+            if attempt == 0:
+                await self._load_script()
+        for reply in replies:
+            if isinstance(reply, RedisError):
+                raise Unavailable(f"session store refused a commit ({reply}); retry")
+        return [CommitResult(_OUTCOMES[int(code)], token.decode() or None) for code, token in replies]
+
+    async def _load_script(self) -> None:
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.script_load(_COMPARE_AND_SET)
+        (sha,) = await self._run("loading the commit script", pipe)
+        self._cas_sha = sha.decode() if isinstance(sha, bytes) else str(sha)
+
+    async def delete(self, key: str) -> bool:
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.delete(key)
+        (removed,) = await self._run("deleting a session", pipe)
+        return bool(removed)
+
+    async def ttl_ms(self, key: str) -> int | None:
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.pttl(key)
+        (ttl,) = await self._run("reading a session's ttl", pipe)
+        return None if ttl == -2 else int(ttl)
+
+    async def ping(self) -> None:
+        """Also loads the commit script, so the first commits need not."""
+        await self._load_script()
+
+    async def close(self) -> None:
+        await self._redis.aclose()

@@ -1,0 +1,73 @@
+"""The StateStore interface: load many, commit many (per-key ok / conflict / missing), delete."""
+
+from __future__ import annotations
+
+import abc
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+# Key layout, in one place. The braces are a Redis Cluster hash tag: a session's keys share a slot.
+SESSION_KEY = "{prefix}:s:{{{model}/{session_id}}}"
+
+
+def session_key(prefix: str, model: str, session_id: str) -> str:
+    return SESSION_KEY.format(prefix=prefix, model=model, session_id=session_id)
+
+
+class Outcome(enum.Enum):
+    OK = "ok"
+    CONFLICT = "conflict"
+    MISSING = "missing"
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """Write `record` under `key` if the stored token equals `expected` (None: write unconditionally).
+
+    With `delete`, the key is removed instead (on the same condition): a session's end.
+    """
+
+    key: str
+    expected: str | None
+    token: str
+    record: bytes
+    delete: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class CommitResult:
+    outcome: Outcome
+    # The token found in the store: on conflict, whoever wrote last.
+    current: str | None = None
+
+
+class StateStore(abc.ABC):
+    """Where session records live. Implementations raise `Unavailable` when they cannot answer."""
+
+    #: False for a store that loses state with the process (the log says so at start-up).
+    durable: bool = True
+
+    @abc.abstractmethod
+    async def load_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """The stored record of each key, or None where there is none."""
+
+    @abc.abstractmethod
+    async def commit_many(self, commits: Sequence[Commit], ttl_s: float) -> list[CommitResult]:
+        """Apply each commit independently (compare-and-set), one round trip for all of them."""
+
+    @abc.abstractmethod
+    async def delete(self, key: str) -> bool:
+        """Remove a key unconditionally; True if it existed."""
+
+    @abc.abstractmethod
+    async def ttl_ms(self, key: str) -> int | None:
+        """Milliseconds until the key expires; -1 if it never does; None if it does not exist."""
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raise `Unavailable` if the store cannot be reached."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release connections."""

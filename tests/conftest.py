@@ -1,0 +1,215 @@
+"""Shared fixtures: a real redis-server per test session, real gRPC servers on free ports."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import onnx
+import onnxruntime as ort
+import port_for
+import pytest
+import redis as redis_sync
+from prometheus_client import CollectorRegistry
+from pytest_redis import factories
+
+from service.api.convert import tensor_to_array
+from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
+from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+from service.repository import MANIFEST_FILE, MODEL_FILE, read_manifest
+from service.server import App, create_server
+from service.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_REPO = ROOT / "models"
+
+redis_proc = factories.redis_proc(port=None)
+redisdb = factories.redisdb("redis_proc")
+
+
+def redis_url(proc: Any) -> str:
+    return f"redis://{proc.host}:{proc.port}/0"
+
+
+@pytest.fixture
+def redis_store_url(redisdb: Any, redis_proc: Any) -> str:
+    """A URL of the test session's redis-server; its database is flushed after each test."""
+    return redis_url(redis_proc)
+
+
+@pytest.fixture(params=["memory", "redis"])
+def store_url(request: pytest.FixtureRequest) -> str | None:
+    """Session-contract tests run on both stores: None is the in-memory store."""
+    if request.param == "memory":
+        return None
+    return str(request.getfixturevalue("redis_store_url"))
+
+
+class PersistentRedis:
+    """A redis-server of one test's own that syncs every write to its append-only file, to stop and start."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.port = port_for.select_random()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self._process = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.directory),
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        client = redis_sync.Redis(port=self.port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                return
+            except redis_sync.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            self._process.wait(10)
+            self._process = None
+
+
+@pytest.fixture
+def persistent_redis(tmp_path: Path) -> Iterator[PersistentRedis]:
+    server = PersistentRedis(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+ServerFactory = Callable[..., Awaitable[App]]
+
+
+@pytest.fixture
+async def start_server() -> AsyncIterator[ServerFactory]:
+    """start_server(repo, url=None, **settings) -> a running App on a free port; None: in-memory store."""
+    apps: list[App] = []
+
+    async def start(repo: Path = SHIPPED_REPO, url: str | None = None, **overrides: Any) -> App:
+        redis = {"url": url} | overrides.pop("redis", {})
+        fields = {"host": "127.0.0.1", "port": 0, "metrics_port": None} | overrides
+        settings = Settings(model_repo=repo, redis=redis, **fields)
+        app = await create_server(settings, CollectorRegistry())
+        apps.append(app)
+        return app
+
+    yield start
+    for app in apps:
+        await app.stop(grace_s=0.5)
+
+
+def one_hot_text(text: str, vocabulary: str) -> np.ndarray:
+    index = {c: i for i, c in enumerate(vocabulary)}
+    return np.eye(len(vocabulary), dtype=np.float32)[[index.get(c, index[" "]) for c in text]]
+
+
+def variant_repo(tmp: Path, *, versions: dict[int, str]) -> Path:
+    """A repository whose versions are copies of the shipped charlm with distinct fingerprints.
+
+    `versions` maps version -> a tag written into the ONNX doc string: the weights are the same, the
+    bytes (and so the fingerprint) differ.
+    """
+    source = SHIPPED_REPO / "charlm" / "1"
+    base = read_manifest(source)
+    for version, tag in versions.items():
+        model = onnx.load(str(source / MODEL_FILE))
+        model.doc_string = f"rnnserve test variant {tag}"
+        data = model.SerializeToString()
+        target = tmp / "charlm" / str(version)
+        target.mkdir(parents=True)
+        (target / MODEL_FILE).write_bytes(data)
+        manifest = base.model_dump(mode="json") | {
+            "version": version,
+            "fingerprint": hashlib.sha256(data).hexdigest(),
+        }
+        (target / MANIFEST_FILE).write_text(json.dumps(manifest))
+    sample = SHIPPED_REPO / "charlm" / "heldout_sample.txt"
+    shutil.copy(sample, tmp / "charlm" / sample.name)
+    return tmp
+
+
+async def exchange(target: str, requests: Sequence[pb.StepRequest]) -> list[pb.StepResponse]:
+    """Send requests on one Stream, one at a time, each after the previous answer; return the answers."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = pb_grpc.RnnServeStub(channel).Stream()
+        answers = []
+        for request in requests:
+            await call.write(request)
+            answers.append(await call.read())
+        await call.done_writing()
+        assert await call.read() is grpc.aio.EOF
+        return answers
+
+
+def step_request(
+    session_id: str,
+    seq: int,
+    x: np.ndarray,
+    *,
+    model: str = "charlm",
+    start: bool = False,
+    end: bool = False,
+    version: int = 0,
+) -> pb.StepRequest:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    return pb.StepRequest(
+        model=model,
+        version=version,
+        session_id=session_id,
+        seq=seq,
+        start=start,
+        end=end,
+        input=pb.Tensor(shape=x.shape, raw=x.tobytes()),
+    )
+
+
+def logits_of(response: pb.StepResponse) -> np.ndarray:
+    assert not response.HasField("error"), response.error
+    return tensor_to_array(response.outputs["logits"])
+
+
+def offline_logits(version_dir: Path, x: np.ndarray) -> np.ndarray:
+    """The model run on the whole sequence [T, F] in one ONNX Runtime call from zero state: [T, V]."""
+    manifest = read_manifest(version_dir)
+    session = ort.InferenceSession(str(version_dir / MODEL_FILE), providers=["CPUExecutionProvider"])
+    feeds = {s.input: np.zeros([1, *s.shape[1:]], np.float32) for s in manifest.state}
+    (logits, *_) = session.run(None, {manifest.input.name: x[None].astype(np.float32), **feeds})
+    return np.asarray(logits[0])
+
+
+def vocabulary(version_dir: Path = SHIPPED_REPO / "charlm" / "1") -> str:
+    return str(read_manifest(version_dir).preprocessing.vocabulary)
+
+
+def held_out_text() -> str:
+    return (SHIPPED_REPO / "charlm" / "heldout_sample.txt").read_text()

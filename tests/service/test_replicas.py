@@ -1,0 +1,98 @@
+"""What a shared Redis makes possible and what it must refuse: version pinning, foreign and corrupt
+records, a stale replica losing a compare-and-set race, and a store that goes away."""
+
+from __future__ import annotations
+
+import grpc
+import numpy as np
+import pytest
+import redis
+
+from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
+from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+from service.state.store import session_key
+from tests.conftest import exchange, logits_of, step_request, variant_repo
+from tests.service.test_session_contract import X, assert_error, assert_matches, last_seq, steps
+
+
+async def test_session_stays_on_its_version(start_server, redis_store_url, tmp_path):
+    app = await start_server(variant_repo(tmp_path, versions={1: "a", 2: "b"}), url=redis_store_url)
+    target = f"127.0.0.1:{app.port}"
+    (first,) = await exchange(target, [step_request("pinned", 1, X[:1], start=True, version=1)])
+    assert first.version == 1
+    (unpinned,) = await exchange(target, [step_request("pinned", 2, X[1:2])])  # version 0: the session's own
+    assert unpinned.version == 1
+    (other,) = await exchange(target, [step_request("pinned", 3, X[2:3], version=2)])
+    assert_error(
+        other, grpc.StatusCode.FAILED_PRECONDITION, "pinned to charlm version 1", "send version 0 or 1"
+    )
+    (fresh,) = await exchange(target, [step_request("new", 1, X[:1], start=True)])
+    assert fresh.version == 2  # new sessions start on the newest version
+    assert await last_seq(target, "pinned") == 2
+
+
+async def test_fingerprint_mismatch_is_refused_not_continued(start_server, redis_store_url, tmp_path):
+    """A replica serving other weights under the same name and version must not continue the session."""
+    old = await start_server(variant_repo(tmp_path / "old", versions={1: "old"}), url=redis_store_url)
+    await exchange(f"127.0.0.1:{old.port}", steps("s", 1, 3))
+    new = await start_server(variant_repo(tmp_path / "new", versions={1: "new"}), url=redis_store_url)
+    target = f"127.0.0.1:{new.port}"
+    (refused,) = await exchange(target, steps("s", 4, 4))
+    assert_error(refused, grpc.StatusCode.FAILED_PRECONDITION, "has not loaded", "start a new session")
+    assert await last_seq(target, "s") == 3
+    assert_matches(await exchange(f"127.0.0.1:{old.port}", steps("s", 4, 5)), first=4)
+
+
+@pytest.mark.parametrize("blob", [b"garbage", b"RNNS" + b"\x01\x00" * 40])
+async def test_unparseable_record_is_data_loss(start_server, redis_store_url, blob):
+    app = await start_server(url=redis_store_url)
+    target = f"127.0.0.1:{app.port}"
+    key = session_key("rnnserve", "charlm", "broken")
+    with redis.Redis.from_url(redis_store_url) as client:
+        client.hset(key, mapping={"token": "1:1", "rec": blob})
+        (refused,) = await exchange(target, [step_request("broken", 2, X[1:2])])
+        assert_error(refused, grpc.StatusCode.DATA_LOSS, "does not parse", "start the session again")
+        assert client.hget(key, "rec") == blob  # left for inspection
+    (restarted,) = await exchange(target, steps("broken", 1, 1))
+    assert_matches([restarted], first=1)
+
+
+async def test_stale_replica_loses_the_race_with_aborted(start_server, redis_store_url):
+    a = await start_server(url=redis_store_url)
+    b = await start_server(url=redis_store_url)
+    target_a, target_b = f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"
+    await exchange(target_a, steps("s", 1, 3))  # replica A caches the state at seq 3
+    (on_b,) = await exchange(target_b, steps("s", 4, 4))  # B continues from Redis
+    stale_input = step_request("s", 4, X[9:10])  # A believes seq 4 is next: its commit must fail
+    (refused,) = await exchange(target_a, [stale_input])
+    assert_error(refused, grpc.StatusCode.ABORTED, "changed by another writer", "Send seq 4 again")
+    (again,) = await exchange(target_a, [stale_input])  # A reloads: seq 4 is now a retry
+    assert again.replayed
+    np.testing.assert_array_equal(logits_of(again), logits_of(on_b))
+    assert_matches(await exchange(target_a, steps("s", 5, 7)), first=5)
+
+
+async def test_store_outage_is_unavailable_and_nothing_acknowledged_is_lost(start_server, persistent_redis):
+    app = await start_server(
+        url=persistent_redis.url, redis={"socket_timeout_s": 0.5, "connect_timeout_s": 0.5}
+    )
+    target = f"127.0.0.1:{app.port}"
+    assert_matches(await exchange(target, steps("s", 1, 3)), first=1)
+    persistent_redis.stop()
+    try:
+        (refused,) = await exchange(target, steps("s", 4, 4))
+        assert_error(refused, grpc.StatusCode.UNAVAILABLE, "session store unreachable", "retry")
+    finally:
+        persistent_redis.start()
+    assert await last_seq(target, "s") == 3
+    assert_matches(await exchange(target, steps("s", 4, 6)), first=4)
+
+
+async def test_list_models_reports_the_manifest(start_server):
+    app = await start_server()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        listing = await pb_grpc.RnnServeStub(channel).ListModels(pb.ListModelsRequest())
+    (model,) = listing.models
+    assert (model.name, model.version, model.cell, model.streamable) == ("charlm", 1, "lstm", True)
+    assert list(model.inputs[0].shape) == [-1, -1, X.shape[1]]
+    assert len(model.fingerprint) == 64
