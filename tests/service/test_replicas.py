@@ -96,3 +96,14 @@ async def test_list_models_reports_the_manifest(start_server):
     assert (model.name, model.version, model.cell, model.streamable) == ("charlm", 1, "lstm", True)
     assert list(model.inputs[0].shape) == [-1, -1, X.shape[1]]
     assert len(model.fingerprint) == 64
+
+
+async def test_a_session_moves_between_replicas_and_back(start_server, redis_store_url):
+    """A's cached copy is stale after B advanced the session: A must consult Redis, not refuse a 'gap'."""
+    a = await start_server(url=redis_store_url)
+    b = await start_server(url=redis_store_url)
+    target_a, target_b = f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"
+    assert_matches(await exchange(target_a, steps("s", 1, 3)), first=1)
+    assert_matches(await exchange(target_b, steps("s", 4, 6)), first=4)
+    assert_matches(await exchange(target_a, steps("s", 7, 8)), first=7)
+    assert_matches(await exchange(target_a, steps("s", 8, 8)), first=8)  # a retry, judged on Redis's record
