@@ -39,6 +39,9 @@ format: $(VENV)/.dev
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
+bench: $(VENV)/.runtime
+	$(PY) -m service bench --model-repo $(MODEL_REPO) --json docs/bench-cpu.json
+
 serve: $(VENV)/.runtime
 	$(PY) -m service serve --model-repo $(MODEL_REPO)
 

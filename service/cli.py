@@ -31,6 +31,14 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--target", help="host:port of a running server; default: start one in this process")
     demo.add_argument("--steps", type=int, default=160, help="held-out characters to stream")
     demo.add_argument("--generate", type=int, default=200, help="characters the model writes afterwards")
+
+    bench = commands.add_parser("bench", help="per-step cost next to its floors (ONNX Runtime, Redis, gRPC)")
+    bench.add_argument("--model-repo", type=Path, default=Path("models"))
+    bench.add_argument("--redis-url", help="Redis to measure against; default: a private redis-server")
+    bench.add_argument("--steps", type=int, default=2000, help="steps per measurement")
+    bench.add_argument("--long-steps", type=int, default=10000, help="length of the flatness stream")
+    bench.add_argument("--sessions", type=int, default=64, help="concurrent sessions for the load figure")
+    bench.add_argument("--json", type=Path, help="also write the figures here")
     return parser
 
 
@@ -56,6 +64,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         asyncio.run(_serve(settings_from(args)))
         return 0
+    if args.command == "bench":
+        from bench.step_latency import main as bench_main  # the bench package ships beside service
+
+        return bench_main(
+            args.model_repo, args.redis_url, args.steps, args.long_steps, args.sessions, args.json
+        )
     from service.demo import main_sync
 
     return main_sync(args.model_repo, args.target, args.steps, args.generate)

@@ -1,0 +1,1 @@
+"""Load generator and baselines: `rnnserve bench`. Figures go to docs/BENCHMARKS.md."""

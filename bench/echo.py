@@ -1,0 +1,43 @@
+"""A bare gRPC server answering rnnserve.v1 Stream with an empty response per step: the transport floor.
+
+python -m bench.echo --port N
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from collections.abc import AsyncIterable, AsyncIterator
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
+from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+
+
+class Echo(pb_grpc.RnnServeServicer):
+    async def Stream(  # noqa: N802
+        self, request_iterator: AsyncIterable[pb.StepRequest], context: object
+    ) -> AsyncIterator[pb.StepResponse]:
+        async for request in request_iterator:
+            yield pb.StepResponse(session_id=request.session_id, seq=request.seq, model=request.model)
+
+
+async def main(port: int) -> None:
+    server = grpc.aio.server()
+    # Only Stream is served; the other methods answer UNIMPLEMENTED from the generated base class.
+    pb_grpc.add_RnnServeServicer_to_server(Echo(), server)  # type: ignore[abstract]
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    await server.wait_for_termination()
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    asyncio.run(main(parser.parse_args().port))

@@ -1,0 +1,144 @@
+"""Servers in processes of their own: rnnserve, a bare gRPC echo, and redis-server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class ServerProcess:
+    """`rnnserve serve` (or another module's `main`) in its own process, on a fixed port."""
+
+    def __init__(self, port: int, args: list[str], module: str = "service") -> None:
+        self.port = port
+        self.args = args
+        self.module = module
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @classmethod
+    def rnnserve(
+        cls, port: int, model_repo: Path, redis_url: str | None, *extra: str, metrics_port: int = 0
+    ) -> ServerProcess:
+        args = [
+            "--log-level",
+            "WARNING",
+            "serve",
+            "--model-repo",
+            str(model_repo),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--metrics-port",
+            str(metrics_port),
+            *extra,
+        ]
+        if redis_url:
+            args += ["--redis-url", redis_url]
+        return cls(port, args)
+
+    def start(self, timeout_s: float = 60) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", self.module, *self.args],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        )
+        deadline = time.monotonic() + timeout_s
+        with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while True:
+                try:
+                    reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.module} did not start on port {self.port}")
+                time.sleep(0.1)
+
+    def kill(self) -> None:
+        """SIGKILL: no drain, no goodbye."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> int:
+        """SIGTERM: drain, then exit; returns the exit status."""
+        if self.process is None or self.process.poll() is not None:
+            return 0 if self.process is None else self.process.returncode
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(30)
+
+
+class RedisProcess:
+    """A private redis-server on a free port; `durable` syncs every write to an append-only file."""
+
+    def __init__(self, directory: Path | None = None, *, durable: bool = False) -> None:
+        self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="rnnserve-redis-")
+        self.directory = directory or Path(self._tmp.name)  # type: ignore[union-attr]
+        self.durable = durable
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        persistence = (
+            ["--appendonly", "yes", "--appendfsync", "always"] if self.durable else ["--appendonly", "no"]
+        )
+        self.process = subprocess.Popen(
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.directory),
+                "--save",
+                "",
+                *persistence,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        with redis.Redis(port=self.port) as client:
+            while True:
+                try:
+                    client.ping()
+                    return
+                except redis.ConnectionError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)
+
+    def stop(self) -> None:
+        """Stop the server; a durable one keeps its data for the next start()."""
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+
+    def close(self) -> None:
+        self.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
