@@ -191,7 +191,8 @@ def table(results: dict[str, Any]) -> str:
     load = results["concurrent"]
     lines.append("")
     lines.append(
-        f"{load['sessions']} sessions at once on one stream (Redis store): {load['steps_per_s']:.0f} steps/s, "
+        f"{load['sessions']} sessions at once on one stream (Redis store): "
+        f"{load['steps_per_s']:.0f} steps/s, "
         f"mean batch {load['mean_batch_size']:.1f}; "
         f"record {results['redis']['record_bytes']} bytes; "
         f"late/early p50 ratio {results['flatness']['p50_ratio_last_over_first']:.2f}"

@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import subprocess
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,12 +13,11 @@ import grpc
 import numpy as np
 import onnx
 import onnxruntime as ort
-import port_for
 import pytest
-import redis as redis_sync
 from prometheus_client import CollectorRegistry
 from pytest_redis import factories
 
+from bench.process import RedisProcess
 from service.api.convert import tensor_to_array
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
@@ -53,58 +50,13 @@ def store_url(request: pytest.FixtureRequest) -> str | None:
     return str(request.getfixturevalue("redis_store_url"))
 
 
-class PersistentRedis:
-    """A redis-server of one test's own that syncs every write to its append-only file, to stop and start."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.port = port_for.select_random()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self._process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self._process = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(self.directory),
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--save",
-                "",
-            ],
-            stdout=subprocess.DEVNULL,
-        )
-        client = redis_sync.Redis(port=self.port)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                return
-            except redis_sync.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
-
-    def stop(self) -> None:
-        if self._process is not None:
-            self._process.terminate()
-            self._process.wait(10)
-            self._process = None
-
-
 @pytest.fixture
-def persistent_redis(tmp_path: Path) -> Iterator[PersistentRedis]:
-    server = PersistentRedis(tmp_path)
+def persistent_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    """A redis-server of this test's own that syncs every write to disk, to stop and start again."""
+    server = RedisProcess(tmp_path, durable=True)
     server.start()
     yield server
-    server.stop()
+    server.close()
 
 
 ServerFactory = Callable[..., Awaitable[App]]

@@ -4,88 +4,25 @@ equal an uninterrupted run. No step lost, none applied twice."""
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 
 import grpc
 import numpy as np
-import port_for
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bench.process import ServerProcess, free_port
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from service.client import StreamClient
-from tests.conftest import ROOT, SHIPPED_REPO, held_out_text, offline_logits, one_hot_text, vocabulary
+from tests.conftest import SHIPPED_REPO, held_out_text, offline_logits, one_hot_text, vocabulary
 
 STEPS = 120
 KILL_AFTER = 60
 
 
-class ServerProcess:
-    """`rnnserve serve` in a process of its own, on a fixed port so a successor can take it over."""
-
-    def __init__(self, port: int, redis_url: str) -> None:
-        self.port = port
-        self.redis_url = redis_url
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "service",
-                "--log-level",
-                "WARNING",
-                "serve",
-                "--model-repo",
-                str(SHIPPED_REPO),
-                "--redis-url",
-                self.redis_url,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--metrics-port",
-                "0",
-            ],
-            cwd=ROOT,
-            env={**os.environ, "PYTHONWARNINGS": "ignore"},
-        )
-        deadline = time.monotonic() + 60
-        with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            while True:
-                try:
-                    reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the server did not start")
-                time.sleep(0.1)
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(10)
-
-    def stop(self) -> int:
-        if self.process is None or self.process.poll() is not None:
-            return 0
-        self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(30)
-
-
 @pytest.fixture
 def server_port() -> int:
-    return int(port_for.select_random())
+    return free_port()
 
 
 @pytest.fixture
@@ -100,7 +37,7 @@ async def test_sigkill_mid_session_then_resume_on_a_new_server(servers, redis_st
     text = held_out_text()[:STEPS]
     x = one_hot_text(text, vocabulary())
     expected = offline_logits(SHIPPED_REPO / "charlm" / "1", x)
-    first = ServerProcess(server_port, redis_store_url)
+    first = ServerProcess.rnnserve(server_port, SHIPPED_REPO, redis_store_url)
     servers.append(first)
     first.start()
 
@@ -112,7 +49,7 @@ async def test_sigkill_mid_session_then_resume_on_a_new_server(servers, redis_st
         in_flight = asyncio.create_task(session.step(x[KILL_AFTER : KILL_AFTER + 1]))
         await asyncio.sleep(0)  # the step is on its way; the server dies around it
         first.kill()
-        second = ServerProcess(server_port, redis_store_url)
+        second = ServerProcess.rnnserve(server_port, SHIPPED_REPO, redis_store_url)
         servers.append(second)
         await asyncio.to_thread(second.start)
         got[KILL_AFTER + 1] = (await in_flight).outputs["logits"][0]  # resent by the client: applied once
@@ -132,14 +69,14 @@ async def test_a_new_client_resumes_from_the_last_acked_seq(servers, redis_store
     text = held_out_text()[:40]
     x = one_hot_text(text, vocabulary())
     expected = offline_logits(SHIPPED_REPO / "charlm" / "1", x)
-    first = ServerProcess(server_port, redis_store_url)
+    first = ServerProcess.rnnserve(server_port, SHIPPED_REPO, redis_store_url)
     servers.append(first)
     first.start()
     async with StreamClient(f"127.0.0.1:{server_port}") as client:
         session = client.session("charlm", "gateway-7")
         before = [(await session.step(x[t : t + 1])).outputs["logits"][0] for t in range(25)]
     first.kill()
-    second = ServerProcess(server_port, redis_store_url)
+    second = ServerProcess.rnnserve(server_port, SHIPPED_REPO, redis_store_url)
     servers.append(second)
     second.start()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server_port}") as channel:
