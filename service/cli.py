@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from service.errors import RnnServeError
+from service.repository import RepositoryError
 from service.settings import Settings
 
 
@@ -62,7 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
-        asyncio.run(_serve(settings_from(args)))
+        try:
+            asyncio.run(_serve(settings_from(args)))
+        except (RnnServeError, RepositoryError, ValueError) as err:
+            logging.getLogger("rnnserve").error("cannot serve: %s", err)
+            return 2
         return 0
     if args.command == "bench":
         from bench.step_latency import main as bench_main  # the bench package ships beside service
