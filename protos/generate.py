@@ -1,10 +1,14 @@
-"""Generate the Python gRPC stubs (with type stubs) for every proto under protos/.
+"""Generate what the service loads from protos/.
 
     python protos/generate.py service/api/pb           # write the stubs
     python protos/generate.py --check service/api/pb   # exit 1 if the committed stubs are stale
 
-protoc writes absolute imports (`from rnnserve.v1 import ...`); they are rewritten to relative ones so
-the stubs live inside the `service` package without touching sys.path.
+- rnnserve/**: Python gRPC stubs with type stubs. protoc writes absolute imports
+  (`from rnnserve.v1 import ...`); they are rewritten to relative ones so the stubs live inside the
+  `service` package without touching sys.path.
+- inference/** (the KServe v2 / Triton protocol): a descriptor set, `inference.binpb`. The service builds
+  its message classes from it in a descriptor pool of its own: generated modules would register
+  `inference.*` in the default pool, where `tritonclient` registers the same names.
 """
 
 from __future__ import annotations
@@ -18,27 +22,31 @@ import tempfile
 from pathlib import Path
 
 PROTO_ROOT = Path(__file__).resolve().parent
+KSERVE_DESCRIPTORS = "inference.binpb"
 _ABSOLUTE_IMPORT = re.compile(r"^from rnnserve\.v1 import ", re.MULTILINE)
 
 
 def generate(out_dir: Path) -> list[Path]:
     from grpc_tools import protoc  # dev dependency: imported only when generating
 
-    protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
+    protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / "rnnserve").rglob("*.proto"))
+    kserve = sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / "inference").rglob("*.proto"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    args = [
-        "protoc",
-        f"-I{PROTO_ROOT}",
+    stubs = [
         f"--python_out={out_dir}",
         f"--grpc_python_out={out_dir}",
         f"--mypy_out={out_dir}",
         f"--mypy_grpc_out={out_dir}",
         *protos,
     ]
-    if protoc.main(args) != 0:
-        raise SystemExit("protoc failed")
+    descriptors = [f"--descriptor_set_out={out_dir / KSERVE_DESCRIPTORS}", "--include_imports", *kserve]
+    for args in (stubs, descriptors):
+        if protoc.main(["protoc", f"-I{PROTO_ROOT}", *args]) != 0:
+            raise SystemExit("protoc failed")
     written = []
     for path in sorted(out_dir.rglob("*.py*")):
+        if path.suffix not in (".py", ".pyi"):
+            continue
         text = _ABSOLUTE_IMPORT.sub("from . import ", path.read_text())
         path.write_text(text)
         written.append(path)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import re
@@ -55,6 +56,9 @@ class Step:
     version: int = 0
     start: bool = False
     end: bool = False
+    # The server numbers the step (last + 1), for protocols whose clients send no seq (Triton's).
+    # A repeated request is then applied again: retries cannot be told from new steps.
+    assign_seq: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,11 +126,13 @@ class SessionEngine:
     async def step(self, step: Step) -> StepResult:
         started = time.perf_counter()
         _check_session_id(step.session_id)
-        if step.seq < 1:
+        if step.assign_seq:
+            step = dataclasses.replace(step, seq=1 if step.start else 0)
+        elif step.seq < 1:
             raise InvalidArgument(
                 f"seq must be 1 or more, got {step.seq}; number a session's steps 1, 2, 3, ..."
             )
-        if step.start and step.seq != 1:
+        elif step.start and step.seq != 1:
             raise InvalidArgument(f"a start step must have seq 1, got {step.seq}")
         key = session_key(self._prefix, step.model, step.session_id)
         model = self.registry.get(step.model, step.version)  # NOT_FOUND for an unknown model first
@@ -137,6 +143,8 @@ class SessionEngine:
                 work = _Work(key, step, x, model.zero_states(), None, _new_epoch(), time.perf_counter())
             else:
                 record = await self._attach(key, step)
+                if step.assign_seq:
+                    step = dataclasses.replace(step, seq=record.seq + 1)
                 model = self._model_for(record, step)
                 x = self._check_input(model, step.x)
                 if step.seq == record.seq:
@@ -154,13 +162,20 @@ class SessionEngine:
         return result
 
     async def infer(self, model_name: str, version: int, x: np.ndarray) -> tuple[LoadedModel, Tensors]:
-        """A whole sequence through a fresh state; no session is kept."""
+        """Whole sequences x [B, T, F], each from a fresh state; no session is kept. Outputs [B, T, ...]."""
         model = self.registry.get(model_name, version)
-        x = self._check_input(model, x)
+        limit = self._settings.batching.max_batch_size
+        if x.ndim != 3 or not 1 <= x.shape[0] <= limit:
+            raise InvalidArgument(
+                f"input must be [B, T, {model.manifest.features}] with 1 <= B <= {limit} sequences "
+                f"for {model.name}/{model.version}, got {list(x.shape)}"
+            )
+        x = np.stack([self._check_input(model, sequence) for sequence in x])
         loop = asyncio.get_running_loop()
-        states = {name: value[None] for name, value in model.zero_states().items()}
-        outputs, _ = await loop.run_in_executor(self._executor, model.runtime.run, x[None], states)
-        return model, {name: value[0] for name, value in outputs.items()}
+        batch = len(x)
+        states = {name: np.repeat(value[None], batch, axis=0) for name, value in model.zero_states().items()}
+        outputs, _ = await loop.run_in_executor(self._executor, model.runtime.run, x, states)
+        return model, outputs
 
     async def get_session(self, model_name: str, session_id: str) -> SessionInfo:
         _check_session_id(session_id)
@@ -195,7 +210,7 @@ class SessionEngine:
         Anything but a plain next step (a retry, a gap) is judged on a fresh load: the cache may be stale.
         """
         cached = self._cache.get(key)
-        if cached is not None and step.seq == cached.seq + 1:
+        if cached is not None and (step.seq == cached.seq + 1 or step.assign_seq):
             self._cache.move_to_end(key)
             return cached
         started = time.perf_counter()

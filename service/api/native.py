@@ -13,7 +13,7 @@ from service.api.convert import array_to_tensor, tensor_to_array
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from service.api.status import classify, grpc_status, unary
-from service.errors import Overloaded, RnnServeError, SeqOutOfOrder, Unavailable
+from service.errors import InvalidArgument, Overloaded, RnnServeError, SeqOutOfOrder, Unavailable
 from service.metrics import Metrics
 from service.models import LoadedModel
 from service.sessions import SessionEngine, Step, StepResult
@@ -145,10 +145,12 @@ class NativeServicer(pb_grpc.RnnServeServicer):
     async def Infer(  # noqa: N802
         self, request: pb.InferRequest, context: grpc.aio.ServicerContext[pb.InferRequest, pb.InferResponse]
     ) -> pb.InferResponse:
-        model, outputs = await self._engine.infer(
-            request.model, request.version, tensor_to_array(request.input)
-        )
-        return pb.InferResponse(model=model.name, version=model.version, outputs=_outputs(outputs))
+        x = tensor_to_array(request.input)
+        if x.ndim != 2:
+            raise InvalidArgument(f"input must be [T, F], got {list(x.shape)}")
+        model, outputs = await self._engine.infer(request.model, request.version, x[None])
+        first = {name: value[0] for name, value in outputs.items()}
+        return pb.InferResponse(model=model.name, version=model.version, outputs=_outputs(first))
 
     @unary
     async def ListModels(  # noqa: N802
