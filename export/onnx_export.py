@@ -23,8 +23,31 @@ INPUT = "x"
 OUTPUT = "logits"
 
 
+def export_graph(
+    module: torch.nn.Module,
+    example: tuple[torch.Tensor, ...],
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_axes: dict[str, dict[int, str]],
+) -> bytes:
+    """ONNX bytes of `module` through the TorchScript exporter, at our pinned opset."""
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        path = Path(tmp) / "graph.onnx"
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation and batch-size notices
+        torch.onnx.export(
+            module.eval(),
+            example,
+            path,
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes=dynamic_axes,
+        )
+        return path.read_bytes()
+
+
 def export_step_graph(net: CharLSTM) -> bytes:
-    graph = LSTMStepGraph(net).eval()
     layers, hidden = net.config.layers, net.config.hidden_size
     pairs = state_names(layers)
     x = torch.zeros(1, 1, net.config.vocab_size)
@@ -33,20 +56,13 @@ def export_step_graph(net: CharLSTM) -> bytes:
     for name_in, name_out in pairs:
         dynamic[name_in] = {0: "batch"}
         dynamic[name_out] = {0: "batch"}
-    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
-        path = Path(tmp) / "step.onnx"
-        warnings.simplefilter("ignore")  # the legacy exporter's deprecation and batch-size notices
-        torch.onnx.export(
-            graph,
-            (x, *states),
-            path,
-            dynamo=False,
-            opset_version=OPSET,
-            input_names=[INPUT, *(p[0] for p in pairs)],
-            output_names=[OUTPUT, *(p[1] for p in pairs)],
-            dynamic_axes=dynamic,
-        )
-        return path.read_bytes()
+    return export_graph(
+        LSTMStepGraph(net),
+        (x, *states),
+        [INPUT, *(p[0] for p in pairs)],
+        [OUTPUT, *(p[1] for p in pairs)],
+        dynamic,
+    )
 
 
 def cpu_session(model_bytes: bytes) -> ort.InferenceSession:

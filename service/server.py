@@ -19,6 +19,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
+from service.api.kserve import KServeServicer
 from service.api.native import NativeServicer
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
@@ -55,6 +56,7 @@ class App:
     engine: SessionEngine
     store: StateStore
     native: NativeServicer
+    kserve: KServeServicer
     health: health_aio.HealthServicer
     metrics: Metrics
     metrics_http: WSGIServer | None
@@ -65,6 +67,7 @@ class App:
         started = time.perf_counter()
         await self.health.enter_graceful_shutdown()
         self.native.draining = True
+        self.kserve.draining = True
         try:
             await self.server.stop(grace)
         finally:
@@ -102,6 +105,8 @@ async def create_server(settings: Settings, registry: CollectorRegistry | None =
     )
     native = NativeServicer(engine, settings, metrics)
     pb_grpc.add_RnnServeServicer_to_server(native, server)
+    kserve = KServeServicer(engine, settings, metrics)
+    server.add_generic_rpc_handlers((kserve.handler(),))
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
@@ -118,7 +123,9 @@ async def create_server(settings: Settings, registry: CollectorRegistry | None =
         metrics_http, _ = start_http_server(settings.metrics_port, registry=metrics.registry)
         metrics_port = metrics_http.server_port
     log.info("serving gRPC on port %d, /metrics on %s", port, metrics_port)
-    return App(server, port, metrics_port, engine, store, native, health, metrics, metrics_http, settings)
+    return App(
+        server, port, metrics_port, engine, store, native, kserve, health, metrics, metrics_http, settings
+    )
 
 
 async def serve(settings: Settings) -> None:

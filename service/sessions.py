@@ -376,7 +376,8 @@ def _check_session_id(session_id: str) -> None:
 def _check_streamable(model: LoadedModel) -> None:
     if not model.manifest.streamable:
         raise FailedPrecondition(
-            f"{model.name}/{model.version} is bidirectional and needs the whole sequence: call Infer instead"
+            f"{model.name}/{model.version} is bidirectional and needs the whole sequence in one request: "
+            "send it without a session (Infer, or ModelInfer without sequence_id)"
         )
 
 

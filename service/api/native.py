@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterable, AsyncIterator
 
@@ -13,6 +11,7 @@ from service.api.convert import array_to_tensor, tensor_to_array
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from service.api.status import classify, grpc_status, unary
+from service.api.streams import answer_all
 from service.errors import InvalidArgument, Overloaded, RnnServeError, SeqOutOfOrder, Unavailable
 from service.metrics import Metrics
 from service.models import LoadedModel
@@ -68,44 +67,14 @@ class NativeServicer(pb_grpc.RnnServeServicer):
             await context.abort(grpc_status(refusal.code), refusal.message)
         self._streams += 1
         self.metrics.active_streams.inc()
-        responses: asyncio.Queue[pb.StepResponse | None] = asyncio.Queue()
-        reader = asyncio.create_task(self._read(request_iterator, responses))
         try:
-            while (response := await responses.get()) is not None:
+            async for response in answer_all(
+                request_iterator, self._step, self._settings.max_inflight_per_stream
+            ):
                 yield response
-            await reader  # surfaces a broken request stream
         finally:
-            reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reader
             self._streams -= 1
             self.metrics.active_streams.dec()
-
-    async def _read(
-        self, requests: AsyncIterable[pb.StepRequest], responses: asyncio.Queue[pb.StepResponse | None]
-    ) -> None:
-        """Start a task per request (sessions proceed concurrently), bounded by max_inflight_per_stream."""
-        slots = asyncio.Semaphore(self._settings.max_inflight_per_stream)
-        tasks: set[asyncio.Task[None]] = set()
-
-        async def answer(request: pb.StepRequest) -> None:
-            try:
-                await responses.put(await self._step(request))
-            finally:
-                slots.release()
-
-        try:
-            async for request in requests:
-                await slots.acquire()
-                task = asyncio.create_task(answer(request))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            if tasks:
-                await asyncio.gather(*tasks)
-            await responses.put(None)
-        finally:
-            for task in tasks:
-                task.cancel()
 
     async def _step(self, request: pb.StepRequest) -> pb.StepResponse:
         try:

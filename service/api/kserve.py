@@ -1,0 +1,253 @@
+"""The KServe v2 / Open Inference Protocol with Triton's sequence extension: a second adapter over the
+same session engine, so existing Triton clients work unchanged.
+
+Sequences map onto sessions: `sequence_id` is the session id, `sequence_start` / `sequence_end` the
+start and end flags. These clients send no seq, so the server numbers their steps; unlike the native API,
+a repeated request is applied again (retries cannot be told from new steps).
+
+Stream errors follow Triton: in-band `error_message` with the stream left open, or, when the request
+metadata carries `triton_grpc_error: true`, a gRPC status that ends the stream.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from service import __version__
+from service.api import kserve_messages as kv
+from service.api.kserve_convert import (
+    infer_response,
+    input_array,
+    model_config,
+    model_metadata,
+    parse_version,
+    sequence_of,
+)
+from service.api.status import classify, grpc_status, unary
+from service.api.streams import answer_all
+from service.errors import InvalidArgument, ModelNotFound, SessionNotFound
+from service.metrics import Metrics
+from service.sessions import SessionEngine, Step
+from service.settings import Settings
+
+EXTENSIONS = ["sequence", "sequence(string_id)", "model_configuration", "statistics", "parameters"]
+ERROR_HEADER = "triton_grpc_error"
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+@dataclass
+class _Statistics:
+    """Triton's per-model statistics, counted by this adapter."""
+
+    last_inference_ms: int = 0
+    inferences: int = 0
+    executions: int = 0
+    success_count: int = 0
+    success_ns: int = 0
+    fail_count: int = 0
+    fail_ns: int = 0
+
+
+class KServeServicer:
+    def __init__(self, engine: SessionEngine, settings: Settings, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.draining = False
+        self._engine = engine
+        self._settings = settings
+        self._statistics: dict[tuple[str, int], _Statistics] = {}
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        def unary_method(
+            method: Callable[..., Any], request: Any, response: Any
+        ) -> grpc.RpcMethodHandler[Any, Any]:
+            return grpc.unary_unary_rpc_method_handler(
+                method,
+                request_deserializer=request.FromString,
+                response_serializer=response.SerializeToString,
+            )
+
+        methods = {
+            "ServerLive": unary_method(self.ServerLive, kv.ServerLiveRequest, kv.ServerLiveResponse),
+            "ServerReady": unary_method(self.ServerReady, kv.ServerReadyRequest, kv.ServerReadyResponse),
+            "ModelReady": unary_method(self.ModelReady, kv.ModelReadyRequest, kv.ModelReadyResponse),
+            "ServerMetadata": unary_method(
+                self.ServerMetadata, kv.ServerMetadataRequest, kv.ServerMetadataResponse
+            ),
+            "ModelMetadata": unary_method(
+                self.ModelMetadata, kv.ModelMetadataRequest, kv.ModelMetadataResponse
+            ),
+            "ModelConfig": unary_method(self.ModelConfig, kv.ModelConfigRequest, kv.ModelConfigResponse),
+            "ModelStatistics": unary_method(
+                self.ModelStatistics, kv.ModelStatisticsRequest, kv.ModelStatisticsResponse
+            ),
+            "RepositoryIndex": unary_method(
+                self.RepositoryIndex, kv.RepositoryIndexRequest, kv.RepositoryIndexResponse
+            ),
+            "ModelInfer": unary_method(self.ModelInfer, kv.ModelInferRequest, kv.ModelInferResponse),
+            "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
+                self.ModelStreamInfer,
+                request_deserializer=kv.ModelInferRequest.FromString,
+                response_serializer=kv.ModelStreamInferResponse.SerializeToString,
+            ),
+        }
+        return grpc.method_handlers_generic_handler(kv.SERVICE, methods)
+
+    # -- health and metadata -------------------------------------------------------------------
+
+    @unary
+    async def ServerLive(self, request: Any, context: Context) -> Any:  # noqa: N802
+        return kv.ServerLiveResponse(live=True)
+
+    @unary
+    async def ServerReady(self, request: Any, context: Context) -> Any:  # noqa: N802
+        return kv.ServerReadyResponse(ready=not self.draining)
+
+    @unary
+    async def ModelReady(self, request: Any, context: Context) -> Any:  # noqa: N802
+        try:
+            self._engine.registry.get(request.name, parse_version(request.version))
+        except ModelNotFound:
+            return kv.ModelReadyResponse(ready=False)
+        return kv.ModelReadyResponse(ready=not self.draining)
+
+    @unary
+    async def ServerMetadata(self, request: Any, context: Context) -> Any:  # noqa: N802
+        return kv.ServerMetadataResponse(name="rnnserve", version=__version__, extensions=EXTENSIONS)
+
+    @unary
+    async def ModelMetadata(self, request: Any, context: Context) -> Any:  # noqa: N802
+        model = self._engine.registry.get(request.name, parse_version(request.version))
+        versions = [m for m in self._engine.registry.all() if m.name == model.name]
+        return model_metadata(versions if not request.version else [model])
+
+    @unary
+    async def ModelConfig(self, request: Any, context: Context) -> Any:  # noqa: N802
+        model = self._engine.registry.get(request.name, parse_version(request.version))
+        batching = self._settings.batching
+        return model_config(
+            model, batching.max_batch_size, self._settings.sessions.state_ttl_s, batching.max_batch_wait_us
+        )
+
+    @unary
+    async def ModelStatistics(self, request: Any, context: Context) -> Any:  # noqa: N802
+        models = self._engine.registry.all()
+        if request.name:
+            wanted = self._engine.registry.get(request.name, parse_version(request.version))
+            models = [m for m in models if m.name == wanted.name and (not request.version or m is wanted)]
+        response = kv.ModelStatisticsResponse()
+        for model in models:
+            stats = self._statistics.get((model.name, model.version), _Statistics())
+            entry = response.model_stats.add(
+                name=model.name,
+                version=str(model.version),
+                last_inference=stats.last_inference_ms,
+                inference_count=stats.inferences,
+                execution_count=stats.executions,
+            )
+            entry.inference_stats.success.count = stats.success_count
+            entry.inference_stats.success.ns = stats.success_ns
+            entry.inference_stats.fail.count = stats.fail_count
+            entry.inference_stats.fail.ns = stats.fail_ns
+        return response
+
+    @unary
+    async def RepositoryIndex(self, request: Any, context: Context) -> Any:  # noqa: N802
+        response = kv.RepositoryIndexResponse()
+        for model in self._engine.registry.all():
+            response.models.add(name=model.name, version=str(model.version), state="READY")
+        return response
+
+    # -- inference -----------------------------------------------------------------------------
+
+    @unary
+    async def ModelInfer(self, request: Any, context: Context) -> Any:  # noqa: N802
+        return await self._infer(request)
+
+    async def ModelStreamInfer(  # noqa: N802
+        self, request_iterator: AsyncIterable[Any], context: Context
+    ) -> AsyncIterator[Any]:
+        metadata = {key.lower(): value for key, value in (context.invocation_metadata() or ())}
+        in_band = str(metadata.get(ERROR_HEADER, "")).lower() != "true"
+
+        async def answer(request: Any) -> Any:
+            try:
+                return kv.ModelStreamInferResponse(infer_response=await self._infer(request))
+            except Exception as err:
+                if not in_band:
+                    raise
+                code, message = classify(err, "ModelStreamInfer")
+                self.metrics.errors.labels("ModelStreamInfer", code.name).inc()
+                echo = kv.ModelInferResponse(
+                    model_name=request.model_name, model_version=request.model_version, id=request.id
+                )
+                return kv.ModelStreamInferResponse(error_message=message, infer_response=echo)
+
+        self.metrics.active_streams.inc()
+        try:
+            async for response in answer_all(
+                request_iterator, answer, self._settings.max_inflight_per_stream
+            ):
+                yield response
+        except Exception as err:  # noqa: BLE001 - triton_grpc_error: the first error ends the stream
+            code, message = classify(err, "ModelStreamInfer")
+            self.metrics.errors.labels("ModelStreamInfer", code.name).inc()
+            await context.abort(grpc_status(code), message)
+        finally:
+            self.metrics.active_streams.dec()
+
+    async def _infer(self, request: Any) -> Any:
+        started = time.perf_counter_ns()
+        model = self._engine.registry.get(request.model_name, parse_version(request.model_version))
+        stats = self._statistics.setdefault((model.name, model.version), _Statistics())
+        try:
+            sequence = sequence_of(request)
+            x = input_array(request, model)
+            if sequence.session_id is None:
+                model, outputs = await self._engine.infer(model.name, model.version, x)
+            else:
+                outputs = await self._sequence_step(
+                    request, sequence.session_id, sequence.start, sequence.end, x
+                )
+            response = infer_response(request, model, outputs)
+        except Exception:
+            stats.fail_count += 1
+            stats.fail_ns += time.perf_counter_ns() - started
+            raise
+        stats.last_inference_ms = time.time_ns() // 1_000_000
+        stats.inferences += len(x)
+        stats.executions += 1
+        stats.success_count += 1
+        stats.success_ns += time.perf_counter_ns() - started
+        return response
+
+    async def _sequence_step(self, request: Any, session_id: str, start: bool, end: bool, x: Any) -> Any:
+        name = request.model_name
+        if x.shape[0] != 1:
+            raise InvalidArgument(
+                f"inference request to model '{name}' must specify batch-size 1 due to requirements "
+                "of sequence batcher"
+            )
+        step = Step(
+            model=name,
+            version=parse_version(request.model_version),
+            session_id=session_id,
+            seq=0,
+            x=x[0],
+            start=start,
+            end=end,
+            assign_seq=True,
+        )
+        try:
+            result = await self._engine.step(step)
+        except SessionNotFound as err:
+            raise SessionNotFound(
+                f"inference request for sequence {session_id} to model '{name}' must specify the START "
+                "flag on the first request of the sequence (it was never started, ended, or idled out)"
+            ) from err
+        return {output: value[None] for output, value in result.outputs.items()}

@@ -1,0 +1,348 @@
+"""Existing Triton clients, unchanged, against rnnserve: the real `tritonclient[grpc]`, sync and asyncio.
+
+The sync client blocks, and the server runs on the test's event loop: sync calls go to a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+import tritonclient.grpc.aio as triton_aio
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from bench.process import ServerProcess, free_port
+from tests.conftest import (
+    SHIPPED_REPO,
+    exchange,
+    held_out_text,
+    logits_of,
+    offline_logits,
+    one_hot_text,
+    step_request,
+    vocabulary,
+)
+
+V1 = SHIPPED_REPO / "charlm" / "1"
+VOCAB = vocabulary()
+FEATURES = len(VOCAB)
+
+
+def text_of(i: int, length: int) -> str:
+    return held_out_text()[i * 37 : i * 37 + length]
+
+
+def step_input(x: np.ndarray) -> list[triton.InferInput]:
+    """x [T, F] as Triton's batched input [1, T, F]."""
+    tensor = triton.InferInput("x", [1, *x.shape], "FP32")
+    tensor.set_data_from_numpy(x[None].astype(np.float32))
+    return [tensor]
+
+
+def test_metadata_calls(start_server_sync):
+    url = start_server_sync()
+    client = triton.InferenceServerClient(url)
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("charlm") and client.is_model_ready("charlm", "1")
+    assert not client.is_model_ready("nope") and not client.is_model_ready("charlm", "7")
+    server = client.get_server_metadata()
+    assert server.name == "rnnserve"
+    assert {"sequence", "sequence(string_id)"} <= set(server.extensions)
+    metadata = client.get_model_metadata("charlm")
+    assert (metadata.name, list(metadata.versions), metadata.platform) == (
+        "charlm",
+        ["1"],
+        "onnxruntime_onnx",
+    )
+    assert [(t.name, t.datatype, list(t.shape)) for t in metadata.inputs] == [
+        ("x", "FP32", [-1, -1, FEATURES])
+    ]
+    assert [(t.name, t.datatype, list(t.shape)) for t in metadata.outputs] == [
+        ("logits", "FP32", [-1, -1, FEATURES])
+    ]
+    config = client.get_model_config("charlm").config
+    assert config.max_batch_size == 64
+    assert list(config.input[0].dims) == [-1, FEATURES]
+    assert config.sequence_batching.max_sequence_idle_microseconds == 3600 * 1_000_000
+    assert [s.input_name for s in config.sequence_batching.state] == ["h0", "h1", "c0", "c1"]
+    index = client.get_model_repository_index()
+    assert [(m.name, m.version, m.state) for m in index.models] == [("charlm", "1", "READY")]
+    with pytest.raises(InferenceServerException) as missing:
+        client.get_model_metadata("nope")
+    assert "StatusCode.NOT_FOUND" in str(missing.value.status())
+    client.close()
+
+
+def test_fifty_sequences_interleaved_on_one_stream(start_server_sync, native_target):
+    """Equal to an offline run of each sequence, and to the native API streaming the same text."""
+    url = start_server_sync()
+    texts = {1000 + i: text_of(i, 8) for i in range(50)}
+    rng = np.random.default_rng(11)
+    position = dict.fromkeys(texts, 0)
+    order = []
+    while position:
+        sid = int(rng.choice(sorted(position)))
+        order.append((sid, position[sid]))
+        position[sid] += 1
+        if position[sid] == len(texts[sid]):
+            del position[sid]
+    results: queue.Queue[tuple[object, object]] = queue.Queue()
+    client = triton.InferenceServerClient(url)
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    for sid, t in order:
+        x = one_hot_text(texts[sid][t], VOCAB)
+        client.async_stream_infer(
+            "charlm",
+            step_input(x),
+            request_id=f"{sid}:{t}",
+            sequence_id=sid,
+            sequence_start=t == 0,
+            sequence_end=t == len(texts[sid]) - 1,
+        )
+    got: dict[tuple[int, int], np.ndarray] = {}
+    for _ in order:
+        result, error = results.get(timeout=30)
+        assert error is None, error
+        sid, t = map(int, result.get_response().id.split(":"))
+        got[(sid, t)] = result.as_numpy("logits")[0, 0]
+    client.stop_stream()
+    client.close()
+    for sid, text in texts.items():
+        streamed = np.stack([got[(sid, t)] for t in range(len(text))])
+        np.testing.assert_allclose(streamed, offline_logits(V1, one_hot_text(text, VOCAB)), atol=1e-5, rtol=0)
+    sid, text = 1007, texts[1007]
+    native = asyncio.run(native_target(sid, text))
+    np.testing.assert_allclose(np.stack([got[(sid, t)] for t in range(len(text))]), native, atol=1e-6, rtol=0)
+
+
+async def test_asyncio_client_streams_with_string_ids(start_server):
+    app = await start_server()
+    texts = {f"sensor/{i}": text_of(i, 6) for i in range(5)}
+
+    async def requests():
+        for t in range(6):
+            for sid, text in texts.items():
+                yield {
+                    "model_name": "charlm",
+                    "inputs": step_input(one_hot_text(text[t], VOCAB)),
+                    "sequence_id": sid,
+                    "sequence_start": t == 0,
+                    "sequence_end": t == 5,
+                    "request_id": f"{sid}|{t}",
+                }
+
+    got = {}
+    async with triton_aio.InferenceServerClient(f"127.0.0.1:{app.port}") as client:
+        async for result, error in client.stream_infer(requests()):
+            assert error is None, error
+            sid, t = result.get_response().id.split("|")
+            got[(sid, int(t))] = result.as_numpy("logits")[0, 0]
+    for sid, text in texts.items():
+        streamed = np.stack([got[(sid, t)] for t in range(6)])
+        np.testing.assert_allclose(streamed, offline_logits(V1, one_hot_text(text, VOCAB)), atol=1e-5, rtol=0)
+
+
+async def test_unary_sequence_steps_and_whole_sequences(start_server):
+    app = await start_server()
+    text = text_of(3, 10)
+    x = one_hot_text(text, VOCAB)
+    expected = offline_logits(V1, x)
+    async with triton_aio.InferenceServerClient(f"127.0.0.1:{app.port}") as client:
+        first = await client.infer("charlm", step_input(x[:4]), sequence_id=42, sequence_start=True)
+        rest = [
+            (await client.infer("charlm", step_input(x[t : t + 1]), sequence_id=42, sequence_end=t == 9))
+            for t in range(4, 10)
+        ]
+        whole = await client.infer("charlm", step_input(x))  # no sequence: fresh state, nothing kept
+        asked = await client.infer(
+            "charlm", step_input(x[:2]), outputs=[triton_aio.InferRequestedOutput("logits")]
+        )
+    streamed = np.concatenate([first.as_numpy("logits")[0]] + [r.as_numpy("logits")[0] for r in rest])
+    np.testing.assert_allclose(streamed, expected, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(whole.as_numpy("logits")[0], expected, atol=1e-5, rtol=0)
+    assert asked.as_numpy("logits").shape == (1, 2, FEATURES)
+
+
+async def test_typed_contents_and_batches_without_a_sequence(start_server):
+    """FP32 in InferTensorContents (not raw bytes), a batch of two sequences, through tritonclient's stubs."""
+    app = await start_server()
+    a, b = one_hot_text(text_of(1, 5), VOCAB), one_hot_text(text_of(2, 5), VOCAB)
+    batch = np.stack([a, b])
+    request = service_pb2.ModelInferRequest(model_name="charlm", id="typed")
+    tensor = request.inputs.add(name="x", datatype="FP32", shape=batch.shape)
+    tensor.contents.fp32_contents.extend(batch.ravel().tolist())
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        response = await service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
+    assert response.id == "typed" and response.outputs[0].datatype == "FP32"
+    logits = np.frombuffer(response.raw_output_contents[0], "<f4").reshape(list(response.outputs[0].shape))
+    np.testing.assert_allclose(logits[0], offline_logits(V1, a), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(logits[1], offline_logits(V1, b), atol=1e-5, rtol=0)
+
+
+async def test_statistics_count_inferences(start_server):
+    app = await start_server()
+    x = one_hot_text(text_of(0, 3), VOCAB)
+    async with triton_aio.InferenceServerClient(f"127.0.0.1:{app.port}") as client:
+        for _ in range(3):
+            await client.infer("charlm", step_input(x))
+        with pytest.raises(InferenceServerException):
+            await client.infer("charlm", step_input(x[:, :5]))
+        stats = (await client.get_inference_statistics("charlm")).model_stats[0]
+    assert (stats.name, stats.version, stats.inference_count, stats.execution_count) == ("charlm", "1", 3, 3)
+    assert stats.inference_stats.success.count == 3 and stats.inference_stats.fail.count == 1
+    assert stats.last_inference > 0
+
+
+ERRORS = [
+    ("unknown model", dict(model_name="nope"), "StatusCode.NOT_FOUND", "no model 'nope'"),
+    (
+        "wrong shape",
+        dict(x=np.zeros((1, 3, 7), np.float32)),
+        "StatusCode.INVALID_ARGUMENT",
+        "unexpected shape for input 'x' for model 'charlm'. Expected [-1,-1,84], got [1, 3, 7]",
+    ),
+    ("missing start", dict(sequence_id=777), "StatusCode.NOT_FOUND", "must specify the START flag"),
+    (
+        "batch in a sequence",
+        dict(x=np.zeros((2, 1, FEATURES), np.float32), sequence_id=5, sequence_start=True),
+        "StatusCode.INVALID_ARGUMENT",
+        "must specify batch-size 1",
+    ),
+]
+
+
+def _infer_args(case: dict) -> tuple[str, list[triton.InferInput], dict]:
+    x = case.get("x", one_hot_text("a", VOCAB)[None])
+    tensor = triton.InferInput("x", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    kwargs = {k: v for k, v in case.items() if k in ("sequence_id", "sequence_start")}
+    return case.get("model_name", "charlm"), [tensor], kwargs
+
+
+@pytest.mark.parametrize(("name", "case", "status", "message"), ERRORS, ids=[e[0] for e in ERRORS])
+async def test_unary_errors(start_server, name, case, status, message):
+    app = await start_server()
+    model, inputs, kwargs = _infer_args(case)
+    async with triton_aio.InferenceServerClient(f"127.0.0.1:{app.port}") as client:
+        with pytest.raises(InferenceServerException) as info:
+            await client.infer(model, inputs, **kwargs)
+    assert info.value.status() == status
+    assert message in info.value.message()
+
+
+@pytest.mark.parametrize(("name", "case", "status", "message"), ERRORS, ids=[e[0] for e in ERRORS])
+def test_stream_errors_are_in_band_and_the_stream_stays_open(start_server_sync, name, case, status, message):
+    url = start_server_sync()
+    results: queue.Queue[tuple[object, object]] = queue.Queue()
+    client = triton.InferenceServerClient(url)
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    model, inputs, kwargs = _infer_args(case)
+    client.async_stream_infer(model, inputs, **kwargs)
+    result, error = results.get(timeout=10)
+    assert result is None and message in error.message()
+    client.async_stream_infer(
+        "charlm", step_input(one_hot_text("b", VOCAB)), sequence_id=9, sequence_start=True
+    )
+    result, error = results.get(timeout=10)
+    assert error is None and result.as_numpy("logits").shape == (1, 1, FEATURES)
+    client.stop_stream()
+    client.close()
+
+
+def test_triton_grpc_error_header_ends_the_stream_with_a_status(start_server_sync):
+    url = start_server_sync()
+    results: queue.Queue[tuple[object, object]] = queue.Queue()
+    client = triton.InferenceServerClient(url)
+    client.start_stream(
+        callback=lambda result, error: results.put((result, error)), headers={"triton_grpc_error": "true"}
+    )
+    model, inputs, kwargs = _infer_args(ERRORS[2][1])
+    client.async_stream_infer(model, inputs, **kwargs)
+    result, error = results.get(timeout=10)
+    assert result is None
+    assert error.status() == "StatusCode.NOT_FOUND" and "must specify the START flag" in error.message()
+    with pytest.raises(InferenceServerException, match="no longer in valid state"):
+        client.async_stream_infer("charlm", step_input(one_hot_text("b", VOCAB)))
+    client.stop_stream()
+    client.close()
+
+
+def test_sequence_continues_after_the_server_is_killed_and_restarted(redis_store_url):
+    text = text_of(5, 30)
+    x = one_hot_text(text, VOCAB)
+    port = free_port()
+    url = f"127.0.0.1:{port}"
+    first = ServerProcess.rnnserve(port, SHIPPED_REPO, redis_store_url)
+    first.start()
+    second = ServerProcess.rnnserve(port, SHIPPED_REPO, redis_store_url)
+    try:
+        client = triton.InferenceServerClient(url)
+        got = [
+            client.infer(
+                "charlm", step_input(x[t : t + 1]), sequence_id="kill-me", sequence_start=t == 0
+            ).as_numpy("logits")[0, 0]
+            for t in range(15)
+        ]
+        client.close()
+        first.kill()
+        second.start()
+        client = triton.InferenceServerClient(url)
+        got += [
+            client.infer(
+                "charlm", step_input(x[t : t + 1]), sequence_id="kill-me", sequence_end=t == 29
+            ).as_numpy("logits")[0, 0]
+            for t in range(15, 30)
+        ]
+        client.close()
+    finally:
+        second.stop()
+    np.testing.assert_allclose(np.stack(got), offline_logits(V1, x), atol=1e-5, rtol=0)
+
+
+@pytest.fixture
+def start_server_sync():
+    """For tests that drive the blocking client: a server on a loop in a thread of its own."""
+    import threading
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    apps = []
+
+    def start(**overrides):
+        from prometheus_client import CollectorRegistry
+
+        from service.server import create_server
+        from service.settings import Settings
+
+        settings = Settings(model_repo=SHIPPED_REPO, host="127.0.0.1", port=0, metrics_port=None, **overrides)
+        app = asyncio.run_coroutine_threadsafe(create_server(settings, CollectorRegistry()), loop).result(60)
+        apps.append(app)
+        return f"127.0.0.1:{app.port}"
+
+    yield start
+    for app in apps:
+        asyncio.run_coroutine_threadsafe(app.stop(grace_s=0.5), loop).result(30)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+    loop.close()
+
+
+@pytest.fixture
+def native_target(start_server_sync):
+    """Stream a text through the native API of a fresh server: logits [T, V]."""
+    url = start_server_sync()
+
+    async def run(sid: int, text: str) -> np.ndarray:
+        x = one_hot_text(text, VOCAB)
+        requests = [
+            step_request(f"native-{sid}", t + 1, x[t : t + 1], start=t == 0) for t in range(len(text))
+        ]
+        return np.stack([logits_of(r)[0] for r in await exchange(url, requests)])
+
+    return run
