@@ -106,6 +106,8 @@ def input_array(request: Any, model: LoadedModel) -> np.ndarray:
                 f"{count * dtype.itemsize}"
             )
         values = np.frombuffer(raw, dtype=dtype)
+    elif expected not in CONTENTS_FIELD:
+        raise InvalidArgument(f"{expected} input '{tensor.name}' must come in raw_input_contents")
     else:
         values = np.asarray(getattr(tensor.contents, CONTENTS_FIELD[expected]), dtype=dtype)
         if len(values) != count:
