@@ -6,6 +6,7 @@ event loop and with each other.
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -20,6 +21,45 @@ log = logging.getLogger(__name__)
 Tensors = dict[str, np.ndarray]
 
 
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str, *args: object) -> None:
+    """Provider fallbacks are logged once per process, not per model or per call."""
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(message, *args)
+
+
+@functools.cache
+def cuda_usable(device_id: int) -> bool:
+    """Whether the CUDA provider really runs here: listed providers only say what the wheel was built with."""
+    if CUDA not in ort.get_available_providers():
+        return False
+    graph = onnx_identity_graph()
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # the failed provider load is reported below, once
+    try:
+        session = ort.InferenceSession(graph, options, providers=[(CUDA, {"device_id": device_id}), CPU])
+    except Exception:  # noqa: BLE001 - any failure means: no usable CUDA
+        return False
+    return CUDA in session.get_providers()
+
+
+def onnx_identity_graph() -> bytes:
+    """A one-node graph (y = Identity(x), float [1], opset 13) for probing providers.
+
+    Serialised once with onnx.helper (make_node/make_graph/make_model, ir_version 8); the service does not
+    depend on the onnx package.
+    """
+    return bytes.fromhex(
+        "080812003a3b0a100a017812017922084964656e74697479120570726f62655a0f0a0178120a0a08080112040a02080162"
+        "0f0a0179120a0a08080112040a02080142040a00100d"
+    )
+
+
 class ModelRuntime:
     """One loaded graph: x [B, T, F] plus states [B, ...] in; outputs [B, T, ...] plus new states out."""
 
@@ -28,13 +68,28 @@ class ModelRuntime:
         options.intra_op_num_threads = settings.intra_op_threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
-        available = set(ort.get_available_providers())
-        providers = [p for p in settings.providers if p in available]
-        if not providers:
-            log.warning("none of %s is available here; using CPUExecutionProvider", settings.providers)
-            providers = ["CPUExecutionProvider"]
+        providers: list[str | tuple[str, dict[str, object]]] = []
+        for provider in settings.providers:
+            if provider == CUDA:
+                if cuda_usable(settings.cuda_device_id):
+                    providers.append((CUDA, {"device_id": settings.cuda_device_id}))
+                else:
+                    _warn_once(CUDA, "CUDA was asked for but does not run here; models run on the CPU")
+            elif provider in ort.get_available_providers():
+                providers.append(provider)
+            else:
+                _warn_once(provider, "execution provider %s is not available here; skipped", provider)
+        if CPU not in providers:
+            providers.append(CPU)
+        on_gpu = isinstance(providers[0], tuple)
+        if manifest.precision == "fp16" and not on_gpu:
+            # ONNX Runtime's CPU provider has no fp16 recurrent kernels (it crashed loading such a graph).
+            raise ValueError(f"{model_path}: an fp16 variant needs the CUDA provider, which is not in use")
         self._session = ort.InferenceSession(str(model_path), options, providers=providers)
         self.providers: list[str] = list(self._session.get_providers())
+        self._device = "cuda" if self.providers[0] == CUDA else "cpu"
+        self._device_id = settings.cuda_device_id if self._device == "cuda" else 0
+        self._io_binding = settings.io_binding
         self._input = manifest.input.name
         self._output_names = [o.name for o in manifest.outputs]
         self._state_pairs = [(s.input, s.output) for s in manifest.state]
@@ -49,8 +104,18 @@ class ModelRuntime:
     def run(self, x: np.ndarray, states: Tensors) -> tuple[Tensors, Tensors]:
         """One call; returns (outputs by name, new states keyed by their *input* names)."""
         feeds = {self._input: x, **states}
-        results = self._session.run(self._fetch, feeds)
+        results = self._bound_run(feeds) if self._io_binding else self._session.run(self._fetch, feeds)
         n = len(self._output_names)
         outputs = dict(zip(self._output_names, results[:n], strict=True))
         new_states = {inp: value for (inp, _), value in zip(self._state_pairs, results[n:], strict=True)}
         return outputs, new_states
+
+    def _bound_run(self, feeds: Tensors) -> list[np.ndarray]:
+        """The same call through IOBinding: ONNX Runtime allocates outputs on the model's device."""
+        binding = self._session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name in self._fetch:
+            binding.bind_output(name, self._device, self._device_id)
+        self._session.run_with_iobinding(binding)
+        return list(binding.copy_outputs_to_cpu())

@@ -41,7 +41,12 @@ class RuntimeSettings(BaseModel):
     """ONNX Runtime."""
 
     providers: list[str] = Field(
-        default_factory=lambda: ["CPUExecutionProvider"], description="execution providers, in order"
+        default_factory=lambda: ["CPUExecutionProvider"],
+        description="execution providers, in order: CUDAExecutionProvider, CPUExecutionProvider",
+    )
+    cuda_device_id: int = Field(default=0, ge=0, description="the GPU the CUDA provider runs on")
+    io_binding: bool = Field(
+        default=False, description="bind inputs, states and outputs through ONNX Runtime's IOBinding"
     )
     intra_op_threads: int = Field(
         default=1, ge=0, description="threads per runtime call; 0 = runtime default"
