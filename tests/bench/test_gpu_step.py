@@ -11,13 +11,37 @@ def test_prepare_and_measure_on_cpu(tmp_path, capsys):
     graphs = tmp_path / "graphs"
     assert main(["prepare", "--out", str(graphs)]) == 0
     assert sorted(p.name for p in graphs.glob("*.onnx")) == [
-        "gru_fp16.onnx", "gru_fp32.onnx", "lstm_fp16.onnx", "lstm_fp32.onnx"
+        "gru_fp16.onnx",
+        "gru_fp32.onnx",
+        "lstm_fp16.onnx",
+        "lstm_fp32.onnx",
     ]
     out = tmp_path / "cpu.json"
-    assert main(["measure", "--graphs", str(graphs), "--provider", "cpu", "--batches", "1,4",
-                 "--steps", "5", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "measure",
+                "--graphs",
+                str(graphs),
+                "--provider",
+                "cpu",
+                "--batches",
+                "1,4",
+                "--steps",
+                "5",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     results = json.loads(out.read_text())
-    assert [(r["graph"], r["batch"]) for r in results["rows"]] == [("lstm", 1), ("lstm", 4), ("gru", 1), ("gru", 4)]
+    assert [(r["graph"], r["batch"]) for r in results["rows"]] == [
+        ("lstm", 1),
+        ("lstm", 4),
+        ("gru", 1),
+        ("gru", 4),
+    ]
     for row in results["rows"]:
         for style in ("run", "iobinding"):
             assert row[style]["p50_us"] > 0 and row[style]["per_session_us"] <= row[style]["p50_us"]
