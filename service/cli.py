@@ -18,6 +18,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rnnserve", description="Streaming inference for recurrent models")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("train", help="train a model (the train extra; `rnnserve train --help`)")
+    commands.add_parser("export", help="export, validate and publish a checkpoint (`rnnserve export --help`)")
 
     serve = commands.add_parser("serve", help="serve a model repository over gRPC")
     serve.add_argument("--model-repo", type=Path, help="model repository directory")
@@ -26,13 +28,12 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="gRPC port (default 8500; 0 picks one)")
     serve.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 9090)")
 
-    demo = commands.add_parser(
-        "demo", help="stream held-out text to the character model and show its guesses"
-    )
+    demo = commands.add_parser("demo", help="stream held-out text to the character model and show its guesses")
     demo.add_argument("--model-repo", type=Path, default=Path("models"))
     demo.add_argument("--target", help="host:port of a running server; default: start one in this process")
     demo.add_argument("--steps", type=int, default=160, help="held-out characters to stream")
     demo.add_argument("--generate", type=int, default=200, help="characters the model writes afterwards")
+    demo.add_argument("--model", default="charlm-lstm", help="the language model to stream to")
 
     bench = commands.add_parser("bench", help="per-step cost next to its floors (ONNX Runtime, Redis, gRPC)")
     bench.add_argument("--model-repo", type=Path, default=Path("models"))
@@ -61,6 +62,11 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["train"], ["export"]):  # the offline pipeline: needs the train extra
+        from export.cli import main as export_main
+
+        return export_main(argv)
     args = _parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
@@ -73,12 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         from bench.step_latency import main as bench_main  # the bench package ships beside service
 
-        return bench_main(
-            args.model_repo, args.redis_url, args.steps, args.long_steps, args.sessions, args.json
-        )
+        return bench_main(args.model_repo, args.redis_url, args.steps, args.long_steps, args.sessions, args.json)
     from service.demo import main_sync
 
-    return main_sync(args.model_repo, args.target, args.steps, args.generate)
+    return main_sync(args.model_repo, args.target, args.steps, args.generate, args.model)
 
 
 async def _serve(settings: Settings) -> None:

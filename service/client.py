@@ -5,7 +5,7 @@ stream breaks (server restarted, replica gone), it reconnects and resends every 
 numbers make that safe, because the server answers a step it already applied with the stored outputs.
 
     async with StreamClient("localhost:8500") as client:
-        session = client.session("charlm")
+        session = client.session("charlm-lstm")
         reply = await session.step(x)          # x: [T, F] float32
 """
 

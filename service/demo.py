@@ -20,6 +20,7 @@ from service.server import create_server
 from service.settings import Settings
 
 SAMPLE_FILE = "heldout_sample.txt"
+DEFAULT_MODEL = "charlm-lstm"
 FALLBACK_TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
 
 
@@ -32,36 +33,36 @@ def _show(char: str) -> str:
     return {"\n": "\\n", " ": "␠"}.get(char, char)
 
 
-async def run_demo(model_repo: Path, target: str | None, steps: int, generate: int) -> int:
+async def run_demo(model_repo: Path, target: str | None, steps: int, generate: int, model: str = DEFAULT_MODEL) -> int:
     app = None
     if target is None:
         logging.getLogger("service").setLevel(logging.ERROR)
-        app = await create_server(
-            Settings(model_repo=model_repo, host="127.0.0.1", port=0, metrics_port=None)
-        )
+        app = await create_server(Settings(model_repo=model_repo, host="127.0.0.1", port=0, metrics_port=None))
         target = f"127.0.0.1:{app.port}"
         print(f"started rnnserve on {target} (embedded defaults: in-memory state)")
     try:
         async with StreamClient(target) as client:
-            return await _stream(client, model_repo, steps, generate)
+            return await _stream(client, model_repo, steps, generate, model)
     finally:
         if app is not None:
             await app.stop(grace_s=1.0)
 
 
-async def _stream(client: StreamClient, model_repo: Path, steps: int, generate: int) -> int:
+async def _stream(client: StreamClient, model_repo: Path, steps: int, generate: int, model: str) -> int:
     listing = await client.stub.ListModels(pb.ListModelsRequest())
     models = [m for m in listing.models if m.task == "language_model" and m.streamable]
     if not models:
         print("no streamable language model is loaded")
         return 1
-    info = max(models, key=lambda m: m.version)
+    # The newest version of the model asked for (int8 where it passed its gate), else any language model.
+    named = [m for m in models if m.name == model] or [m for m in models if m.name == models[0].name]
+    info = max(named, key=lambda m: m.version)
     vocabulary: str = json.loads(info.manifest_json)["preprocessing"]["vocabulary"]
     index = {c: i for i, c in enumerate(vocabulary)}
     eye = np.eye(len(vocabulary), dtype=np.float32)
     sample = model_repo / info.name / SAMPLE_FILE
     text = (sample.read_text() if sample.is_file() else FALLBACK_TEXT)[: steps + 1]
-    print(f"model {info.name}/{info.version} ({info.cell}, fingerprint {info.fingerprint[:12]})")
+    print(f"model {info.name}/{info.version} ({info.cell}, {info.precision}, fingerprint {info.fingerprint[:12]})")
     print(f"streaming {len(text) - 1} characters of held-out text, one step each\n")
     print(" seq  input  next  predicted (p)              latency")
     session = client.session(info.name)
@@ -89,9 +90,7 @@ async def _stream(client: StreamClient, model_repo: Path, steps: int, generate: 
 
     n = len(text) - 1
     ordered = sorted(x * 1e3 for x in latencies)
-    print(
-        f"\ncontinuation the model wrote (sampled at temperature 0.5):\n{text[-40:]}|{''.join(generated)}\n"
-    )
+    print(f"\ncontinuation the model wrote (sampled at temperature 0.5):\n{text[-40:]}|{''.join(generated)}\n")
     print(f"next-character accuracy {hits / n:.1%}, perplexity {np.exp(nll / n):.2f} over {n} held-out steps")
     print(
         f"per-step round trip over gRPC: p50 {statistics.median(ordered):.2f} ms, "
@@ -102,10 +101,10 @@ async def _stream(client: StreamClient, model_repo: Path, steps: int, generate: 
     return 0
 
 
-def main_sync(model_repo: Path, target: str | None, steps: int, generate: int) -> int:
+def main_sync(model_repo: Path, target: str | None, steps: int, generate: int, model: str) -> int:
     import asyncio
 
     started = time.perf_counter()
-    code = asyncio.run(run_demo(model_repo, target, steps, generate))
+    code = asyncio.run(run_demo(model_repo, target, steps, generate, model))
     print(f"demo finished in {time.perf_counter() - started:.1f}s")
     return code

@@ -77,9 +77,7 @@ class ModelRegistry:
             return model
         loaded = ", ".join(f"{n}/{v}" for n, v in sorted(self._models)) or "none"
         wanted = name if version == 0 else f"{name}/{version}"
-        raise ModelNotFound(
-            f"no model {wanted!r} is loaded (loaded: {loaded}); check the model name and version"
-        )
+        raise ModelNotFound(f"no model {wanted!r} is loaded (loaded: {loaded}); check the model name and version")
 
     def by_fingerprint(self, fingerprint: bytes) -> LoadedModel | None:
         return self._by_fingerprint.get(fingerprint)

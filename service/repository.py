@@ -72,6 +72,10 @@ class Preprocessing(_Strict):
     vocabulary: str | None = None
     mean: list[float] | None = None
     std: list[float] | None = None
+    # What each input feature is, what each output class is, and anything else a client must know.
+    features: list[str] | None = None
+    labels: list[str] | None = None
+    notes: str | None = None
 
 
 class Provenance(_Strict):

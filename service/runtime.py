@@ -40,11 +40,14 @@ def cuda_usable(device_id: int) -> bool:
         return False
     graph = onnx_identity_graph()
     options = ort.SessionOptions()
-    options.log_severity_level = 4  # the failed provider load is reported below, once
+    options.log_severity_level = 4
+    ort.set_default_logger_severity(4)  # a failed provider load is reported by the caller, once
     try:
         session = ort.InferenceSession(graph, options, providers=[(CUDA, {"device_id": device_id}), CPU])
     except Exception:  # noqa: BLE001 - any failure means: no usable CUDA
         return False
+    finally:
+        ort.set_default_logger_severity(2)  # the runtime's default: warnings and worse
     return CUDA in session.get_providers()
 
 
@@ -90,6 +93,9 @@ class ModelRuntime:
         self._device = "cuda" if self.providers[0] == CUDA else "cpu"
         self._device_id = settings.cuda_device_id if self._device == "cuda" else 0
         self._io_binding = settings.io_binding
+        # One step per call for graphs that take one, and for int8 ones: dynamic quantization takes its
+        # activation range from the whole call, so a chunk in one call would not equal its steps one by one.
+        self._step_only = manifest.input.shape[1] == 1 or manifest.precision == "int8"
         self._input = manifest.input.name
         self._output_names = [o.name for o in manifest.outputs]
         self._state_pairs = [(s.input, s.output) for s in manifest.state]
@@ -97,12 +103,22 @@ class ModelRuntime:
         graph_inputs = {i.name for i in self._session.get_inputs()}
         expected = {self._input, *(i for i, _ in self._state_pairs)}
         if graph_inputs != expected:
-            raise ValueError(
-                f"{model_path}: graph inputs {sorted(graph_inputs)} != manifest {sorted(expected)}"
-            )
+            raise ValueError(f"{model_path}: graph inputs {sorted(graph_inputs)} != manifest {sorted(expected)}")
 
     def run(self, x: np.ndarray, states: Tensors) -> tuple[Tensors, Tensors]:
-        """One call; returns (outputs by name, new states keyed by their *input* names)."""
+        """x [B, T, F] from `states`; returns (outputs [B, T, ...] by name, new states keyed by input name).
+
+        A graph that takes one step per call (time axis fixed at 1) is called T times, the states carried.
+        """
+        if not self._step_only or x.shape[1] == 1:
+            return self._call(x, states)
+        pieces: list[Tensors] = []
+        for t in range(x.shape[1]):
+            outputs, states = self._call(x[:, t : t + 1], states)
+            pieces.append(outputs)
+        return {name: np.concatenate([p[name] for p in pieces], axis=1) for name in pieces[0]}, states
+
+    def _call(self, x: np.ndarray, states: Tensors) -> tuple[Tensors, Tensors]:
         feeds = {self._input: x, **states}
         results = self._bound_run(feeds) if self._io_binding else self._session.run(self._fetch, feeds)
         n = len(self._output_names)

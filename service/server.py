@@ -84,9 +84,9 @@ async def create_server(settings: Settings, registry: CollectorRegistry | None =
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
     models = await asyncio.to_thread(ModelRegistry.from_repository, settings.model_repo, settings.runtime)
     for model in models.all():
-        metrics.model_info.labels(
-            model.name, model.version, model.runtime.providers[0], model.manifest.precision
-        ).set(1)
+        metrics.model_info.labels(model.name, model.version, model.runtime.providers[0], model.manifest.precision).set(
+            1
+        )
     store = open_store(settings.redis)
     await store.ping()
     if not store.durable:
@@ -123,9 +123,7 @@ async def create_server(settings: Settings, registry: CollectorRegistry | None =
         metrics_http, _ = start_http_server(settings.metrics_port, registry=metrics.registry)
         metrics_port = metrics_http.server_port
     log.info("serving gRPC on port %d, /metrics on %s", port, metrics_port)
-    return App(
-        server, port, metrics_port, engine, store, native, kserve, health, metrics, metrics_http, settings
-    )
+    return App(server, port, metrics_port, engine, store, native, kserve, health, metrics, metrics_http, settings)
 
 
 async def serve(settings: Settings) -> None:

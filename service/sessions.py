@@ -93,9 +93,7 @@ class _Work:
 
 
 class SessionEngine:
-    def __init__(
-        self, registry: ModelRegistry, store: StateStore, settings: Settings, metrics: Metrics
-    ) -> None:
+    def __init__(self, registry: ModelRegistry, store: StateStore, settings: Settings, metrics: Metrics) -> None:
         self.registry = registry
         self._store = store
         self._settings = settings
@@ -129,9 +127,7 @@ class SessionEngine:
         if step.assign_seq:
             step = dataclasses.replace(step, seq=1 if step.start else 0)
         elif step.seq < 1:
-            raise InvalidArgument(
-                f"seq must be 1 or more, got {step.seq}; number a session's steps 1, 2, 3, ..."
-            )
+            raise InvalidArgument(f"seq must be 1 or more, got {step.seq}; number a session's steps 1, 2, 3, ...")
         elif step.start and step.seq != 1:
             raise InvalidArgument(f"a start step must have seq 1, got {step.seq}")
         key = session_key(self._prefix, step.model, step.session_id)
@@ -149,9 +145,7 @@ class SessionEngine:
                 x = self._check_input(model, step.x)
                 if step.seq == record.seq:
                     self._metrics.replays.labels(model.name, model.version).inc()
-                    return StepResult(
-                        model.name, model.version, step.session_id, step.seq, record.outputs, True
-                    )
+                    return StepResult(model.name, model.version, step.session_id, step.seq, record.outputs, True)
                 if step.seq != record.seq + 1:
                     raise SeqOutOfOrder(step.session_id, step.seq, record.seq + 1)
                 work = _Work(key, step, x, record.states, record.token, record.epoch, time.perf_counter())
@@ -288,9 +282,7 @@ class SessionEngine:
                     self._forget(work.key)
                 else:
                     self._remember(work.key, record)
-                results.append(
-                    StepResult(model.name, model.version, step.session_id, step.seq, record.outputs)
-                )
+                results.append(StepResult(model.name, model.version, step.session_id, step.seq, record.outputs))
                 continue
             self._forget(work.key)
             if outcome.outcome is Outcome.MISSING:
@@ -356,8 +348,7 @@ def _compute(model: LoadedModel, works: list[_Work]) -> tuple[list[SessionRecord
             states[i] = {name: value[row] for name, value in new_states.items()}
     seconds = time.perf_counter() - started
     records = [
-        SessionRecord(model.fingerprint, w.epoch, w.step.seq, states[i], outputs[i])
-        for i, w in enumerate(works)
+        SessionRecord(model.fingerprint, w.epoch, w.step.seq, states[i], outputs[i]) for i, w in enumerate(works)
     ]
     return records, [encode(r) for r in records], seconds
 

@@ -48,18 +48,14 @@ class RuntimeSettings(BaseModel):
     io_binding: bool = Field(
         default=False, description="bind inputs, states and outputs through ONNX Runtime's IOBinding"
     )
-    intra_op_threads: int = Field(
-        default=1, ge=0, description="threads per runtime call; 0 = runtime default"
-    )
+    intra_op_threads: int = Field(default=1, ge=0, description="threads per runtime call; 0 = runtime default")
     executor_threads: int = Field(default=2, ge=1, description="runtime calls that may run at once")
 
 
 class SessionSettings(BaseModel):
     """Session lifetime and the per-replica cache of recently used states."""
 
-    state_ttl_s: float = Field(
-        default=3600.0, gt=0, description="a session idles out this long after its last write"
-    )
+    state_ttl_s: float = Field(default=3600.0, gt=0, description="a session idles out this long after its last write")
     cache_max_sessions: int = Field(
         default=100_000, ge=0, description="states kept in this replica's memory; 0 loads every step"
     )

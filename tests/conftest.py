@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import shutil
+import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,24 @@ from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_REPO = ROOT / "models"
+SHIPPED_CHARLM = SHIPPED_REPO / "charlm-lstm"
+
+
+def _test_repository() -> Path:
+    """charlm/1: the shipped fp32 character LSTM under a fixed name, so the tests do not follow the
+    catalog's names and versions (new sessions on the shipped repository start on int8)."""
+    repo = Path(tempfile.mkdtemp(prefix="rnnserve-tests-"))
+    atexit.register(shutil.rmtree, repo, True)
+    target = repo / "charlm" / "1"
+    target.mkdir(parents=True)
+    shutil.copy(SHIPPED_CHARLM / "1" / MODEL_FILE, target / MODEL_FILE)
+    manifest = json.loads((SHIPPED_CHARLM / "1" / MANIFEST_FILE).read_text()) | {"name": "charlm"}
+    (target / MANIFEST_FILE).write_text(json.dumps(manifest))
+    shutil.copy(SHIPPED_CHARLM / "heldout_sample.txt", repo / "charlm" / "heldout_sample.txt")
+    return repo
+
+
+TEST_REPO = _test_repository()
 
 redis_proc = factories.redis_proc(port=None)
 redisdb = factories.redisdb("redis_proc")
@@ -67,7 +87,7 @@ async def start_server() -> AsyncIterator[ServerFactory]:
     """start_server(repo, url=None, **settings) -> a running App on a free port; None: in-memory store."""
     apps: list[App] = []
 
-    async def start(repo: Path = SHIPPED_REPO, url: str | None = None, **overrides: Any) -> App:
+    async def start(repo: Path = TEST_REPO, url: str | None = None, **overrides: Any) -> App:
         redis = {"url": url} | overrides.pop("redis", {})
         fields = {"host": "127.0.0.1", "port": 0, "metrics_port": None} | overrides
         settings = Settings(model_repo=repo, redis=redis, **fields)
@@ -91,7 +111,7 @@ def variant_repo(tmp: Path, *, versions: dict[int, str]) -> Path:
     `versions` maps version -> a tag written into the ONNX doc string: the weights are the same, the
     bytes (and so the fingerprint) differ.
     """
-    source = SHIPPED_REPO / "charlm" / "1"
+    source = TEST_REPO / "charlm" / "1"
     base = read_manifest(source)
     for version, tag in versions.items():
         model = onnx.load(str(source / MODEL_FILE))
@@ -105,7 +125,7 @@ def variant_repo(tmp: Path, *, versions: dict[int, str]) -> Path:
             "fingerprint": hashlib.sha256(data).hexdigest(),
         }
         (target / MANIFEST_FILE).write_text(json.dumps(manifest))
-    sample = SHIPPED_REPO / "charlm" / "heldout_sample.txt"
+    sample = TEST_REPO / "charlm" / "heldout_sample.txt"
     shutil.copy(sample, tmp / "charlm" / sample.name)
     return tmp
 
@@ -159,9 +179,9 @@ def offline_logits(version_dir: Path, x: np.ndarray) -> np.ndarray:
     return np.asarray(logits[0])
 
 
-def vocabulary(version_dir: Path = SHIPPED_REPO / "charlm" / "1") -> str:
+def vocabulary(version_dir: Path = TEST_REPO / "charlm" / "1") -> str:
     return str(read_manifest(version_dir).preprocessing.vocabulary)
 
 
 def held_out_text() -> str:
-    return (SHIPPED_REPO / "charlm" / "heldout_sample.txt").read_text()
+    return (TEST_REPO / "charlm" / "heldout_sample.txt").read_text()

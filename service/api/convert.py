@@ -26,9 +26,7 @@ def tensor_to_array(tensor: pb.Tensor, what: str = "input") -> np.ndarray:
         values = np.frombuffer(tensor.raw, dtype=_FLOAT32)
     else:
         if len(tensor.data) != count:
-            raise InvalidArgument(
-                f"{what}: data holds {len(tensor.data)} values, shape {shape} needs {count}"
-            )
+            raise InvalidArgument(f"{what}: data holds {len(tensor.data)} values, shape {shape} needs {count}")
         values = np.asarray(tensor.data, dtype=np.float32)
     return values.reshape(shape)
 

@@ -63,9 +63,7 @@ class KServeServicer:
         self._statistics: dict[tuple[str, int], _Statistics] = {}
 
     def handler(self) -> grpc.GenericRpcHandler:
-        def unary_method(
-            method: Callable[..., Any], request: Any, response: Any
-        ) -> grpc.RpcMethodHandler[Any, Any]:
+        def unary_method(method: Callable[..., Any], request: Any, response: Any) -> grpc.RpcMethodHandler[Any, Any]:
             return grpc.unary_unary_rpc_method_handler(
                 method,
                 request_deserializer=request.FromString,
@@ -76,12 +74,8 @@ class KServeServicer:
             "ServerLive": unary_method(self.ServerLive, kv.ServerLiveRequest, kv.ServerLiveResponse),
             "ServerReady": unary_method(self.ServerReady, kv.ServerReadyRequest, kv.ServerReadyResponse),
             "ModelReady": unary_method(self.ModelReady, kv.ModelReadyRequest, kv.ModelReadyResponse),
-            "ServerMetadata": unary_method(
-                self.ServerMetadata, kv.ServerMetadataRequest, kv.ServerMetadataResponse
-            ),
-            "ModelMetadata": unary_method(
-                self.ModelMetadata, kv.ModelMetadataRequest, kv.ModelMetadataResponse
-            ),
+            "ServerMetadata": unary_method(self.ServerMetadata, kv.ServerMetadataRequest, kv.ServerMetadataResponse),
+            "ModelMetadata": unary_method(self.ModelMetadata, kv.ModelMetadataRequest, kv.ModelMetadataResponse),
             "ModelConfig": unary_method(self.ModelConfig, kv.ModelConfigRequest, kv.ModelConfigResponse),
             "ModelStatistics": unary_method(
                 self.ModelStatistics, kv.ModelStatisticsRequest, kv.ModelStatisticsResponse
@@ -190,9 +184,7 @@ class KServeServicer:
 
         self.metrics.active_streams.inc()
         try:
-            async for response in answer_all(
-                request_iterator, answer, self._settings.max_inflight_per_stream
-            ):
+            async for response in answer_all(request_iterator, answer, self._settings.max_inflight_per_stream):
                 yield response
         except Exception as err:  # noqa: BLE001 - triton_grpc_error: the first error ends the stream
             code, message = classify(err, "ModelStreamInfer")
@@ -211,9 +203,7 @@ class KServeServicer:
             if sequence.session_id is None:
                 model, outputs = await self._engine.infer(model.name, model.version, x)
             else:
-                outputs = await self._sequence_step(
-                    request, sequence.session_id, sequence.start, sequence.end, x
-                )
+                outputs = await self._sequence_step(request, sequence.session_id, sequence.start, sequence.end, x)
             response = infer_response(request, model, outputs)
         except Exception:
             stats.fail_count += 1
@@ -230,8 +220,7 @@ class KServeServicer:
         name = request.model_name
         if x.shape[0] != 1:
             raise InvalidArgument(
-                f"inference request to model '{name}' must specify batch-size 1 due to requirements "
-                "of sequence batcher"
+                f"inference request to model '{name}' must specify batch-size 1 due to requirements of sequence batcher"
             )
         step = Step(
             model=name,

@@ -91,8 +91,7 @@ def input_array(request: Any, model: LoadedModel) -> np.ndarray:
     features = model.manifest.features
     if len(shape) != 3 or shape[2] != features or min(shape) < 1:
         raise InvalidArgument(
-            f"unexpected shape for input '{tensor.name}' for model '{name}'. "
-            f"Expected [-1,-1,{features}], got {shape}"
+            f"unexpected shape for input '{tensor.name}' for model '{name}'. Expected [-1,-1,{features}], got {shape}"
         )
     count = int(np.prod(shape))
     dtype = NUMPY[expected]
@@ -111,9 +110,7 @@ def input_array(request: Any, model: LoadedModel) -> np.ndarray:
     else:
         values = np.asarray(getattr(tensor.contents, CONTENTS_FIELD[expected]), dtype=dtype)
         if len(values) != count:
-            raise InvalidArgument(
-                f"input '{tensor.name}' holds {len(values)} values, shape {shape} needs {count}"
-            )
+            raise InvalidArgument(f"input '{tensor.name}' holds {len(values)} values, shape {shape} needs {count}")
     array: np.ndarray = values.reshape(shape).astype(np.float32, copy=False)
     return array
 

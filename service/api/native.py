@@ -68,9 +68,7 @@ class NativeServicer(pb_grpc.RnnServeServicer):
         self._streams += 1
         self.metrics.active_streams.inc()
         try:
-            async for response in answer_all(
-                request_iterator, self._step, self._settings.max_inflight_per_stream
-            ):
+            async for response in answer_all(request_iterator, self._step, self._settings.max_inflight_per_stream):
                 yield response
         finally:
             self._streams -= 1
@@ -149,6 +147,4 @@ class NativeServicer(pb_grpc.RnnServeServicer):
         request: pb.SessionRef,
         context: grpc.aio.ServicerContext[pb.SessionRef, pb.DeleteSessionResponse],
     ) -> pb.DeleteSessionResponse:
-        return pb.DeleteSessionResponse(
-            deleted=await self._engine.delete_session(request.model, request.session_id)
-        )
+        return pb.DeleteSessionResponse(deleted=await self._engine.delete_session(request.model, request.session_id))

@@ -57,9 +57,7 @@ class RedisStateStore(StateStore):
         try:
             return list(await pipeline.execute(raise_on_error=raise_on_error))
         except RedisError as err:
-            raise Unavailable(
-                f"session store unreachable while {what} ({type(err).__name__}); retry"
-            ) from err
+            raise Unavailable(f"session store unreachable while {what} ({type(err).__name__}); retry") from err
         finally:
             await pipeline.reset()  # returns its connection to the pool, or drops a broken one
 

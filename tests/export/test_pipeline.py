@@ -8,109 +8,89 @@ import numpy as np
 import pytest
 import torch
 
-from export.charlm import build_manifest
-from export.data import load_shakespeare
-from export.nets import CharLMConfig
-from export.onnx_export import export_step_graph, parity
-from export.train import TrainConfig, load_checkpoint, save_checkpoint, train_charlm
+from export.config import ModelSpec, TrainSpec
+from export.tasks import CharLM
+from export.train import load_checkpoint, save_checkpoint, train
 from service.client import StreamClient
-from service.repository import RepositoryError, read_manifest, write_version
 from tests.conftest import offline_logits, one_hot_text
 
 STREAM_STEPS = 500
 
 
 @pytest.fixture(scope="module")
-def corpus():
-    return load_shakespeare()
+def task():
+    return CharLM(validation_chars=5_000, test_chars=3_000)
 
 
 @pytest.fixture(scope="module")
-def tiny(corpus, tmp_path_factory):
-    """A small LSTM trained for a few steps, exported and published to a repository of its own."""
-    config = CharLMConfig(vocab_size=len(corpus.vocabulary), hidden_size=32, layers=2)
-    train = TrainConfig(steps=20, batch_size=16, bptt=64, eval_every=20)
-    result = train_charlm(corpus, config, train)
-    model_bytes = export_step_graph(result.net)
-    manifest = build_manifest(
-        version=1,
-        config=config,
-        vocabulary=corpus.vocabulary,
-        model_bytes=model_bytes,
-        validation={"validation_perplexity": result.validation_perplexity},
-        train=train,
-    )
+def tiny(task, tmp_path_factory):
+    """A small LSTM trained for a few steps, exported, validated and published to a repository of its own."""
+    from export.pipeline import export_model
+
+    spec = ModelSpec(task="charlm", cell="lstm", layers=2, hidden_size=32)
+    result = train(task, spec, TrainSpec(steps=20, batch_size=16, bptt=64, eval_every=10), progress=False)
     repo = tmp_path_factory.mktemp("repo")
-    write_version(repo, manifest, model_bytes)
-    return result.net, model_bytes, repo
+    report = export_model(result, task, repo, "charlm", precisions=("fp32", "int8"), parity_steps=1000)
+    return result, report, repo
 
 
-def test_training_reduces_held_out_perplexity(tiny, corpus):
-    net, _, _ = tiny
-    assert net.config.hidden_size == 32
-    assert read_manifest(tiny[2] / "charlm" / "1").validation["validation_perplexity"] < len(
-        corpus.vocabulary
-    )
+def test_training_reduces_held_out_perplexity(tiny, task):
+    result, report, _ = tiny
+    history = [h["validation_perplexity"] for h in result.history]
+    assert history[-1] < history[0] < task.vocab
+    assert report.variants[0].metrics["perplexity"] < task.vocab
 
 
-def test_onnx_matches_torch_and_streaming_matches_whole(tiny, corpus):
-    net, model_bytes, _ = tiny
-    checks = parity(net, model_bytes, corpus.test[:300])
-    assert checks["parity_onnx_vs_torch"] <= 1e-5
-    assert checks["parity_streamed_vs_whole"] <= 1e-5
+def test_int8_lstm_becomes_dynamic_quantize_lstm(tiny):
+    _, report, _ = tiny
+    int8 = report.variants[1]
+    assert int8.quantized_nodes == 3  # two DynamicQuantizeLSTM layers and the read-out MatMul
+    assert int8.size_bytes < report.variants[0].size_bytes
 
 
-def test_checkpoint_round_trip_is_safetensors(tiny, tmp_path):
-    net, _, _ = tiny
+def test_checkpoint_round_trip_is_safetensors(tiny, task, tmp_path):
+    result, _, _ = tiny
     path = tmp_path / "tiny.safetensors"
-    save_checkpoint(path, net, TrainConfig())
+    save_checkpoint(path, result, task)
     assert path.read_bytes()[8:9] == b"{"  # a JSON header, not a pickle
-    loaded = load_checkpoint(path)
-    for (name, a), (_, b) in zip(net.state_dict().items(), loaded.state_dict().items(), strict=True):
+    loaded, _ = load_checkpoint(path, task)
+    assert loaded.spec == result.spec and loaded.history == result.history
+    for (name, a), (_, b) in zip(result.net.state_dict().items(), loaded.net.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
 
 
-async def test_served_stream_equals_whole_sequence_in_torch_and_onnx(tiny, corpus, start_server):
+def test_training_is_seeded(task):
+    spec = ModelSpec(task="charlm", cell="gru", layers=1, hidden_size=8)
+    config = TrainSpec(steps=3, batch_size=4, bptt=8, eval_every=3)
+    first, second = (train(CharLM(validation_chars=500), spec, config, progress=False) for _ in range(2))
+    for (name, a), (_, b) in zip(first.net.state_dict().items(), second.net.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+async def test_served_stream_equals_whole_sequence_in_torch_and_onnx(tiny, task, start_server):
     """500 characters of held-out text, one step per message, through a real gRPC server."""
-    net, _, repo = tiny
-    text = corpus.test_text[1000 : 1000 + STREAM_STEPS]
-    x = one_hot_text(text, corpus.vocabulary)
+    result, _, repo = tiny
+    text = task.corpus.test_text[1000 : 1000 + STREAM_STEPS]
+    x = one_hot_text(text, task.corpus.vocabulary)
     with torch.no_grad():
-        torch_logits = net(torch.from_numpy(x[None]))[0][0].numpy()
+        torch_logits = result.net(torch.from_numpy(x[None]))[0][0].numpy()
     onnx_logits = offline_logits(repo / "charlm" / "1", x)
 
     app = await start_server(repo)
     async with StreamClient(f"127.0.0.1:{app.port}") as client:
-        session = client.session("charlm", "parity")
+        session = client.session("charlm", "parity", version=1)  # fp32; version 2 is int8
         streamed = np.stack([(await session.step(x[t : t + 1])).outputs["logits"][0] for t in range(len(x))])
-    assert streamed.shape == (STREAM_STEPS, len(corpus.vocabulary))
+    assert streamed.shape == (STREAM_STEPS, task.vocab)
     assert np.abs(streamed - torch_logits).max() <= 1e-4
     assert np.abs(streamed - onnx_logits).max() <= 1e-5
 
 
-def test_repository_refuses_a_model_that_does_not_match_its_fingerprint(tiny, tmp_path):
-    _, model_bytes, repo = tiny
-    manifest = read_manifest(repo / "charlm" / "1")
-    with pytest.raises(RepositoryError, match="not the sha256"):
-        write_version(tmp_path, manifest, model_bytes + b"\0")
-    target = write_version(tmp_path, manifest, model_bytes)
-    (target / "model.onnx").write_bytes(model_bytes[:-1] + b"\0")
-    with pytest.raises(RepositoryError, match="differs from the manifest's fingerprint"):
-        read_manifest(target)
+def test_held_out_plays_are_not_in_the_training_text(task):
+    train_text = "".join(np.array(list(task.corpus.vocabulary))[task.corpus.train])
+    assert task.corpus.test_text[2000:2200] not in train_text
 
 
-def test_manifest_refuses_a_streamable_bidirectional_model(tiny):
-    manifest = read_manifest(tiny[2] / "charlm" / "1")
-    with pytest.raises(ValueError, match="bidirectional"):
-        type(manifest).model_validate(manifest.model_dump() | {"bidirectional": True})
-
-
-def test_held_out_plays_are_not_in_the_training_text(corpus):
-    train_text = "".join(np.array(list(corpus.vocabulary))[corpus.train[: len(corpus.train)]])
-    assert corpus.test_text[2000:2200] not in train_text
-
-
-def test_vocabulary_round_trips(corpus):
+def test_vocabulary_round_trips(task):
     sample = Path(__file__).read_text()[:200]
-    decoded = "".join(corpus.vocabulary[i] for i in corpus.encode(sample))
-    assert all(a == b or a not in corpus.vocabulary for a, b in zip(sample, decoded, strict=True))
+    decoded = "".join(task.corpus.vocabulary[i] for i in task.corpus.encode(sample))
+    assert all(a == b or a not in task.corpus.vocabulary for a, b in zip(sample, decoded, strict=True))

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import onnx
 
-from export.precision import to_fp16
-from tests.conftest import SHIPPED_REPO
+from export.quantize import to_fp16
+from tests.conftest import TEST_REPO
 
-FP32 = (SHIPPED_REPO / "charlm" / "1" / "model.onnx").read_bytes()
+FP32 = (TEST_REPO / "charlm" / "1" / "model.onnx").read_bytes()
 
 
 def test_fp16_variant_is_reproducible_and_keeps_fp32_at_the_edge():
@@ -19,7 +19,5 @@ def test_fp16_variant_is_reproducible_and_keeps_fp32_at_the_edge():
     weights = {t.data_type for t in model.graph.initializer if len(t.dims) >= 2}
     assert weights == {float16}
     lstm_inputs = {i for n in model.graph.node if n.op_type == "LSTM" for i in n.input}
-    assert lstm_inputs and all(
-        t.data_type == float16 for t in model.graph.initializer if t.name in lstm_inputs
-    )
+    assert lstm_inputs and all(t.data_type == float16 for t in model.graph.initializer if t.name in lstm_inputs)
     assert len(half) < 0.6 * len(FP32)

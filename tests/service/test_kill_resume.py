@@ -14,7 +14,7 @@ from bench.process import ServerProcess, free_port
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from service.client import StreamClient
-from tests.conftest import SHIPPED_REPO, held_out_text, offline_logits, one_hot_text, vocabulary
+from tests.conftest import TEST_REPO, held_out_text, offline_logits, one_hot_text, vocabulary
 
 STEPS = 120
 KILL_AFTER = 60
@@ -36,8 +36,8 @@ def servers(redis_store_url: str, server_port: int) -> Iterator[list[ServerProce
 async def test_sigkill_mid_session_then_resume_on_a_new_server(servers, redis_store_url, server_port):
     text = held_out_text()[:STEPS]
     x = one_hot_text(text, vocabulary())
-    expected = offline_logits(SHIPPED_REPO / "charlm" / "1", x)
-    first = ServerProcess.rnnserve(server_port, SHIPPED_REPO, redis_store_url)
+    expected = offline_logits(TEST_REPO / "charlm" / "1", x)
+    first = ServerProcess.rnnserve(server_port, TEST_REPO, redis_store_url)
     servers.append(first)
     first.start()
 
@@ -49,7 +49,7 @@ async def test_sigkill_mid_session_then_resume_on_a_new_server(servers, redis_st
         in_flight = asyncio.create_task(session.step(x[KILL_AFTER : KILL_AFTER + 1]))
         await asyncio.sleep(0)  # the step is on its way; the server dies around it
         first.kill()
-        second = ServerProcess.rnnserve(server_port, SHIPPED_REPO, redis_store_url)
+        second = ServerProcess.rnnserve(server_port, TEST_REPO, redis_store_url)
         servers.append(second)
         await asyncio.to_thread(second.start)
         got[KILL_AFTER + 1] = (await in_flight).outputs["logits"][0]  # resent by the client: applied once
@@ -68,21 +68,19 @@ async def test_a_new_client_resumes_from_the_last_acked_seq(servers, redis_store
     """What a gateway does after it restarted too: ask the server where the session stands, continue."""
     text = held_out_text()[:40]
     x = one_hot_text(text, vocabulary())
-    expected = offline_logits(SHIPPED_REPO / "charlm" / "1", x)
-    first = ServerProcess.rnnserve(server_port, SHIPPED_REPO, redis_store_url)
+    expected = offline_logits(TEST_REPO / "charlm" / "1", x)
+    first = ServerProcess.rnnserve(server_port, TEST_REPO, redis_store_url)
     servers.append(first)
     first.start()
     async with StreamClient(f"127.0.0.1:{server_port}") as client:
         session = client.session("charlm", "gateway-7")
         before = [(await session.step(x[t : t + 1])).outputs["logits"][0] for t in range(25)]
     first.kill()
-    second = ServerProcess.rnnserve(server_port, SHIPPED_REPO, redis_store_url)
+    second = ServerProcess.rnnserve(server_port, TEST_REPO, redis_store_url)
     servers.append(second)
     second.start()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server_port}") as channel:
-        info = await pb_grpc.RnnServeStub(channel).GetSession(
-            pb.SessionRef(model="charlm", session_id="gateway-7")
-        )
+        info = await pb_grpc.RnnServeStub(channel).GetSession(pb.SessionRef(model="charlm", session_id="gateway-7"))
     assert info.last_seq == 25
     async with StreamClient(f"127.0.0.1:{server_port}") as client:
         session = client.session("charlm", "gateway-7")

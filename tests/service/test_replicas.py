@@ -23,9 +23,7 @@ async def test_session_stays_on_its_version(start_server, redis_store_url, tmp_p
     (unpinned,) = await exchange(target, [step_request("pinned", 2, X[1:2])])  # version 0: the session's own
     assert unpinned.version == 1
     (other,) = await exchange(target, [step_request("pinned", 3, X[2:3], version=2)])
-    assert_error(
-        other, grpc.StatusCode.FAILED_PRECONDITION, "pinned to charlm version 1", "send version 0 or 1"
-    )
+    assert_error(other, grpc.StatusCode.FAILED_PRECONDITION, "pinned to charlm version 1", "send version 0 or 1")
     (fresh,) = await exchange(target, [step_request("new", 1, X[:1], start=True)])
     assert fresh.version == 2  # new sessions start on the newest version
     assert await last_seq(target, "pinned") == 2
@@ -73,9 +71,7 @@ async def test_stale_replica_loses_the_race_with_aborted(start_server, redis_sto
 
 
 async def test_store_outage_is_unavailable_and_nothing_acknowledged_is_lost(start_server, persistent_redis):
-    app = await start_server(
-        url=persistent_redis.url, redis={"socket_timeout_s": 0.5, "connect_timeout_s": 0.5}
-    )
+    app = await start_server(url=persistent_redis.url, redis={"socket_timeout_s": 0.5, "connect_timeout_s": 0.5})
     target = f"127.0.0.1:{app.port}"
     assert_matches(await exchange(target, steps("s", 1, 3)), first=1)
     persistent_redis.stop()

