@@ -11,7 +11,6 @@ Knows nothing of gRPC. Semantics (docs: DESIGN.md, "Sessions"):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import functools
 import logging
@@ -19,7 +18,6 @@ import re
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -32,13 +30,14 @@ from service.errors import (
     RecordCorrupt,
     SeqOutOfOrder,
     SessionNotFound,
+    Unavailable,
     WriteConflict,
 )
 from service.metrics import Metrics
 from service.models import LoadedModel, ModelRegistry
 from service.settings import Settings
 from service.state.record import SessionRecord, Tensors, decode, encode
-from service.state.store import Commit, Outcome, StateStore, session_key
+from service.state.store import ABSENT, Commit, Outcome, StateStore, session_key
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +86,10 @@ class _Work:
     step: Step
     x: np.ndarray
     states: Tensors
-    expected: str | None
+    expected: str
     epoch: int
     enqueued: float
+    model: LoadedModel
 
 
 class SessionEngine:
@@ -132,28 +132,52 @@ class SessionEngine:
             raise InvalidArgument(f"a start step must have seq 1, got {step.seq}")
         key = session_key(self._prefix, step.model, step.session_id)
         model = self.registry.get(step.model, step.version)  # NOT_FOUND for an unknown model first
-        async with self._ordered(key):
-            if step.start:
-                _check_streamable(model)
-                x = self._check_input(model, step.x)
-                work = _Work(key, step, x, model.zero_states(), None, _new_epoch(), time.perf_counter())
-            else:
-                record = await self._attach(key, step)
-                if step.assign_seq:
-                    step = dataclasses.replace(step, seq=record.seq + 1)
-                model = self._model_for(record, step)
-                x = self._check_input(model, step.x)
-                if step.seq == record.seq:
-                    self._metrics.replays.labels(model.name, model.version).inc()
-                    return StepResult(model.name, model.version, step.session_id, step.seq, record.outputs, True)
-                if step.seq != record.seq + 1:
-                    raise SeqOutOfOrder(step.session_id, step.seq, record.seq + 1)
-                work = _Work(key, step, x, record.states, record.token, record.epoch, time.perf_counter())
-            result = await self._batchers[(model.name, model.version)].submit(work)
-        labels = (model.name, model.version)
+        _check_streamable(model)
+        await self._lock(key)
+        try:
+            prepared = await self._prepare(key, step, model)
+        except BaseException:
+            self._unlock(key)
+            raise
+        if isinstance(prepared, StepResult):  # a retry of the last step, answered from the store
+            self._unlock(key)
+            self._metrics.replays.labels(prepared.model, prepared.version).inc()
+            return prepared
+        # The session stays locked until this step has landed, even if the caller goes away (a stream
+        # cancelled mid-step): the client's resend then finds the step applied instead of racing it.
+        landing = asyncio.ensure_future(self._submit(prepared))
+        landing.add_done_callback(_retrieve)
+        result = await asyncio.shield(landing)
+        labels = (result.model, result.version)
         self._metrics.steps.labels(*labels).inc()
         self._metrics.step_latency.labels(*labels).observe(time.perf_counter() - started)
         return result
+
+    async def _prepare(self, key: str, step: Step, model: LoadedModel) -> _Work | StepResult:
+        """The work for a step to apply, or the stored answer to a retry; raises for a refused step."""
+        if step.start:
+            x = self._check_input(model, step.x)
+            # Conditional even at a start: a start that arrives late (a resend overtaken by the session's
+            # later steps on another replica) must not wipe out what was acknowledged since.
+            (current,) = await self._store.tokens([key])
+            states = model.zero_states()
+            return _Work(key, step, x, states, current or ABSENT, _new_epoch(), time.perf_counter(), model)
+        record = await self._attach(key, step)
+        if step.assign_seq:
+            step = dataclasses.replace(step, seq=record.seq + 1)
+        model = self._model_for(record, step)
+        x = self._check_input(model, step.x)
+        if step.seq == record.seq:
+            return StepResult(model.name, model.version, step.session_id, step.seq, record.outputs, True)
+        if step.seq != record.seq + 1:
+            raise SeqOutOfOrder(step.session_id, step.seq, record.seq + 1)
+        return _Work(key, step, x, record.states, record.token, record.epoch, time.perf_counter(), model)
+
+    async def _submit(self, work: _Work) -> StepResult:
+        try:
+            return await self._batchers[(work.model.name, work.model.version)].submit(work)
+        finally:
+            self._unlock(work.key)
 
     async def infer(self, model_name: str, version: int, x: np.ndarray) -> tuple[LoadedModel, Tensors]:
         """Whole sequences x [B, T, F], each from a fresh state; no session is kept. Outputs [B, T, ...]."""
@@ -192,9 +216,12 @@ class SessionEngine:
     async def delete_session(self, model_name: str, session_id: str) -> bool:
         _check_session_id(session_id)
         key = session_key(self._prefix, model_name, session_id)
-        async with self._ordered(key):
+        await self._lock(key)
+        try:
             self._forget(key)
             return await self._store.delete(key)
+        finally:
+            self._unlock(key)
 
     # -- attach and check ----------------------------------------------------------------------
 
@@ -277,6 +304,17 @@ class SessionEngine:
         results: list[StepResult | BaseException] = []
         for work, record, outcome in zip(works, records, outcomes, strict=True):
             step = work.step
+            if outcome.outcome is Outcome.CONFLICT and outcome.current == record.token and not step.end:
+                # This seq already landed through another writer (a resend that reached another replica
+                # first). The same step computes the same outputs: then it is a retry after all.
+                stored = await self._stored_answer(model, work, record)
+                if stored is not None:
+                    results.append(stored)
+                    continue
+            if outcome.outcome is Outcome.ERROR:
+                self._forget(work.key)
+                results.append(Unavailable(f"session store refused the commit ({outcome.current}); retry"))
+                continue
             if outcome.outcome is Outcome.OK:
                 if step.end:
                     self._forget(work.key)
@@ -299,6 +337,21 @@ class SessionEngine:
                 )
         return results
 
+    async def _stored_answer(self, model: LoadedModel, work: _Work, ours: SessionRecord) -> StepResult | None:
+        """The stored answer if the stored step is this very step (same outputs), else None."""
+        (blob,) = await self._store.load_many([work.key])
+        if blob is None:
+            return None
+        stored = decode(blob, what=f"session {work.step.session_id!r}")
+        same = stored.outputs.keys() == ours.outputs.keys() and all(
+            np.array_equal(stored.outputs[name], ours.outputs[name]) for name in ours.outputs
+        )
+        if not same:
+            return None
+        self._remember(work.key, stored)
+        step = work.step
+        return StepResult(model.name, model.version, step.session_id, step.seq, stored.outputs, True)
+
     # -- cache and ordering --------------------------------------------------------------------
 
     def _remember(self, key: str, record: SessionRecord) -> None:
@@ -315,20 +368,32 @@ class SessionEngine:
         if self._cache.pop(key, None) is not None:
             self._metrics.active_sessions.set(len(self._cache))
 
-    @contextlib.asynccontextmanager
-    async def _ordered(self, key: str) -> AsyncIterator[None]:
+    async def _lock(self, key: str) -> None:
         """Steps of one session run one at a time, in arrival order (asyncio.Lock is FIFO)."""
         lock, users = self._locks.get(key) or (asyncio.Lock(), 0)
         self._locks[key] = (lock, users + 1)
         try:
-            async with lock:
-                yield
-        finally:
-            lock, users = self._locks[key]
-            if users == 1:
-                del self._locks[key]
-            else:
-                self._locks[key] = (lock, users - 1)
+            await lock.acquire()
+        except BaseException:
+            self._release_user(key)
+            raise
+
+    def _unlock(self, key: str) -> None:
+        self._locks[key][0].release()
+        self._release_user(key)
+
+    def _release_user(self, key: str) -> None:
+        lock, users = self._locks[key]
+        if users == 1:
+            del self._locks[key]
+        else:
+            self._locks[key] = (lock, users - 1)
+
+
+def _retrieve(task: asyncio.Future[StepResult]) -> None:
+    """A step whose caller went away still ends; its exception is noted here so asyncio does not warn."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _compute(model: LoadedModel, works: list[_Work]) -> tuple[list[SessionRecord], list[bytes], float]:

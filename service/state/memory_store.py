@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from service.state.store import Commit, CommitResult, Outcome, StateStore
+from service.state.store import ABSENT, Commit, CommitResult, Outcome, StateStore
 
 
 class MemoryStateStore(StateStore):
@@ -26,11 +26,18 @@ class MemoryStateStore(StateStore):
     async def load_many(self, keys: Sequence[str]) -> list[bytes | None]:
         return [entry[1] if (entry := self._live(key)) else None for key in keys]
 
+    async def tokens(self, keys: Sequence[str]) -> list[str | None]:
+        return [entry[0] if (entry := self._live(key)) else None for key in keys]
+
     async def commit_many(self, commits: Sequence[Commit], ttl_s: float) -> list[CommitResult]:
         results = []
         for commit in commits:
             entry = self._live(commit.key)
-            if commit.expected is not None:
+            if commit.expected == ABSENT:
+                if entry is not None:
+                    results.append(CommitResult(Outcome.CONFLICT, entry[0]))
+                    continue
+            elif commit.expected is not None:
                 if entry is None:
                     results.append(CommitResult(Outcome.MISSING))
                     continue

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 
 from service.errors import Unavailable
@@ -21,11 +23,13 @@ from service.state.store import Commit, CommitResult, Outcome, StateStore
 TOKEN_FIELD = "token"
 RECORD_FIELD = "rec"
 
-# KEYS[1] session; ARGV: expected token ('' = unconditional), new token, 'set' | 'del', record, ttl ms.
-# Returns {0, token} applied, {1, current} conflict, {2, ''} missing.
+# KEYS[1] session; ARGV: expected token ('' = unconditional, '!' = no record), new token, 'set' | 'del',
+# record, ttl ms. Returns {0, token} applied, {1, current} conflict, {2, ''} missing.
 _COMPARE_AND_SET = """
 local current = redis.call('HGET', KEYS[1], 'token')
-if ARGV[1] ~= '' then
+if ARGV[1] == '!' then
+  if current then return {1, current} end
+elseif ARGV[1] ~= '' then
   if not current then return {2, ''} end
   if current ~= ARGV[1] then return {1, current} end
 end
@@ -50,6 +54,10 @@ class RedisStateStore(StateStore):
             socket_connect_timeout=settings.connect_timeout_s,
             max_connections=settings.max_connections,
             decode_responses=False,
+            # No silent re-sends: a commit that timed out may have been applied, and sending it again would
+            # report a conflict with itself. Failures surface as UNAVAILABLE; the client's retry of the same
+            # seq is what settles them.
+            retry=Retry(NoBackoff(), 0),
         )
         self._cas_sha = hashlib.sha1(_COMPARE_AND_SET.encode()).hexdigest()
 
@@ -60,6 +68,12 @@ class RedisStateStore(StateStore):
             raise Unavailable(f"session store unreachable while {what} ({type(err).__name__}); retry") from err
         finally:
             await pipeline.reset()  # returns its connection to the pool, or drops a broken one
+
+    async def tokens(self, keys: Sequence[str]) -> list[str | None]:
+        pipe = self._redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.hget(key, TOKEN_FIELD)
+        return [None if t is None else t.decode() for t in await self._run("reading session tokens", pipe)]
 
     async def load_many(self, keys: Sequence[str]) -> list[bytes | None]:
         if not keys:
@@ -88,10 +102,12 @@ class RedisStateStore(StateStore):
                 break
             if attempt == 0:
                 await self._load_script()
-        for reply in replies:
-            if isinstance(reply, RedisError):
-                raise Unavailable(f"session store refused a commit ({reply}); retry")
-        return [CommitResult(_OUTCOMES[int(code)], token.decode() or None) for code, token in replies]
+        return [
+            CommitResult(Outcome.ERROR, str(reply))
+            if isinstance(reply, RedisError)
+            else CommitResult(_OUTCOMES[int(reply[0])], reply[1].decode() or None)
+            for reply in replies
+        ]
 
     async def _load_script(self) -> None:
         pipe = self._redis.pipeline(transaction=False)

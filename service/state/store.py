@@ -15,15 +15,21 @@ def session_key(prefix: str, model: str, session_id: str) -> str:
     return SESSION_KEY.format(prefix=prefix, model=model, session_id=session_id)
 
 
+# `Commit.expected` for a write that must find no record (a session's start).
+ABSENT = "!"
+
+
 class Outcome(enum.Enum):
     OK = "ok"
     CONFLICT = "conflict"
     MISSING = "missing"
+    ERROR = "error"  # the store refused this one command; the others in the batch stand
 
 
 @dataclass(frozen=True, slots=True)
 class Commit:
-    """Write `record` under `key` if the stored token equals `expected` (None: write unconditionally).
+    """Write `record` under `key` if the stored token equals `expected` (ABSENT: if there is no record;
+    None: unconditionally).
 
     With `delete`, the key is removed instead (on the same condition): a session's end.
     """
@@ -51,6 +57,10 @@ class StateStore(abc.ABC):
     @abc.abstractmethod
     async def load_many(self, keys: Sequence[str]) -> list[bytes | None]:
         """The stored record of each key, or None where there is none."""
+
+    @abc.abstractmethod
+    async def tokens(self, keys: Sequence[str]) -> list[str | None]:
+        """The stored compare-and-set token of each key, or None; readable even where the record is not."""
 
     @abc.abstractmethod
     async def commit_many(self, commits: Sequence[Commit], ttl_s: float) -> list[CommitResult]:

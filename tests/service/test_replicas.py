@@ -103,3 +103,17 @@ async def test_a_session_moves_between_replicas_and_back(start_server, redis_sto
     assert_matches(await exchange(target_b, steps("s", 4, 6)), first=4)
     assert_matches(await exchange(target_a, steps("s", 7, 8)), first=7)
     assert_matches(await exchange(target_a, steps("s", 8, 8)), first=8)  # a retry, judged on Redis's record
+
+
+async def test_a_resend_applied_elsewhere_is_answered_as_a_replay(start_server, redis_store_url):
+    """A gateway resends seq 4 to replica B after losing A's answer; then A's copy arrives: same step."""
+    a = await start_server(url=redis_store_url)
+    b = await start_server(url=redis_store_url)
+    target_a, target_b = f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"
+    await exchange(target_a, steps("s", 1, 3))  # A caches the state at seq 3
+    (on_b,) = await exchange(target_b, steps("s", 4, 4))
+    (on_a,) = await exchange(target_a, steps("s", 4, 4))  # A computes it again; its commit meets its twin
+    assert on_a.replayed and not on_b.replayed
+    np.testing.assert_array_equal(logits_of(on_a), logits_of(on_b))
+    assert await last_seq(target_a, "s") == 4
+    assert_matches(await exchange(target_a, steps("s", 5, 6)), first=5)

@@ -9,7 +9,7 @@ import pytest
 from service.errors import Unavailable
 from service.server import open_store
 from service.settings import RedisSettings
-from service.state.store import Commit, Outcome, StateStore
+from service.state.store import ABSENT, Commit, Outcome, StateStore
 
 
 @pytest.fixture
@@ -34,6 +34,15 @@ async def test_compare_and_set(store: StateStore):
     (missing,) = await store.commit_many([Commit("nope", "e:1", "e:2", b"x")], ttl_s=60)
     assert missing.outcome is Outcome.MISSING
     assert await store.load_many(["k", "nope"]) == [b"two", None]
+
+
+async def test_a_start_commit_finds_no_record_or_fails(store: StateStore):
+    (first,) = await store.commit_many([Commit("k", ABSENT, "e:1", b"one")], ttl_s=60)
+    assert first.outcome is Outcome.OK
+    (late,) = await store.commit_many([Commit("k", ABSENT, "f:1", b"late start")], ttl_s=60)
+    assert (late.outcome, late.current) == (Outcome.CONFLICT, "e:1")
+    assert await store.load_many(["k"]) == [b"one"]
+    assert await store.tokens(["k", "nope"]) == ["e:1", None]
 
 
 async def test_a_batch_commits_each_key_independently(store: StateStore):
