@@ -37,6 +37,7 @@ class Batcher(Generic[T, R]):
         self._collector: asyncio.Task[None] | None = None
         self._slots: asyncio.Semaphore | None = None
         self._inflight: set[asyncio.Task[None]] = set()
+        self._holding = 0  # steps the collector has taken and not yet handed to a batch
         self._closing = False
 
     def start(self) -> None:
@@ -64,19 +65,23 @@ class Batcher(Generic[T, R]):
         while True:
             await self._slots.acquire()
             batch = [await self._queue.get()]
+            self._holding = 1
             deadline = time.perf_counter() + wait_s
             while len(batch) < limit:
                 if not self._queue.empty():
                     batch.append(self._queue.get_nowait())
+                    self._holding += 1
                     continue
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:
                     break
                 try:
                     batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                    self._holding += 1
                 except TimeoutError:
                     break
             task = asyncio.create_task(self._process(batch))
+            self._holding = 0
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
 
@@ -100,7 +105,7 @@ class Batcher(Generic[T, R]):
         """Refuse new steps, finish the batches in flight and those already queued, then stop."""
         self._closing = True
         if self._queue is not None:
-            while not self._queue.empty() or self._inflight:
+            while not self._queue.empty() or self._holding or self._inflight:
                 await asyncio.sleep(0.001)
         if self._collector is not None:
             self._collector.cancel()

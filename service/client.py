@@ -62,6 +62,7 @@ class StreamClient:
         self._pending: dict[tuple[str, str, int], tuple[pb.StepRequest, asyncio.Future[pb.StepResponse]]] = {}
         self._lock = asyncio.Lock()
         self._reader: asyncio.Task[None] | None = None
+        self._failure: BaseException | None = None
         self.reconnects = 0
 
     async def __aenter__(self) -> StreamClient:
@@ -98,8 +99,10 @@ class StreamClient:
         future: asyncio.Future[pb.StepResponse] = asyncio.get_running_loop().create_future()
         key = (request.model, request.session_id, request.seq)
         async with self._lock:
+            if self._failure is not None or self._reader is None or self._reader.done():
+                raise ConnectionError(f"the stream to {self.target} is closed: {self._failure}")
             self._pending[key] = (request, future)
-            assert self._call is not None, "connect() first"
+            assert self._call is not None
             with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
                 await self._call.write(request)  # on a broken stream the reader resends it
         response = await future
@@ -123,17 +126,20 @@ class StreamClient:
                 if err.code() not in _RESUMABLE:
                     self._fail_all(err)
                     return
-                await self._reconnect()
+                if not await self._reconnect():
+                    return
                 continue
             if not isinstance(response, pb.StepResponse):  # EOF: the server closed the stream (draining)
-                await self._reconnect()
+                if not await self._reconnect():
+                    return
                 continue
             entry = self._pending.pop((response.model, response.session_id, response.seq), None)
             if entry is not None and not entry[1].done():
                 entry[1].set_result(response)
 
-    async def _reconnect(self) -> None:
-        """A new stream, and every unanswered step sent again, in the order first sent."""
+    async def _reconnect(self) -> bool:
+        """A new stream, and every unanswered step sent again, in the order first sent; False if none came
+        within the reconnect timeout (every waiting step then fails, and so does every later one)."""
         deadline = time.monotonic() + self._reconnect_timeout_s
         async with self._lock:
             if self._call is not None:
@@ -147,11 +153,13 @@ class StreamClient:
                 except grpc.aio.AioRpcError as err:
                     if time.monotonic() > deadline:
                         self._fail_all(err)
-                        raise
+                        return False
                     await asyncio.sleep(0.1)
             self.reconnects += 1
+            return True
 
     def _fail_all(self, err: BaseException) -> None:
+        self._failure = err
         for _, future in self._pending.values():
             if not future.done():
                 future.set_exception(err)
@@ -167,8 +175,13 @@ class Session:
         self.session_id = session_id
         self.version = version
         self.acked_seq = 0
+        self._order = asyncio.Lock()  # one step at a time: each seq follows the last acknowledged one
 
     async def step(self, x: np.ndarray, *, end: bool = False) -> StepReply:
+        async with self._order:
+            return await self._step(x, end)
+
+    async def _step(self, x: np.ndarray, end: bool) -> StepReply:
         seq = self.acked_seq + 1
         data = np.ascontiguousarray(x, dtype=np.float32)
         request = pb.StepRequest(

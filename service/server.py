@@ -23,6 +23,7 @@ from service.api.kserve import KServeServicer
 from service.api.native import NativeServicer
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+from service.api.streams import StreamGate
 from service.metrics import Metrics
 from service.models import ModelRegistry
 from service.sessions import SessionEngine
@@ -57,6 +58,7 @@ class App:
     store: StateStore
     native: NativeServicer
     kserve: KServeServicer
+    gate: StreamGate
     health: health_aio.HealthServicer
     metrics: Metrics
     metrics_http: WSGIServer | None
@@ -66,8 +68,7 @@ class App:
         grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
         started = time.perf_counter()
         await self.health.enter_graceful_shutdown()
-        self.native.draining = True
-        self.kserve.draining = True
+        self.gate.drain()
         try:
             await self.server.stop(grace)
         finally:
@@ -103,9 +104,10 @@ async def create_server(settings: Settings, registry: CollectorRegistry | None =
             ("grpc.max_send_message_length", settings.max_message_bytes),
         ]
     )
-    native = NativeServicer(engine, settings, metrics)
+    gate = StreamGate(settings.max_streams, metrics)
+    native = NativeServicer(engine, settings, metrics, gate)
     pb_grpc.add_RnnServeServicer_to_server(native, server)
-    kserve = KServeServicer(engine, settings, metrics)
+    kserve = KServeServicer(engine, settings, metrics, gate)
     server.add_generic_rpc_handlers((kserve.handler(),))
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
@@ -123,7 +125,7 @@ async def create_server(settings: Settings, registry: CollectorRegistry | None =
         metrics_http, _ = start_http_server(settings.metrics_port, registry=metrics.registry)
         metrics_port = metrics_http.server_port
     log.info("serving gRPC on port %d, /metrics on %s", port, metrics_port)
-    return App(server, port, metrics_port, engine, store, native, kserve, health, metrics, metrics_http, settings)
+    return App(server, port, metrics_port, engine, store, native, kserve, gate, health, metrics, metrics_http, settings)
 
 
 async def serve(settings: Settings) -> None:

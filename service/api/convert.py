@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
@@ -13,9 +15,7 @@ _FLOAT32 = np.dtype("<f4")
 def tensor_to_array(tensor: pb.Tensor, what: str = "input") -> np.ndarray:
     """A float32 array from `data` or `raw`, checked against its shape."""
     shape = list(tensor.shape)
-    if any(d < 0 for d in shape):
-        raise InvalidArgument(f"{what} shape {shape} has a negative dimension")
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 0
+    count = checked_count(shape, what)
     if tensor.raw and tensor.data:
         raise InvalidArgument(f"{what}: fill either data or raw, not both")
     if tensor.raw:
@@ -31,12 +31,23 @@ def tensor_to_array(tensor: pb.Tensor, what: str = "input") -> np.ndarray:
     return values.reshape(shape)
 
 
+# Far above any message the server accepts: a guard against shapes whose product overflows.
+MAX_ELEMENTS = 1 << 31
+
+
+def checked_count(shape: list[int], what: str) -> int:
+    """The element count of a client-sent shape, refusing shapes no real tensor has."""
+    if not shape:
+        raise InvalidArgument(f"{what} has no shape: send [T, F]")
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(f"{what} shape {shape} has a negative dimension")
+    count = math.prod(shape)
+    if count > MAX_ELEMENTS:
+        raise InvalidArgument(f"{what} shape {shape} is far larger than any message the server accepts")
+    return count
+
+
 def array_to_tensor(array: np.ndarray) -> pb.Tensor:
     """Responses carry raw little-endian float32 bytes."""
     data = np.ascontiguousarray(array, dtype=_FLOAT32)
     return pb.Tensor(shape=data.shape, raw=data.tobytes())
-
-
-def fill_outputs(target: dict[str, pb.Tensor], outputs: dict[str, np.ndarray]) -> None:
-    for name, value in outputs.items():
-        target[name].CopyFrom(array_to_tensor(value))

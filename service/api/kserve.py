@@ -29,10 +29,10 @@ from service.api.kserve_convert import (
     sequence_of,
 )
 from service.api.status import classify, grpc_status, unary
-from service.api.streams import answer_all
+from service.api.streams import StreamGate, answer_all
 from service.errors import InvalidArgument, ModelNotFound, SessionNotFound
 from service.metrics import Metrics
-from service.sessions import SessionEngine, Step
+from service.sessions import SessionEngine, Step, StepResult
 from service.settings import Settings
 
 EXTENSIONS = ["sequence", "sequence(string_id)", "model_configuration", "statistics", "parameters"]
@@ -55,9 +55,9 @@ class _Statistics:
 
 
 class KServeServicer:
-    def __init__(self, engine: SessionEngine, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, engine: SessionEngine, settings: Settings, metrics: Metrics, gate: StreamGate) -> None:
         self.metrics = metrics
-        self.draining = False
+        self._gate = gate
         self._engine = engine
         self._settings = settings
         self._statistics: dict[tuple[str, int], _Statistics] = {}
@@ -100,7 +100,7 @@ class KServeServicer:
 
     @unary
     async def ServerReady(self, request: Any, context: Context) -> Any:  # noqa: N802
-        return kv.ServerReadyResponse(ready=not self.draining)
+        return kv.ServerReadyResponse(ready=not self._gate.draining)
 
     @unary
     async def ModelReady(self, request: Any, context: Context) -> Any:  # noqa: N802
@@ -108,7 +108,7 @@ class KServeServicer:
             self._engine.registry.get(request.name, parse_version(request.version))
         except ModelNotFound:
             return kv.ModelReadyResponse(ready=False)
-        return kv.ModelReadyResponse(ready=not self.draining)
+        return kv.ModelReadyResponse(ready=not self._gate.draining)
 
     @unary
     async def ServerMetadata(self, request: Any, context: Context) -> Any:  # noqa: N802
@@ -182,16 +182,15 @@ class KServeServicer:
                 )
                 return kv.ModelStreamInferResponse(error_message=message, infer_response=echo)
 
-        self.metrics.active_streams.inc()
         try:
-            async for response in answer_all(request_iterator, answer, self._settings.max_inflight_per_stream):
-                yield response
-        except Exception as err:  # noqa: BLE001 - triton_grpc_error: the first error ends the stream
+            with self._gate.admit():
+                limit = self._settings.max_inflight_per_stream
+                async for response in answer_all(request_iterator, answer, limit, self._gate):
+                    yield response
+        except Exception as err:  # noqa: BLE001 - refused by the gate, or (triton_grpc_error) the first error
             code, message = classify(err, "ModelStreamInfer")
             self.metrics.errors.labels("ModelStreamInfer", code.name).inc()
             await context.abort(grpc_status(code), message)
-        finally:
-            self.metrics.active_streams.dec()
 
     async def _infer(self, request: Any) -> Any:
         started = time.perf_counter_ns()
@@ -203,7 +202,10 @@ class KServeServicer:
             if sequence.session_id is None:
                 model, outputs = await self._engine.infer(model.name, model.version, x)
             else:
-                outputs = await self._sequence_step(request, sequence.session_id, sequence.start, sequence.end, x)
+                result = await self._sequence_step(request, sequence.session_id, sequence.start, sequence.end, x)
+                # A continuing sequence runs on the version it started on, whatever the request named.
+                model = self._engine.registry.get(result.model, result.version)
+                outputs = {output: value[None] for output, value in result.outputs.items()}
             response = infer_response(request, model, outputs)
         except Exception:
             stats.fail_count += 1
@@ -216,7 +218,7 @@ class KServeServicer:
         stats.success_ns += time.perf_counter_ns() - started
         return response
 
-    async def _sequence_step(self, request: Any, session_id: str, start: bool, end: bool, x: Any) -> Any:
+    async def _sequence_step(self, request: Any, session_id: str, start: bool, end: bool, x: Any) -> StepResult:
         name = request.model_name
         if x.shape[0] != 1:
             raise InvalidArgument(
@@ -239,4 +241,4 @@ class KServeServicer:
                 f"inference request for sequence {session_id} to model '{name}' must specify the START "
                 "flag on the first request of the sequence (it was never started, ended, or idled out)"
             ) from err
-        return {output: value[None] for output, value in result.outputs.items()}
+        return result

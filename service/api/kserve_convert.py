@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from service.api import kserve_messages as kv
+from service.api.convert import checked_count
 from service.errors import InvalidArgument
 from service.models import LoadedModel
 from service.state.record import Tensors
@@ -93,7 +94,7 @@ def input_array(request: Any, model: LoadedModel) -> np.ndarray:
         raise InvalidArgument(
             f"unexpected shape for input '{tensor.name}' for model '{name}'. Expected [-1,-1,{features}], got {shape}"
         )
-    count = int(np.prod(shape))
+    count = checked_count(shape, f"input '{tensor.name}'")
     dtype = NUMPY[expected]
     if request.raw_input_contents:
         if len(request.raw_input_contents) != 1:

@@ -11,8 +11,8 @@ from service.api.convert import array_to_tensor, tensor_to_array
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from service.api.status import classify, grpc_status, unary
-from service.api.streams import answer_all
-from service.errors import InvalidArgument, Overloaded, RnnServeError, SeqOutOfOrder, Unavailable
+from service.api.streams import StreamGate, answer_all
+from service.errors import InvalidArgument, RnnServeError, SeqOutOfOrder
 from service.metrics import Metrics
 from service.models import LoadedModel
 from service.sessions import SessionEngine, Step, StepResult
@@ -45,34 +45,25 @@ def _model_info(model: LoadedModel) -> pb.ModelInfo:
 
 
 class NativeServicer(pb_grpc.RnnServeServicer):
-    def __init__(self, engine: SessionEngine, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, engine: SessionEngine, settings: Settings, metrics: Metrics, gate: StreamGate) -> None:
         self.metrics = metrics
         self._engine = engine
         self._settings = settings
-        self._streams = 0
-        self.draining = False
+        self._gate = gate
 
     # -- Stream --------------------------------------------------------------------------------
 
     async def Stream(  # noqa: N802 - gRPC method name
         self, request_iterator: AsyncIterable[pb.StepRequest], context: StreamContext
     ) -> AsyncIterator[pb.StepResponse]:
-        refusal: RnnServeError | None = None
-        if self.draining:
-            refusal = Unavailable("the server is shutting down; reconnect (any replica can continue)")
-        elif self._streams >= self._settings.max_streams:
-            refusal = Overloaded(f"this replica has {self._streams} open streams; retry with backoff")
-        if refusal is not None:
+        try:
+            with self._gate.admit():
+                limit = self._settings.max_inflight_per_stream
+                async for response in answer_all(request_iterator, self._step, limit, self._gate):
+                    yield response
+        except RnnServeError as refusal:  # steps answer in-band: only the gate refuses a whole stream
             self.metrics.errors.labels("Stream", refusal.code.name).inc()
             await context.abort(grpc_status(refusal.code), refusal.message)
-        self._streams += 1
-        self.metrics.active_streams.inc()
-        try:
-            async for response in answer_all(request_iterator, self._step, self._settings.max_inflight_per_stream):
-                yield response
-        finally:
-            self._streams -= 1
-            self.metrics.active_streams.dec()
 
     async def _step(self, request: pb.StepRequest) -> pb.StepResponse:
         try:

@@ -115,19 +115,22 @@ async def test_too_many_streams_is_resource_exhausted(start_server):
         await first.done_writing()
 
 
-async def test_stop_drains_and_reports_not_serving(start_server):
-    app = await start_server()
+async def test_stop_drains_open_streams_and_reports_not_serving(start_server):
+    """A stream open at shutdown stops being read, gets the answers to what it sent, and ends cleanly."""
+    app = await start_server(batching={"max_batch_wait_us": 300_000})  # step 2 waits in its batch
     target = f"127.0.0.1:{app.port}"
     async with grpc.aio.insecure_channel(target) as channel:
         call = pb_grpc.RnnServeStub(channel).Stream()
         await call.write(steps("d", 1, 1)[0])
         assert (await call.read()).seq == 1
         health = health_pb2_grpc.HealthStub(channel)
-        stopping = asyncio.create_task(app.stop(grace_s=2.0))
-        await asyncio.sleep(0.05)
-        await call.write(steps("d", 2, 2)[0])  # in flight during the drain: still answered
-        assert (await call.read()).seq == 2
-        await call.done_writing()
+        await call.write(steps("d", 2, 2)[0])
+        await asyncio.sleep(0.1)  # read by the server, not yet computed
+        stopping = asyncio.create_task(app.stop(grace_s=5.0))
+        answer = await call.read()
+        assert answer.seq == 2 and not answer.HasField("error")  # in flight at the drain: answered
+        assert await call.read() is grpc.aio.EOF  # then the stream ends: the client reconnects elsewhere
+        assert await call.code() == grpc.StatusCode.OK
         await stopping
         with pytest.raises(grpc.aio.AioRpcError):
             await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)

@@ -147,6 +147,11 @@ BAD_INPUTS = {
         "raw holds 12 bytes",
     ),
     "three axes": (step_request("s", 4, np.zeros((1, 1, X.shape[1]))), "input must be [T, "),
+    "no input": (pb.StepRequest(model="charlm", session_id="s", seq=4), "input has no shape"),
+    "overflowing shape": (
+        pb.StepRequest(model="charlm", session_id="s", seq=4, input=pb.Tensor(shape=[1 << 40, 1 << 40])),
+        "far larger than any message",
+    ),
     "empty chunk": (step_request("s", 4, np.zeros((0, X.shape[1]))), "1 <= T"),
     "bad session id": (step_request("s{1}", 4, X[3:4]), "session id"),
     "seq zero": (step_request("s", 0, X[3:4]), "seq must be 1 or more"),

@@ -336,3 +336,17 @@ def native_target(start_server_sync):
         return np.stack([logits_of(r)[0] for r in await exchange(url, requests)])
 
     return run
+
+
+async def test_a_sequence_reports_the_version_it_is_pinned_to(start_server, tmp_path):
+    from tests.conftest import variant_repo
+
+    app = await start_server(variant_repo(tmp_path, versions={1: "a", 2: "b"}))
+    x = one_hot_text(text_of(4, 3), VOCAB)
+    async with triton_aio.InferenceServerClient(f"127.0.0.1:{app.port}") as client:
+        first = await client.infer("charlm", step_input(x[:1]), sequence_id=7, sequence_start=True, model_version="1")
+        later = await client.infer("charlm", step_input(x[1:2]), sequence_id=7)  # no version: the pinned one
+        fresh = await client.infer("charlm", step_input(x[:1]), sequence_id=8, sequence_start=True)
+    assert first.get_response().model_version == "1"
+    assert later.get_response().model_version == "1"
+    assert fresh.get_response().model_version == "2"

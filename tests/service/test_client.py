@@ -1,0 +1,35 @@
+"""The streaming client's own promises: no hang on a dead stream, one step at a time per session."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from service.client import StreamClient
+from tests.service.test_session_contract import EXPECTED, TOLERANCE, X
+
+
+async def test_a_refused_stream_fails_the_steps_instead_of_hanging(start_server):
+    app = await start_server(max_streams=1)
+    target = f"127.0.0.1:{app.port}"
+    async with StreamClient(target) as holder:
+        await holder.session("charlm").step(X[:1])  # holds the one stream this server allows
+        async with StreamClient(target) as refused:
+            session = refused.session("charlm")
+            with pytest.raises((grpc.aio.AioRpcError, ConnectionError)) as first:
+                await asyncio.wait_for(session.step(X[:1]), 10)
+            assert "RESOURCE_EXHAUSTED" in str(first.value) or "closed" in str(first.value)
+            with pytest.raises(ConnectionError, match="is closed"):
+                await asyncio.wait_for(session.step(X[:1]), 10)
+
+
+async def test_concurrent_steps_of_one_session_go_in_order(start_server):
+    app = await start_server()
+    async with StreamClient(f"127.0.0.1:{app.port}") as client:
+        session = client.session("charlm")
+        replies = await asyncio.gather(*(session.step(X[t : t + 1]) for t in range(6)))
+    assert [r.seq for r in replies] == [1, 2, 3, 4, 5, 6]  # gather keeps call order; the lock keeps seq order
+    for t, reply in enumerate(replies):
+        assert abs(reply.outputs["logits"][0] - EXPECTED[t]).max() <= TOLERANCE
