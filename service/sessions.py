@@ -41,7 +41,8 @@ from service.state.store import ABSENT, Commit, Outcome, StateStore, session_key
 
 log = logging.getLogger(__name__)
 
-SESSION_ID_PATTERN = re.compile(r"^[A-Za-z0-9._\-:@/]{1,128}$")
+SESSION_ID_PATTERN = re.compile(r"^[A-Za-z0-9._\-:@/%~]{1,128}$")
+SESSION_ID_CHARACTERS = "letters, digits or . _ - ~ : @ / %"
 
 
 @dataclass(frozen=True, slots=True)
@@ -424,9 +425,7 @@ def _new_epoch() -> int:
 
 def _check_session_id(session_id: str) -> None:
     if not SESSION_ID_PATTERN.match(session_id):
-        raise InvalidArgument(
-            f"session id {session_id[:140]!r} is invalid: use 1 to 128 letters, digits or . _ - : @ /"
-        )
+        raise InvalidArgument(f"session id {session_id[:140]!r} is invalid: use 1 to 128 {SESSION_ID_CHARACTERS}")
 
 
 def _check_streamable(model: LoadedModel) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 
@@ -61,7 +62,8 @@ def sequence_of(request: Any) -> Sequence:
             value = getattr(parameter, kind)
             session_id = str(value) if value != 0 else None
         elif kind == "string_param":
-            session_id = parameter.string_param or None
+            # Triton takes any string; percent-encoding maps it onto the session-id alphabet, one to one.
+            session_id = quote(parameter.string_param, safe=":@/") or None
         else:
             raise InvalidArgument("parameter 'sequence_id' must be an integer or a string")
     start = _bool_parameter(parameters, "sequence_start")

@@ -350,3 +350,21 @@ async def test_a_sequence_reports_the_version_it_is_pinned_to(start_server, tmp_
     assert first.get_response().model_version == "1"
     assert later.get_response().model_version == "1"
     assert fresh.get_response().model_version == "2"
+
+
+async def test_any_string_sequence_id_works(start_server):
+    """Triton takes any string as a sequence id; rnnserve percent-encodes it onto its session ids."""
+    app = await start_server()
+    x = one_hot_text(text_of(6, 4), VOCAB)
+    odd = "user {17} é/42"
+    async with triton_aio.InferenceServerClient(f"127.0.0.1:{app.port}") as client:
+        got = [
+            (await client.infer("charlm", step_input(x[t : t + 1]), sequence_id=odd, sequence_start=t == 0)).as_numpy(
+                "logits"
+            )[0, 0]
+            for t in range(4)
+        ]
+        with pytest.raises(InferenceServerException) as too_long:
+            await client.infer("charlm", step_input(x[:1]), sequence_id="é" * 30, sequence_start=True)
+    np.testing.assert_allclose(np.stack(got), offline_logits(V1, x), atol=1e-5, rtol=0)
+    assert too_long.value.status() == "StatusCode.INVALID_ARGUMENT"

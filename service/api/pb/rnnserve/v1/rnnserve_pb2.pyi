@@ -70,7 +70,7 @@ class StepRequest(_message.Message):
     non-zero version must equal the session's version.
     """
     session_id: _builtins.str
-    """1 to 128 characters: letters, digits and . _ - : @ /"""
+    """1 to 128 characters: letters, digits and . _ - ~ : @ / % (percent-encode anything else)"""
     seq: _builtins.int
     """1 for the first step of a session, then 2, 3, ..."""
     start: _builtins.bool
