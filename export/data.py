@@ -28,9 +28,14 @@ class CharCorpus:
     test_text: str
 
     def encode(self, text: str) -> np.ndarray:
-        index = {c: i for i, c in enumerate(self.vocabulary)}
-        unknown = index[" "]
-        return np.fromiter((index.get(c, unknown) for c in text), dtype=np.int64, count=len(text))
+        return encode_text(text, self.vocabulary)
+
+
+def encode_text(text: str, vocabulary: str) -> np.ndarray:
+    """Character indices into `vocabulary`; characters outside it become a space."""
+    index = {c: i for i, c in enumerate(vocabulary)}
+    unknown = index[" "]
+    return np.fromiter((index.get(c, unknown) for c in text), dtype=np.int64, count=len(text))
 
 
 def shakespeare_plays() -> dict[str, str]:
@@ -63,12 +68,11 @@ def load_shakespeare() -> CharCorpus:
     validation_text = "\n".join(plays[name] for name in VALIDATION_PLAYS)
     test_text = "\n".join(plays[name] for name in TEST_PLAYS)
     vocabulary = "".join(sorted(set(train_text) | {" "}))
-    corpus = CharCorpus(vocabulary, np.empty(0), np.empty(0), np.empty(0), test_text)
     return CharCorpus(
         vocabulary=vocabulary,
-        train=corpus.encode(train_text),
-        validation=corpus.encode(validation_text),
-        test=corpus.encode(test_text),
+        train=encode_text(train_text, vocabulary),
+        validation=encode_text(validation_text, vocabulary),
+        test=encode_text(test_text, vocabulary),
         test_text=test_text,
     )
 

@@ -140,20 +140,24 @@ def export_model(
     checks = parity(result.net, graph, task.parity_input(parity_steps))
     if parity_excess(checks) > PARITY_LIMIT:
         raise ExportError(f"{name}: exported graph differs from torch beyond {PARITY_LIMIT}: {checks}; not published")
-    reference = evaluate_as_served(task, cpu_session(graph.onnx), graph)
+    fp32_session = cpu_session(graph.onnx)
+    reference = evaluate_as_served(task, fp32_session, graph)
     report = ExportReport(name, task.name, task.metric, result, checks, [])
     for precision in precisions:
         data = make_variant(graph.onnx, precision)
         candidate = dataclasses.replace(graph, onnx=data)
         row = VariantReport(precision, VERSIONS[precision], size_bytes=len(data), quantized_nodes=quantized_nodes(data))
         report.variants.append(row)
-        session = _session(data, precision, threads=0)
-        if session is None:
-            row.verdict = "not evaluated: fp16 needs the CUDA provider, which does not run here"
-            continue
-        row.metrics = reference if precision == "fp32" else evaluate_as_served(task, session, candidate)
-        passed, why = (True, "reference") if precision == "fp32" else gate_all(task, gates, row.metrics, reference)
-        row.verdict = ("passed: " if precision != "fp32" else "") + why if passed else f"failed: {why}"
+        if precision == "fp32":
+            row.metrics, passed, row.verdict = reference, True, "reference"
+        else:
+            session = _session(data, precision, threads=0)
+            if session is None:
+                row.verdict = "not evaluated: fp16 needs the CUDA provider, which does not run here"
+                continue
+            row.metrics = evaluate_as_served(task, session, candidate)
+            passed, why = gate_all(task, gates, row.metrics, reference)
+            row.verdict = f"passed: {why}" if passed else f"failed: {why}"
         timing = _session(data, precision, threads=1)
         assert timing is not None
         row.latency_us = step_latency_us(timing, candidate)
@@ -162,7 +166,7 @@ def export_model(
             write_version(repo, manifest, data)
             row.published, row.fingerprint = True, manifest.fingerprint
     if task.name == "glucose":
-        report.trace = task.forecast_trace(cpu_session(graph.onnx), graph)  # type: ignore[attr-defined]
+        report.trace = task.forecast_trace(fp32_session, graph)  # type: ignore[attr-defined]
     return report
 
 

