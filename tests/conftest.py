@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 from pytest_redis import factories
 
 from bench.process import RedisProcess
+from export.data import encode_text
 from service.api.convert import tensor_to_array
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
@@ -82,16 +83,20 @@ def persistent_redis(tmp_path: Path) -> Iterator[RedisProcess]:
 ServerFactory = Callable[..., Awaitable[App]]
 
 
+def server_settings(repo: Path = TEST_REPO, url: str | None = None, **overrides: Any) -> Settings:
+    """A test server's settings: loopback, a free port, no /metrics unless asked; None: in-memory store."""
+    redis = {"url": url} | overrides.pop("redis", {})
+    fields = {"host": "127.0.0.1", "port": 0, "metrics_port": None} | overrides
+    return Settings(model_repo=repo, redis=redis, **fields)
+
+
 @pytest.fixture
 async def start_server() -> AsyncIterator[ServerFactory]:
     """start_server(repo, url=None, **settings) -> a running App on a free port; None: in-memory store."""
     apps: list[App] = []
 
     async def start(repo: Path = TEST_REPO, url: str | None = None, **overrides: Any) -> App:
-        redis = {"url": url} | overrides.pop("redis", {})
-        fields = {"host": "127.0.0.1", "port": 0, "metrics_port": None} | overrides
-        settings = Settings(model_repo=repo, redis=redis, **fields)
-        app = await create_server(settings, CollectorRegistry())
+        app = await create_server(server_settings(repo, url, **overrides), CollectorRegistry())
         apps.append(app)
         return app
 
@@ -101,8 +106,7 @@ async def start_server() -> AsyncIterator[ServerFactory]:
 
 
 def one_hot_text(text: str, vocabulary: str) -> np.ndarray:
-    index = {c: i for i, c in enumerate(vocabulary)}
-    return np.eye(len(vocabulary), dtype=np.float32)[[index.get(c, index[" "]) for c in text]]
+    return np.eye(len(vocabulary), dtype=np.float32)[encode_text(text, vocabulary)]
 
 
 def variant_repo(tmp: Path, *, versions: dict[int, str]) -> Path:

@@ -310,9 +310,9 @@ def start_server_sync():
         from prometheus_client import CollectorRegistry
 
         from service.server import create_server
-        from service.settings import Settings
+        from tests.conftest import server_settings
 
-        settings = Settings(model_repo=TEST_REPO, host="127.0.0.1", port=0, metrics_port=None, **overrides)
+        settings = server_settings(**overrides)
         app = asyncio.run_coroutine_threadsafe(create_server(settings, CollectorRegistry()), loop).result(60)
         apps.append(app)
         return f"127.0.0.1:{app.port}"
