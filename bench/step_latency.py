@@ -72,7 +72,7 @@ async def redis_floor(model_repo: Path, redis_url: str, steps: int) -> dict[str,
     for seq in range(1, steps + 1):
         blob = encode(SessionRecord(model.fingerprint, 1, seq, states, {"logits": logits}))
         started = time.perf_counter()
-        await store.commit_many([Commit(key, token, f"1:{seq}", blob)], ttl_s=60)
+        await store.commit_many([Commit(key, token, f"1:{seq}", blob, ttl_s=60)])
         commits.append(time.perf_counter() - started)
         token = f"1:{seq}"
         started = time.perf_counter()

@@ -55,6 +55,10 @@ class SessionNotFound(RnnServeError):
     code = Code.NOT_FOUND
 
 
+class SessionEnded(SessionNotFound):
+    """A step for a session that ended (its tombstone is still there)."""
+
+
 class SeqOutOfOrder(RnnServeError):
     """A seq that is neither the next one nor a retry of the last one."""
 
@@ -66,6 +70,18 @@ class SeqOutOfOrder(RnnServeError):
             f"(or {expected_seq - 1} to repeat the last step); resend from seq {expected_seq}"
         )
         self.expected_seq = expected_seq
+
+
+class NotARetry(SeqOutOfOrder):
+    """The last applied seq again, with another input: not a resend of that step."""
+
+    def __init__(self, session_id: str, seq: int) -> None:
+        RnnServeError.__init__(
+            self,
+            f"session {session_id!r}: seq {seq} was already applied with a different input, so this is not a "
+            f"resend of it and was not applied; the session expects seq {seq + 1}",
+        )
+        self.expected_seq = seq + 1
 
 
 class FailedPrecondition(RnnServeError):
@@ -84,6 +100,10 @@ class Unavailable(RnnServeError):
     """Store unreachable, model not ready, or the server is draining. Retry, possibly elsewhere."""
 
     code = Code.UNAVAILABLE
+
+
+class StoreRefused(Unavailable):
+    """The store answered but refused a command (a key of the wrong type, out of memory, read-only)."""
 
 
 class Overloaded(RnnServeError):

@@ -20,7 +20,10 @@ class RedisSettings(BaseModel):
     )
     socket_timeout_s: float = Field(default=2.0, gt=0, description="bound on one command's round trip")
     connect_timeout_s: float = Field(default=2.0, gt=0, description="bound on opening a connection")
-    max_connections: int = Field(default=64, ge=1, description="connection pool size per replica")
+    max_connections: int = Field(default=64, ge=1, description="connection pool size per worker process")
+    pool_timeout_s: float = Field(
+        default=5.0, gt=0, description="how long a store call waits for a free pooled connection before UNAVAILABLE"
+    )
     key_prefix: str = Field(default="rnnserve", description="prefix of every key the service writes")
 
 
@@ -56,6 +59,11 @@ class SessionSettings(BaseModel):
     """Session lifetime and the per-replica cache of recently used states."""
 
     state_ttl_s: float = Field(default=3600.0, gt=0, description="a session idles out this long after its last write")
+    ended_ttl_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="how long an ended session's tombstone answers a resent end step (then: never started)",
+    )
     cache_max_sessions: int = Field(
         default=100_000, ge=0, description="states kept in this replica's memory; 0 loads every step"
     )

@@ -2,8 +2,10 @@
 same session engine, so existing Triton clients work unchanged.
 
 Sequences map onto sessions: `sequence_id` is the session id, `sequence_start` / `sequence_end` the
-start and end flags. These clients send no seq, so the server numbers their steps; unlike the native API,
-a repeated request is applied again (retries cannot be told from new steps).
+start and end flags. A client that numbers its steps with the request parameter `rnnserve_seq` gets the
+native API's semantics (a resend is answered from the store, a gap is refused); without it the server
+numbers the steps, and a repeated request is applied again. Every sequence response carries the applied
+number in its `rnnserve_seq` parameter.
 
 Stream errors follow Triton: in-band `error_message` with the stream left open, or, when the request
 metadata carries `triton_grpc_error: true`, a gRPC status that ends the stream.
@@ -14,13 +16,15 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 
 from service import __version__
 from service.api import kserve_messages as kv
 from service.api.kserve_convert import (
+    SEQ_PARAMETER,
+    Sequence,
     infer_response,
     input_array,
     model_config,
@@ -30,7 +34,7 @@ from service.api.kserve_convert import (
 )
 from service.api.status import classify, grpc_status, unary
 from service.api.streams import StreamGate, answer_all
-from service.errors import InvalidArgument, ModelNotFound, SessionNotFound
+from service.errors import InvalidArgument, ModelNotFound, SessionEnded, SessionNotFound
 from service.metrics import Metrics
 from service.sessions import SessionEngine, Step, StepResult
 from service.settings import Settings
@@ -38,7 +42,7 @@ from service.settings import Settings
 EXTENSIONS = ["sequence", "sequence(string_id)", "model_configuration", "statistics", "parameters"]
 ERROR_HEADER = "triton_grpc_error"
 
-Context = grpc.aio.ServicerContext[Any, Any]
+Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 
 
 @dataclass
@@ -185,7 +189,7 @@ class KServeServicer:
         try:
             with self._gate.admit():
                 limit = self._settings.max_inflight_per_stream
-                async for response in answer_all(request_iterator, answer, limit, self._gate):
+                async for response in answer_all(request_iterator, answer, limit, self._gate, _sequence_key):
                     yield response
         except Exception as err:  # noqa: BLE001 - refused by the gate, or (triton_grpc_error) the first error
             code, message = classify(err, "ModelStreamInfer")
@@ -199,14 +203,18 @@ class KServeServicer:
         try:
             sequence = sequence_of(request)
             x = input_array(request, model)
+            applied = None
             if sequence.session_id is None:
                 model, outputs = await self._engine.infer(model.name, model.version, x)
             else:
-                result = await self._sequence_step(request, sequence.session_id, sequence.start, sequence.end, x)
+                result = await self._sequence_step(request, sequence, x)
                 # A continuing sequence runs on the version it started on, whatever the request named.
                 model = self._engine.registry.get(result.model, result.version)
                 outputs = {output: value[None] for output, value in result.outputs.items()}
+                applied = result.seq
             response = infer_response(request, model, outputs)
+            if applied is not None:
+                response.parameters[SEQ_PARAMETER].int64_param = applied
         except Exception:
             stats.fail_count += 1
             stats.fail_ns += time.perf_counter_ns() - started
@@ -218,27 +226,41 @@ class KServeServicer:
         stats.success_ns += time.perf_counter_ns() - started
         return response
 
-    async def _sequence_step(self, request: Any, session_id: str, start: bool, end: bool, x: Any) -> StepResult:
+    async def _sequence_step(self, request: Any, sequence: Sequence, x: Any) -> StepResult:
         name = request.model_name
         if x.shape[0] != 1:
             raise InvalidArgument(
                 f"inference request to model '{name}' must specify batch-size 1 due to requirements of sequence batcher"
             )
+        assert sequence.session_id is not None
         step = Step(
             model=name,
             version=parse_version(request.model_version),
-            session_id=session_id,
-            seq=0,
+            session_id=sequence.session_id,
+            seq=sequence.seq,
             x=x[0],
-            start=start,
-            end=end,
-            assign_seq=True,
+            start=sequence.start,
+            end=sequence.end,
+            start_id=sequence.start_id,
         )
         try:
             result = await self._engine.step(step)
+        except SessionEnded:
+            raise
         except SessionNotFound as err:
             raise SessionNotFound(
-                f"inference request for sequence {session_id} to model '{name}' must specify the START "
-                "flag on the first request of the sequence (it was never started, ended, or idled out)"
+                f"inference request for sequence {sequence.session_id} to model '{name}' must specify the "
+                "START flag on the first request of the sequence (it was never started, or idled out)"
             ) from err
         return result
+
+
+def _sequence_key(request: Any) -> tuple[str, Any]:
+    """Requests of one sequence are answered in order; others (no sequence id) in any order."""
+    if "sequence_id" in request.parameters:
+        parameter = request.parameters["sequence_id"]
+        kind = parameter.WhichOneof("parameter_choice")
+        value = getattr(parameter, kind) if kind else None
+        if value:
+            return (request.model_name, str(value))
+    return ("", id(request))

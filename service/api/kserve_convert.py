@@ -24,6 +24,12 @@ CONTENTS_FIELD = {"FP32": "fp32_contents"}
 CONFIG_TYPES = {"FP32": "TYPE_FP32", "FP16": "TYPE_FP16"}
 
 
+# rnnserve's own request parameters: the client numbers its steps (exactly-once resends), and names
+# its starts. The applied number comes back in the response parameter of the same name.
+SEQ_PARAMETER = "rnnserve_seq"
+START_ID_PARAMETER = "rnnserve_start_id"
+
+
 @dataclass(frozen=True, slots=True)
 class Sequence:
     """Triton's sequence parameters; `session_id` None: the request is not part of a sequence."""
@@ -31,6 +37,8 @@ class Sequence:
     session_id: str | None
     start: bool
     end: bool
+    seq: int | None = None  # None: the server numbers the step
+    start_id: int = 0
 
 
 def parse_version(version: str) -> int:
@@ -49,6 +57,16 @@ def _bool_parameter(parameters: Any, name: str) -> bool:
     if parameter.WhichOneof("parameter_choice") != "bool_param":
         raise InvalidArgument(f"parameter '{name}' must be a bool")
     return bool(parameter.bool_param)
+
+
+def _int_parameter(parameters: Any, name: str) -> int | None:
+    if name not in parameters:
+        return None
+    parameter = parameters[name]
+    kind = parameter.WhichOneof("parameter_choice")
+    if kind not in ("int64_param", "uint64_param"):
+        raise InvalidArgument(f"parameter '{name}' must be an integer")
+    return int(getattr(parameter, kind))
 
 
 def sequence_of(request: Any) -> Sequence:
@@ -73,7 +91,18 @@ def sequence_of(request: Any) -> Sequence:
             f"inference request to model '{request.model_name}' sets sequence_start or sequence_end "
             "but no sequence_id: give the sequence a non-zero or non-empty id"
         )
-    return Sequence(session_id, start, end)
+    seq = _int_parameter(parameters, SEQ_PARAMETER)
+    start_id = _int_parameter(parameters, START_ID_PARAMETER) or 0
+    if session_id is None and (seq is not None or start_id):
+        raise InvalidArgument(
+            f"parameters '{SEQ_PARAMETER}' and '{START_ID_PARAMETER}' number the steps of a sequence: "
+            "send them with a sequence_id"
+        )
+    if seq is not None and seq < 1:
+        raise InvalidArgument(f"parameter '{SEQ_PARAMETER}' must be 1 or more (the sequence's step number), got {seq}")
+    if start_id < 0:
+        raise InvalidArgument(f"parameter '{START_ID_PARAMETER}' must not be negative, got {start_id}")
+    return Sequence(session_id, start, end, seq, start_id)
 
 
 def input_array(request: Any, model: LoadedModel) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterable, AsyncIterator
+from typing import TypeAlias
 
 import grpc
 
@@ -21,7 +22,7 @@ from service.state.record import Tensors
 
 log = logging.getLogger(__name__)
 
-StreamContext = grpc.aio.ServicerContext[pb.StepRequest, pb.StepResponse]
+StreamContext: TypeAlias = grpc.aio.ServicerContext[pb.StepRequest, pb.StepResponse]
 
 
 def _outputs(outputs: Tensors) -> dict[str, pb.Tensor]:
@@ -44,6 +45,10 @@ def _model_info(model: LoadedModel) -> pb.ModelInfo:
     )
 
 
+def _session_of(request: pb.StepRequest) -> tuple[str, str]:
+    return request.model, request.session_id
+
+
 class NativeServicer(pb_grpc.RnnServeServicer):
     def __init__(self, engine: SessionEngine, settings: Settings, metrics: Metrics, gate: StreamGate) -> None:
         self.metrics = metrics
@@ -59,7 +64,7 @@ class NativeServicer(pb_grpc.RnnServeServicer):
         try:
             with self._gate.admit():
                 limit = self._settings.max_inflight_per_stream
-                async for response in answer_all(request_iterator, self._step, limit, self._gate):
+                async for response in answer_all(request_iterator, self._step, limit, self._gate, _session_of):
                     yield response
         except RnnServeError as refusal:  # steps answer in-band: only the gate refuses a whole stream
             self.metrics.errors.labels("Stream", refusal.code.name).inc()
@@ -74,6 +79,7 @@ class NativeServicer(pb_grpc.RnnServeServicer):
                 seq=request.seq,
                 start=request.start,
                 end=request.end,
+                start_id=request.start_id,
                 x=tensor_to_array(request.input),
             )
             result: StepResult = await self._engine.step(step)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Hashable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from service.errors import Overloaded, Unavailable
 from service.metrics import Metrics
@@ -68,56 +68,97 @@ class _Failed:
 _END = object()
 
 
+class _Answers(Generic[Req, Resp]):
+    """One stream's requests taken, handled concurrently, and answered (see `answer_all`)."""
+
+    def __init__(
+        self,
+        handle: Callable[[Req], Awaitable[Resp]],
+        max_inflight: int,
+        order_key: Callable[[Req], Hashable],
+    ) -> None:
+        self._handle = handle
+        self._order_key = order_key
+        self.responses: asyncio.Queue[object] = asyncio.Queue()
+        self.slots = asyncio.Semaphore(max_inflight)
+        self.tasks: set[asyncio.Task[None]] = set()
+        self._queued: dict[Hashable, asyncio.Future[None]] = {}  # per key: done once its latest answer is queued
+
+    def take(self, request: Req) -> None:
+        key = self._order_key(request)
+        done = asyncio.get_running_loop().create_future()
+        after, self._queued[key] = self._queued.get(key), done
+        task = asyncio.create_task(self._answer(request, key, after, done))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _answer(
+        self, request: Req, key: Hashable, after: asyncio.Future[None] | None, done: asyncio.Future[None]
+    ) -> None:
+        try:
+            try:
+                response: object = await self._handle(request)
+            except Exception as err:  # noqa: BLE001 - handed to the stream, which ends with it
+                response = _Failed(err)
+            if after is not None:
+                await after  # the same session's earlier answer goes first
+            self.responses.put_nowait(response)
+        finally:
+            done.set_result(None)
+            if self._queued.get(key) is done:
+                del self._queued[key]
+
+    async def read(self, requests: AsyncIterable[Req], gate: StreamGate) -> None:
+        iterator = aiter(requests)
+        try:
+            while True:
+                # The slot first: between reading a request and taking it there is no await, so a
+                # drain (which cancels this task while it waits) never drops a request it has read.
+                await self.slots.acquire()
+                request = await anext(iterator, _END)
+                if request is _END:
+                    break
+                self.take(request)  # type: ignore[arg-type]
+        except asyncio.CancelledError:
+            if not gate.draining:
+                raise
+        except Exception as err:  # noqa: BLE001 - a broken request stream ends the response stream
+            self.responses.put_nowait(_Failed(err))
+            return
+        finally:
+            reader = asyncio.current_task()
+            assert reader is not None
+            gate.unwatch(reader)  # reading is over: a drain from now on must not cancel the answers
+        await asyncio.gather(*self.tasks)
+        self.responses.put_nowait(_END)
+
+
 async def answer_all(
     requests: AsyncIterable[Req],
     handle: Callable[[Req], Awaitable[Resp]],
     max_inflight: int,
     gate: StreamGate,
+    order_key: Callable[[Req], Hashable],
 ) -> AsyncIterator[Resp]:
-    """Yield `handle(request)` for every request, in completion order.
+    """Yield `handle(request)` for every request: requests with the same `order_key` (a session) in the
+    order they came, the others as they complete.
 
     At most `max_inflight` requests are taken and not yet answered: past that, reading waits for the
     client to read its answers. If `handle` raises, the stream ends with that exception and the other
     requests' tasks are cancelled; a handler that must keep the stream open answers errors in-band.
+    A request, once taken, is answered even when a drain stops the reading.
     """
-    responses: asyncio.Queue[object] = asyncio.Queue()
-    slots = asyncio.Semaphore(max_inflight)
-    tasks: set[asyncio.Task[None]] = set()
-
-    async def answer(request: Req) -> None:
-        try:
-            responses.put_nowait(await handle(request))
-        except Exception as err:  # noqa: BLE001 - handed to the stream, which ends with it
-            responses.put_nowait(_Failed(err))
-
-    async def read() -> None:
-        try:
-            async for request in requests:
-                await slots.acquire()
-                task = asyncio.create_task(answer(request))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-        except asyncio.CancelledError:
-            if not gate.draining:
-                raise
-        except Exception as err:  # noqa: BLE001 - a broken request stream ends the response stream
-            responses.put_nowait(_Failed(err))
-            return
-        finally:
-            gate.unwatch(reader)
-        await asyncio.gather(*tasks)
-        responses.put_nowait(_END)
-
-    reader = asyncio.create_task(read())
+    answers = _Answers(handle, max_inflight, order_key)
+    reader = asyncio.create_task(answers.read(requests, gate))
     gate.watch(reader)
     try:
-        while (item := await responses.get()) is not _END:
+        while (item := await answers.responses.get()) is not _END:
             if isinstance(item, _Failed):
                 raise item.error
             yield item  # type: ignore[misc]
-            slots.release()  # only once the client has taken the answer
+            answers.slots.release()  # only once the client has taken the answer
     finally:
-        for task in (reader, *tasks):
+        for task in (reader, *answers.tasks):
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(reader, *tasks, return_exceptions=True)
+            await asyncio.gather(reader, *answers.tasks, return_exceptions=True)

@@ -2,52 +2,74 @@
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-from service.state.store import ABSENT, Commit, CommitResult, Outcome, StateStore
+from service.state.store import ABSENT, Commit, CommitResult, Outcome, StateStore, Stored
+
+
+@dataclass(slots=True)
+class _Entry:
+    token: str
+    record: bytes
+    expires: float
 
 
 class MemoryStateStore(StateStore):
-    """Same contract as Redis (compare-and-set, TTL refreshed by every write) inside this process."""
+    """Same contract as Redis (compare-and-set, TTL refreshed by every write) inside this process.
+
+    Expired entries are dropped when touched and, like Redis's active expiry, swept from a heap of
+    deadlines on every write, so sessions that are never touched again do not hold memory.
+    """
 
     durable = False
 
     def __init__(self) -> None:
-        self._entries: dict[str, tuple[str, bytes, float]] = {}
+        self._entries: dict[str, _Entry] = {}
+        self._deadlines: list[tuple[float, str]] = []  # may hold stale deadlines of rewritten keys
 
-    def _live(self, key: str) -> tuple[str, bytes, float] | None:
+    def _live(self, key: str) -> _Entry | None:
         entry = self._entries.get(key)
-        if entry is not None and entry[2] <= time.monotonic():
+        if entry is not None and entry.expires <= time.monotonic():
             del self._entries[key]
             return None
         return entry
 
-    async def load_many(self, keys: Sequence[str]) -> list[bytes | None]:
-        return [entry[1] if (entry := self._live(key)) else None for key in keys]
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        while self._deadlines and self._deadlines[0][0] <= now:
+            _, key = heapq.heappop(self._deadlines)
+            entry = self._entries.get(key)
+            if entry is not None and entry.expires <= now:
+                del self._entries[key]
+        if len(self._deadlines) > 2 * len(self._entries) + 64:  # stale deadlines of rewritten keys
+            self._deadlines = [(e.expires, k) for k, e in self._entries.items()]
+            heapq.heapify(self._deadlines)
 
-    async def tokens(self, keys: Sequence[str]) -> list[str | None]:
-        return [entry[0] if (entry := self._live(key)) else None for key in keys]
+    async def load_many(self, keys: Sequence[str]) -> list[Stored | None]:
+        return [Stored(entry.token, entry.record) if (entry := self._live(key)) else None for key in keys]
 
-    async def commit_many(self, commits: Sequence[Commit], ttl_s: float) -> list[CommitResult]:
+    async def commit_many(self, commits: Sequence[Commit]) -> list[CommitResult]:
+        self._sweep()
         results = []
         for commit in commits:
             entry = self._live(commit.key)
             if commit.expected == ABSENT:
                 if entry is not None:
-                    results.append(CommitResult(Outcome.CONFLICT, entry[0]))
+                    results.append(CommitResult(Outcome.CONFLICT, entry.token))
                     continue
             elif commit.expected is not None:
                 if entry is None:
                     results.append(CommitResult(Outcome.MISSING))
                     continue
-                if entry[0] != commit.expected:
-                    results.append(CommitResult(Outcome.CONFLICT, entry[0]))
+                if entry.token != commit.expected:
+                    results.append(CommitResult(Outcome.CONFLICT, entry.token))
                     continue
-            if commit.delete:
-                self._entries.pop(commit.key, None)
-            else:
-                self._entries[commit.key] = (commit.token, commit.record, time.monotonic() + ttl_s)
+            expires = time.monotonic() + commit.ttl_s
+            self._entries[commit.key] = _Entry(commit.token, commit.record, expires)
+            heapq.heappush(self._deadlines, (expires, commit.key))
             results.append(CommitResult(Outcome.OK, commit.token))
         return results
 
@@ -59,7 +81,12 @@ class MemoryStateStore(StateStore):
 
     async def close(self) -> None:
         self._entries.clear()
+        self._deadlines.clear()
 
     async def ttl_ms(self, key: str) -> int | None:
         entry = self._live(key)
-        return None if entry is None else int((entry[2] - time.monotonic()) * 1000)
+        return None if entry is None else int((entry.expires - time.monotonic()) * 1000)
+
+    def __len__(self) -> int:
+        """Entries held, expired or not (for tests of the sweep)."""
+        return len(self._entries)

@@ -1,11 +1,18 @@
 """The stored session record: bytes with an explicit, versioned header. No pickle, no eval.
 
-    header  <4s H H 32s Q Q H H   magic b"RNNS", format, flags, fingerprint (sha256), epoch, seq,
-                                  number of state tensors, number of output tensors
+    header  <4s H H 32s Q Q Q 16s H H
+            magic b"RNNS", format (2), flags, fingerprint (sha256 of the model), epoch, start id, seq,
+            input digest of step `seq`, number of state tensors, number of output tensors
     tensor  <H B B  name length, dtype code, ndim; then the UTF-8 name, ndim <I dims, raw little-endian data
 
-`epoch` is drawn at random when a session starts; with `seq` it makes the compare-and-set token, so a
-session restarted under the same id can never be mistaken for its predecessor at the same seq.
+`epoch` is drawn at random by the server each time a session starts; with `seq` it makes the
+compare-and-set token, so a session restarted under the same id can never be mistaken for its
+predecessor at the same seq. `start_id` is the client's name for that start (0: none), which tells a
+resent start from a new one. The digest identifies the input of the last applied step, so a resend is a
+replay only when it carries the same input.
+
+Flag `ENDED` marks a tombstone: the session ended at `seq`; it keeps the last outputs and no state.
+Format 1 records (no start id, digest or flags) still decode, so a rolling upgrade keeps live sessions.
 """
 
 from __future__ import annotations
@@ -18,8 +25,12 @@ import numpy as np
 from service.errors import RecordCorrupt
 
 MAGIC = b"RNNS"
-FORMAT_VERSION = 1
-_HEADER = struct.Struct("<4sHH32sQQHH")
+FORMAT_VERSION = 2
+ENDED = 1
+DIGEST_BYTES = 16
+NO_DIGEST = bytes(DIGEST_BYTES)
+_HEADER = struct.Struct("<4sHH32sQQQ16sHH")
+_HEADER_V1 = struct.Struct("<4sHH32sQQHH")
 _TENSOR = struct.Struct("<HBB")
 _DTYPES: dict[int, np.dtype[np.generic]] = {1: np.dtype("<f4"), 2: np.dtype("<f2")}
 _CODES = {dtype: code for code, dtype in _DTYPES.items()}
@@ -29,13 +40,16 @@ Tensors = dict[str, np.ndarray]
 
 @dataclass(frozen=True, slots=True)
 class SessionRecord:
-    """One session's state after its last applied step."""
+    """One session after its last applied step (or, `ended`, the tombstone of a finished session)."""
 
     fingerprint: bytes
     epoch: int
     seq: int
     states: Tensors
     outputs: Tensors
+    start_id: int = 0
+    digest: bytes = NO_DIGEST
+    ended: bool = False
 
     @property
     def token(self) -> str:
@@ -52,10 +66,12 @@ def encode(record: SessionRecord) -> bytes:
         _HEADER.pack(
             MAGIC,
             FORMAT_VERSION,
-            0,
+            ENDED if record.ended else 0,
             record.fingerprint,
             record.epoch,
+            record.start_id,
             record.seq,
+            record.digest,
             len(record.states),
             len(record.outputs),
         )
@@ -71,15 +87,23 @@ def encode(record: SessionRecord) -> bytes:
 
 
 def decode(blob: bytes, *, what: str = "record") -> SessionRecord:
-    """Parse a record; anything malformed raises RecordCorrupt (DATA_LOSS), never another error."""
+    """Parse a record; anything malformed raises RecordCorrupt (DATA_LOSS), never another error.
+
+    The arrays are read-only views of `blob`: they keep this record's bytes alive, nothing more.
+    """
     view = memoryview(blob)
     try:
-        magic, version, _flags, fingerprint, epoch, seq, n_states, n_outputs = _HEADER.unpack_from(view, 0)
+        magic, version = struct.unpack_from("<4sH", view, 0)
         if magic != MAGIC:
             raise ValueError("bad magic")
-        if version != FORMAT_VERSION:
+        if version == FORMAT_VERSION:
+            _, _, flags, fingerprint, epoch, start_id, seq, digest, n_states, n_outputs = _HEADER.unpack_from(view)
+            offset = _HEADER.size
+        elif version == 1:
+            _, _, flags, fingerprint, epoch, seq, n_states, n_outputs = _HEADER_V1.unpack_from(view)
+            start_id, digest, flags, offset = 0, NO_DIGEST, 0, _HEADER_V1.size
+        else:
             raise ValueError(f"format {version} is not {FORMAT_VERSION}")
-        offset = _HEADER.size
         tensors: list[tuple[str, np.ndarray]] = []
         for _ in range(n_states + n_outputs):
             name_len, code, ndim = _TENSOR.unpack_from(view, offset)
@@ -105,4 +129,7 @@ def decode(blob: bytes, *, what: str = "record") -> SessionRecord:
         seq=seq,
         states=dict(tensors[:n_states]),
         outputs=dict(tensors[n_states:]),
+        start_id=start_id,
+        digest=digest,
+        ended=bool(flags & ENDED),
     )

@@ -7,11 +7,17 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from service.repository import MODEL_NAME_PATTERN
+
 # Key layout, in one place. The braces are a Redis Cluster hash tag: a session's keys share a slot.
+# Model names cannot hold "/" (MODEL_NAME_PATTERN), so the first "/" splits model from session id and
+# no two (model, session id) pairs share a key.
 SESSION_KEY = "{prefix}:s:{{{model}/{session_id}}}"
 
 
 def session_key(prefix: str, model: str, session_id: str) -> str:
+    if "/" in model:
+        raise ValueError(f"model name {model!r} does not match {MODEL_NAME_PATTERN}")
     return SESSION_KEY.format(prefix=prefix, model=model, session_id=session_id)
 
 
@@ -27,18 +33,23 @@ class Outcome(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
-class Commit:
-    """Write `record` under `key` if the stored token equals `expected` (ABSENT: if there is no record;
-    None: unconditionally).
+class Stored:
+    """A key's compare-and-set token and record bytes, read together."""
 
-    With `delete`, the key is removed instead (on the same condition): a session's end.
-    """
+    token: str
+    record: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """Write `record` under `key`, to live `ttl_s`, if the stored token equals `expected` (ABSENT: if there
+    is no record; None: unconditionally)."""
 
     key: str
     expected: str | None
     token: str
     record: bytes
-    delete: bool = False
+    ttl_s: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,15 +66,11 @@ class StateStore(abc.ABC):
     durable: bool = True
 
     @abc.abstractmethod
-    async def load_many(self, keys: Sequence[str]) -> list[bytes | None]:
-        """The stored record of each key, or None where there is none."""
+    async def load_many(self, keys: Sequence[str]) -> list[Stored | None]:
+        """The stored token and record of each key, or None where there is none; one round trip."""
 
     @abc.abstractmethod
-    async def tokens(self, keys: Sequence[str]) -> list[str | None]:
-        """The stored compare-and-set token of each key, or None; readable even where the record is not."""
-
-    @abc.abstractmethod
-    async def commit_many(self, commits: Sequence[Commit], ttl_s: float) -> list[CommitResult]:
+    async def commit_many(self, commits: Sequence[Commit]) -> list[CommitResult]:
         """Apply each commit independently (compare-and-set), one round trip for all of them."""
 
     @abc.abstractmethod

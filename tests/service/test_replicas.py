@@ -55,18 +55,21 @@ async def test_unparseable_record_is_data_loss(start_server, redis_store_url, bl
     assert_matches([restarted], first=1)
 
 
-async def test_stale_replica_loses_the_race_with_aborted(start_server, redis_store_url):
+async def test_a_stale_replica_cannot_apply_a_rival_step(start_server, redis_store_url):
+    """Two writers race on seq 4 with different inputs: the loser is told the truth, not 'replayed'."""
     a = await start_server(url=redis_store_url)
     b = await start_server(url=redis_store_url)
     target_a, target_b = f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"
     await exchange(target_a, steps("s", 1, 3))  # replica A caches the state at seq 3
     (on_b,) = await exchange(target_b, steps("s", 4, 4))  # B continues from Redis
-    stale_input = step_request("s", 4, X[9:10])  # A believes seq 4 is next: its commit must fail
-    (refused,) = await exchange(target_a, [stale_input])
-    assert_error(refused, grpc.StatusCode.ABORTED, "changed by another writer", "Send seq 4 again")
-    (again,) = await exchange(target_a, [stale_input])  # A reloads: seq 4 is now a retry
-    assert again.replayed
-    np.testing.assert_array_equal(logits_of(again), logits_of(on_b))
+    rival = step_request("s", 4, X[9:10])  # A believes seq 4 is next: its commit must fail
+    for _ in range(2):  # and so must a resend of it: the rival input is never applied, nor replayed
+        (refused,) = await exchange(target_a, [rival])
+        assert_error(refused, grpc.StatusCode.FAILED_PRECONDITION, "seq 4 was already applied with a different input")
+        assert refused.expected_seq == 5
+    (twin,) = await exchange(target_a, steps("s", 4, 4))  # B's own step, resent to A: a replay
+    assert twin.replayed
+    np.testing.assert_array_equal(logits_of(twin), logits_of(on_b))
     assert_matches(await exchange(target_a, steps("s", 5, 7)), first=5)
 
 

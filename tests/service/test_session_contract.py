@@ -65,15 +65,32 @@ async def test_stream_equals_offline_run(start_server, store_url):
     assert await last_seq(target, "s1") == len(TEXT)
 
 
-async def test_retry_of_last_seq_returns_stored_outputs_and_changes_nothing(start_server, store_url):
+async def test_resend_of_last_seq_returns_stored_outputs_and_changes_nothing(start_server, store_url):
     app = await start_server(url=store_url)
     target = f"127.0.0.1:{app.port}"
     first = await exchange(target, steps("s", 1, 5))
-    (retry,) = await exchange(target, [step_request("s", 5, X[7:8])])  # other input: still the stored answer
+    (retry,) = await exchange(target, steps("s", 5, 5))
     assert retry.replayed and retry.seq == 5
     np.testing.assert_array_equal(logits_of(retry), logits_of(first[-1]))
     assert await last_seq(target, "s") == 5
     assert_matches(await exchange(target, steps("s", 6, 10)), first=6)
+
+
+async def test_last_seq_with_another_input_is_not_a_resend(start_server, store_url):
+    """Recognised by seq and input together: the same seq with another input is refused, not replayed."""
+    app = await start_server(url=store_url)
+    target = f"127.0.0.1:{app.port}"
+    await exchange(target, steps("s", 1, 5))
+    for impostor in (
+        step_request("s", 5, X[7:8]),
+        step_request("s", 5, X[4:5], end=True),
+        step_request("s", 5, X[4:6]),
+    ):
+        (refused,) = await exchange(target, [impostor])
+        assert_error(refused, grpc.StatusCode.FAILED_PRECONDITION, "seq 5 was already applied with a different input")
+        assert refused.expected_seq == 6 and not refused.replayed
+    assert await last_seq(target, "s") == 5
+    assert_matches(await exchange(target, steps("s", 6, 8)), first=6)
 
 
 @pytest.mark.parametrize(("seq", "kind"), [(8, "gap"), (3, "stale")])
@@ -121,18 +138,35 @@ async def test_start_replaces_an_existing_session(start_server, store_url):
     assert await last_seq(target, "s") == 4
 
 
-async def test_end_applies_the_step_then_forgets_the_session(start_server, store_url):
-    app = await start_server(url=store_url)
+async def test_end_applies_the_step_and_leaves_a_tombstone(start_server, store_url):
+    app = await start_server(url=store_url, sessions={"ended_ttl_s": 0.6})
     target = f"127.0.0.1:{app.port}"
     await exchange(target, steps("s", 1, 3))
-    (last,) = await exchange(target, [step_request("s", 4, X[3:4], end=True)])
+    end = step_request("s", 4, X[3:4], end=True)
+    (last,) = await exchange(target, [end])
     assert_matches([last], first=4)
-    (after,) = await exchange(target, steps("s", 5, 5))
-    assert_error(after, grpc.StatusCode.NOT_FOUND)
+    (resent,) = await exchange(target, [end])  # the end's answer was lost: its resend gets it again
+    assert resent.replayed and resent.seq == 4
+    np.testing.assert_array_equal(logits_of(resent), logits_of(last))
+    for after in (steps("s", 5, 5)[0], steps("s", 4, 4)[0], step_request("s", 4, X[5:6], end=True)):
+        (refused,) = await exchange(target, [after])
+        assert_error(refused, grpc.StatusCode.NOT_FOUND, "ended at seq 4", "start a new session")
     async with grpc.aio.insecure_channel(target) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await pb_grpc.RnnServeStub(channel).GetSession(pb.SessionRef(model="charlm", session_id="s"))
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "ended at seq 4" in info.value.details()
+    await asyncio.sleep(0.8)  # the tombstone idles out after ended_ttl_s: then the session is simply unknown
+    (gone,) = await exchange(target, [end])
+    assert_error(gone, grpc.StatusCode.NOT_FOUND, "expired or was never started")
+
+
+async def test_a_start_replaces_a_tombstone(start_server, store_url):
+    app = await start_server(url=store_url)
+    target = f"127.0.0.1:{app.port}"
+    await exchange(target, [*steps("s", 1, 2), step_request("s", 3, X[2:3], end=True)])
+    assert_matches(await exchange(target, steps("s", 1, 4)), first=1)
+    assert await last_seq(target, "s") == 4
 
 
 BAD_INPUTS = {

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from service.errors import Code, RecordCorrupt
-from service.state.record import SessionRecord, decode, encode
+from service.state.record import NO_DIGEST, SessionRecord, decode, encode
 
 
-def sample() -> SessionRecord:
+def sample(**changes: object) -> SessionRecord:
     rng = np.random.default_rng(0)
-    return SessionRecord(
+    fields: dict[str, object] = dict(
         fingerprint=bytes(range(32)),
         epoch=(1 << 62) + 5,
         seq=123456789012,
@@ -22,13 +22,17 @@ def sample() -> SessionRecord:
             "c0": rng.standard_normal(8).astype(np.float32),
         },
         outputs={"logits": rng.standard_normal((3, 5)).astype(np.float32)},
+        start_id=(1 << 64) - 1,
+        digest=bytes(range(100, 116)),
     )
+    return SessionRecord(**(fields | changes))  # type: ignore[arg-type]
 
 
 def test_round_trip_is_exact():
     record = sample()
     back = decode(encode(record))
     assert (back.fingerprint, back.epoch, back.seq) == (record.fingerprint, record.epoch, record.seq)
+    assert (back.start_id, back.digest, back.ended) == (record.start_id, record.digest, False)
     assert list(back.states) == ["h0", "c0"] and list(back.outputs) == ["logits"]
     for name in record.states:
         np.testing.assert_array_equal(back.states[name], record.states[name])
@@ -36,17 +40,44 @@ def test_round_trip_is_exact():
     assert back.token == record.token == f"{record.epoch:x}:{record.seq}"
 
 
+def test_a_tombstone_keeps_its_outputs_and_no_state():
+    tombstone = sample(states={}, ended=True)
+    back = decode(encode(tombstone))
+    assert back.ended and back.states == {} and back.seq == tombstone.seq
+    np.testing.assert_array_equal(back.outputs["logits"], tombstone.outputs["logits"])
+
+
 def test_header_is_explicit():
     blob = encode(sample())
     assert blob[:4] == b"RNNS"
-    assert struct.unpack_from("<H", blob, 4) == (1,)
+    assert struct.unpack_from("<HH", blob, 4) == (2, 0)
     assert blob[8:40] == bytes(range(32))
+    assert struct.unpack_from("<H", encode(sample(ended=True, states={})), 6) == (1,)
+
+
+def test_format_1_records_still_decode():
+    """Written by the previous release: a rolling upgrade must not turn live sessions into DATA_LOSS."""
+    record = sample()
+    header = struct.pack("<4sHH32sQQHH", b"RNNS", 1, 0, record.fingerprint, record.epoch, record.seq, 2, 1)
+    body = encode(record)[struct.calcsize("<4sHH32sQQQ16sHH") :]
+    back = decode(header + body)
+    assert (back.seq, back.epoch, back.start_id, back.digest, back.ended) == (
+        record.seq,
+        record.epoch,
+        0,
+        NO_DIGEST,
+        False,
+    )
+    np.testing.assert_array_equal(back.states["c0"], record.states["c0"])
 
 
 def test_fp16_states_round_trip():
     record = sample()
     half = SessionRecord(record.fingerprint, 1, 1, {"h0": record.states["h0"].astype(np.float16)}, {})
     np.testing.assert_array_equal(decode(encode(half)).states["h0"], half.states["h0"])
+
+
+HEADER = struct.calcsize("<4sHH32sQQQ16sHH")
 
 
 @pytest.mark.parametrize(
@@ -57,8 +88,9 @@ def test_fp16_states_round_trip():
         lambda b: b[:4] + b"\x09\x00" + b[6:],  # unknown format version
         lambda b: b[:-1],  # truncated data
         lambda b: b + b"\0",  # trailing bytes
-        lambda b: b[:63],  # truncated inside the first tensor header (the header is 60 bytes)
-        lambda b: b[:62] + b"\x07" + b[63:],  # unknown dtype code in the first tensor
+        lambda b: b[: HEADER + 3],  # truncated inside the first tensor header
+        lambda b: b[: HEADER + 2] + b"\x07" + b[HEADER + 3 :],  # unknown dtype code in the first tensor
+        lambda b: b[: HEADER - 1],  # truncated header
     ],
 )
 def test_malformed_records_are_data_loss(mangle):

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
 from service.errors import Unavailable
 from service.server import open_store
 from service.settings import RedisSettings
-from service.state.store import ABSENT, Commit, Outcome, StateStore
+from service.state.memory_store import MemoryStateStore
+from service.state.store import ABSENT, Commit, Outcome, StateStore, Stored, session_key
 
 
 @pytest.fixture
@@ -20,76 +22,122 @@ async def store(store_url):
     await store.close()
 
 
+async def records(store: StateStore, *keys: str) -> list[bytes | None]:
+    return [None if s is None else s.record for s in await store.load_many(keys)]
+
+
 async def test_load_missing_is_none(store: StateStore):
     assert await store.load_many(["a", "b"]) == [None, None]
 
 
 async def test_compare_and_set(store: StateStore):
-    (first,) = await store.commit_many([Commit("k", None, "e:1", b"one")], ttl_s=60)
+    (first,) = await store.commit_many([Commit("k", None, "e:1", b"one", 60)])
     assert first.outcome is Outcome.OK
-    (ok,) = await store.commit_many([Commit("k", "e:1", "e:2", b"two")], ttl_s=60)
+    (ok,) = await store.commit_many([Commit("k", "e:1", "e:2", b"two", 60)])
     assert ok.outcome is Outcome.OK
-    (stale,) = await store.commit_many([Commit("k", "e:1", "e:2", b"lost")], ttl_s=60)
+    (stale,) = await store.commit_many([Commit("k", "e:1", "e:2", b"lost", 60)])
     assert (stale.outcome, stale.current) == (Outcome.CONFLICT, "e:2")
-    (missing,) = await store.commit_many([Commit("nope", "e:1", "e:2", b"x")], ttl_s=60)
+    (missing,) = await store.commit_many([Commit("nope", "e:1", "e:2", b"x", 60)])
     assert missing.outcome is Outcome.MISSING
-    assert await store.load_many(["k", "nope"]) == [b"two", None]
+    assert await store.load_many(["k", "nope"]) == [Stored("e:2", b"two"), None]
 
 
 async def test_a_start_commit_finds_no_record_or_fails(store: StateStore):
-    (first,) = await store.commit_many([Commit("k", ABSENT, "e:1", b"one")], ttl_s=60)
+    (first,) = await store.commit_many([Commit("k", ABSENT, "e:1", b"one", 60)])
     assert first.outcome is Outcome.OK
-    (late,) = await store.commit_many([Commit("k", ABSENT, "f:1", b"late start")], ttl_s=60)
+    (late,) = await store.commit_many([Commit("k", ABSENT, "f:1", b"late start", 60)])
     assert (late.outcome, late.current) == (Outcome.CONFLICT, "e:1")
-    assert await store.load_many(["k"]) == [b"one"]
-    assert await store.tokens(["k", "nope"]) == ["e:1", None]
+    assert await store.load_many(["k"]) == [Stored("e:1", b"one")]
 
 
 async def test_a_batch_commits_each_key_independently(store: StateStore):
-    await store.commit_many([Commit("a", None, "e:1", b"a1"), Commit("b", None, "e:1", b"b1")], ttl_s=60)
+    await store.commit_many([Commit("a", None, "e:1", b"a1", 60), Commit("b", None, "e:1", b"b1", 60)])
     results = await store.commit_many(
         [
-            Commit("a", "e:1", "e:2", b"a2"),
-            Commit("b", "e:9", "e:10", b"b10"),
-            Commit("c", "e:1", "e:2", b"c2"),
-            Commit("d", None, "f:1", b"d1"),
-        ],
-        ttl_s=60,
+            Commit("a", "e:1", "e:2", b"a2", 60),
+            Commit("b", "e:9", "e:10", b"b10", 60),
+            Commit("c", "e:1", "e:2", b"c2", 60),
+            Commit("d", None, "f:1", b"d1", 60),
+        ]
     )
     assert [r.outcome for r in results] == [Outcome.OK, Outcome.CONFLICT, Outcome.MISSING, Outcome.OK]
-    assert await store.load_many(["a", "b", "c", "d"]) == [b"a2", b"b1", None, b"d1"]
+    assert await records(store, "a", "b", "c", "d") == [b"a2", b"b1", None, b"d1"]
 
 
-async def test_conditional_delete(store: StateStore):
-    await store.commit_many([Commit("k", None, "e:1", b"one")], ttl_s=60)
-    (refused,) = await store.commit_many([Commit("k", "e:0", "e:2", b"", delete=True)], ttl_s=60)
-    assert refused.outcome is Outcome.CONFLICT
-    (done,) = await store.commit_many([Commit("k", "e:1", "e:2", b"", delete=True)], ttl_s=60)
-    assert done.outcome is Outcome.OK
+async def test_delete(store: StateStore):
+    await store.commit_many([Commit("k", None, "e:1", b"one", 60)])
+    assert await store.delete("k")
     assert await store.load_many(["k"]) == [None]
     assert not await store.delete("k")
 
 
-async def test_ttl_is_set_and_refreshed_by_writes(store: StateStore):
-    await store.commit_many([Commit("k", None, "e:1", b"one")], ttl_s=0.4)
+async def test_ttl_is_set_per_commit_and_refreshed_by_writes(store: StateStore):
+    await store.commit_many([Commit("k", None, "e:1", b"one", 0.4), Commit("long", None, "e:1", b"x", 60)])
     ttl = await store.ttl_ms("k")
     assert ttl is not None and 0 < ttl <= 400
+    assert (await store.ttl_ms("long") or 0) > 50_000
     await asyncio.sleep(0.25)
-    await store.commit_many([Commit("k", "e:1", "e:2", b"two")], ttl_s=0.4)
+    await store.commit_many([Commit("k", "e:1", "e:2", b"two", 0.4)])
     await asyncio.sleep(0.25)  # 0.5 s after the first write: alive only because the second refreshed it
-    assert await store.load_many(["k"]) == [b"two"]
+    assert await records(store, "k") == [b"two"]
     await asyncio.sleep(0.3)
     assert await store.load_many(["k"]) == [None]
     assert await store.ttl_ms("k") is None
 
 
-async def test_unreachable_redis_is_unavailable():
-    store = open_store(RedisSettings(url="redis://127.0.0.1:1/0", connect_timeout_s=0.2, socket_timeout_s=0.2))
-    with pytest.raises(Unavailable, match="session store unreachable"):
+async def test_expired_entries_that_are_never_touched_again_are_swept():
+    store = MemoryStateStore()
+    await store.commit_many([Commit(f"k{i}", None, "e:1", b"x" * 100, 0.05) for i in range(20_000)])
+    assert len(store) == 20_000
+    await asyncio.sleep(0.1)
+    await store.commit_many([Commit("other", None, "e:1", b"y", 60)])  # any write sweeps what has expired
+    assert len(store) == 1
+    for seq in range(2, 2_000):  # rewriting one key must not grow the deadline heap without bound
+        await store.commit_many([Commit("other", f"e:{seq - 1}", f"e:{seq}", b"y", 60)])
+    assert len(store._deadlines) < 100
+
+
+async def test_unreachable_redis_is_unavailable_and_names_the_store():
+    url = "redis://user:secret@127.0.0.1:1/0"
+    store = open_store(RedisSettings(url=url, connect_timeout_s=0.2, socket_timeout_s=0.2))
+    with pytest.raises(Unavailable, match="session store unreachable at redis://user:\\*\\*\\*@127.0.0.1:1/0") as info:
         await store.ping()
+    assert "secret" not in info.value.message
     with pytest.raises(Unavailable):
-        await store.commit_many([Commit("k", None, "e:1", b"x")], ttl_s=1)
+        await store.commit_many([Commit("k", None, "e:1", b"x", 1)])
     await store.close()
+
+
+async def test_more_calls_than_pooled_connections_wait_instead_of_failing(redis_store_url):
+    """Load is never an error: past max_connections, calls queue for a connection (up to pool_timeout_s)."""
+    store = open_store(RedisSettings(url=redis_store_url, max_connections=2, pool_timeout_s=30))
+    await store.ping()
+    keys = [f"k{i}" for i in range(500)]
+    results = await asyncio.gather(*(store.commit_many([Commit(key, ABSENT, "e:1", key.encode(), 60)]) for key in keys))
+    assert all(r.outcome is Outcome.OK for (r,) in results)
+    loaded = await asyncio.gather(*(store.load_many([key]) for key in keys))
+    assert [s.record for (s,) in loaded] == [key.encode() for key in keys]  # type: ignore[union-attr]
+    await store.close()
+
+
+async def test_a_pool_that_stays_busy_is_unavailable_after_its_timeout(redis_store_url):
+    store = open_store(RedisSettings(url=redis_store_url, max_connections=1, pool_timeout_s=0.3))
+    await store.ping()
+    busy = asyncio.create_task(store._redis.execute_command("BLPOP", "never", 2))  # holds the one connection
+    await asyncio.sleep(0.1)
+    started = time.perf_counter()
+    with pytest.raises(Unavailable, match="every pooled connection stayed busy for 0.3s"):
+        await store.load_many(["k"])
+    assert time.perf_counter() - started < 1.5
+    busy.cancel()
+    await asyncio.gather(busy, return_exceptions=True)
+    await store.close()
+
+
+def test_session_keys_are_injective():
+    assert session_key("p", "a", "b/c") != session_key("p", "a-b", "c")
+    with pytest.raises(ValueError):
+        session_key("p", "a/b", "c")  # not a model name: it would share a key with ("a", "b/c")
 
 
 def test_unsupported_url_scheme_is_refused():

@@ -4,9 +4,10 @@ isort:skip_file
 rnnserve.v1: stream inputs to recurrent models whose hidden state the service keeps.
 
 A session is (model, session_id). Its steps carry seq = 1, 2, 3, ...; the service applies
-seq == last + 1, answers a repeated seq == last with the stored outputs, and rejects any other
-seq with FAILED_PRECONDITION naming the seq it expects. A session stays on the model version it
-started on. The state lives in the service's store, so any replica can continue any session.
+seq == last + 1, answers a resend of the last step (same seq, same input) with the stored outputs,
+and rejects any other seq with FAILED_PRECONDITION naming the seq it expects. A session stays on
+the model version it started on. The state lives in the service's store, so any replica can
+continue any session.
 """
 
 from collections import abc as _abc
@@ -64,6 +65,7 @@ class StepRequest(_message.Message):
     START_FIELD_NUMBER: _builtins.int
     END_FIELD_NUMBER: _builtins.int
     INPUT_FIELD_NUMBER: _builtins.int
+    START_ID_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     version: _builtins.int
     """Version to start the session on; 0 means the newest loaded version. On a continuing step, a
@@ -74,9 +76,19 @@ class StepRequest(_message.Message):
     seq: _builtins.int
     """1 for the first step of a session, then 2, 3, ..."""
     start: _builtins.bool
-    """Create fresh state, replacing any earlier session with this id. Requires seq == 1."""
+    """Create fresh state, replacing any earlier session with this id. Requires seq == 1. A start
+    with the stored session's start_id is that session's start sent again, not a new start.
+    """
     end: _builtins.bool
-    """Apply this step, then forget the session."""
+    """Apply this step, then end the session: for a short while (the server's ended TTL) a resend of
+    this step is answered from a tombstone; any other step is NOT_FOUND until a new start.
+    """
+    start_id: _builtins.int
+    """With start: the client's name for this start, any non-zero number drawn anew for each start
+    (a random 64-bit number). A resent start with the same start_id is answered as a resend (or as a
+    stale seq 1 once the session has moved on) and never wipes out acknowledged steps. 0: a start
+    without an id always starts afresh, so resending it after later steps were applied loses them.
+    """
     @_builtins.property
     def input(self) -> Global___Tensor:
         """[T, F]: T >= 1 time steps of F features (F as the model's manifest says)."""
@@ -91,10 +103,11 @@ class StepRequest(_message.Message):
         start: _builtins.bool = ...,
         end: _builtins.bool = ...,
         input: Global___Tensor | None = ...,
+        start_id: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["input", b"input"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "input", b"input", "model", b"model", "seq", b"seq", "session_id", b"session_id", "start", b"start", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "input", b"input", "model", b"model", "seq", b"seq", "session_id", b"session_id", "start", b"start", "start_id", b"start_id", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

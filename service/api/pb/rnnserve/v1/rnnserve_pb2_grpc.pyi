@@ -4,9 +4,10 @@ isort:skip_file
 rnnserve.v1: stream inputs to recurrent models whose hidden state the service keeps.
 
 A session is (model, session_id). Its steps carry seq = 1, 2, 3, ...; the service applies
-seq == last + 1, answers a repeated seq == last with the stored outputs, and rejects any other
-seq with FAILED_PRECONDITION naming the seq it expects. A session stays on the model version it
-started on. The state lives in the service's store, so any replica can continue any session.
+seq == last + 1, answers a resend of the last step (same seq, same input) with the stored outputs,
+and rejects any other seq with FAILED_PRECONDITION naming the seq it expects. A session stays on
+the model version it started on. The state lives in the service's store, so any replica can
+continue any session.
 """
 
 from collections import abc as _abc

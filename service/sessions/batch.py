@@ -1,0 +1,341 @@
+"""The batch pipeline: one batch of steps (at most one per session), end to end.
+
+    plan     judge each step on its cached record (only a plain next step may go ahead on the cache) or
+             on a fresh load: the misses of the whole batch are read in one pipelined round trip
+    compute  one runtime call per model version and chunk length, off the event loop
+    commit   every applied step's record in one pipelined round trip, compare-and-set on its token
+    answer   each step on its own: a refusal or failure of one never fails its neighbours
+
+A step whose commit meets another writer's record (conflict, or the record gone) is judged again on a
+fresh load, for a bounded number of rounds: it may turn out to be a resend that another replica applied
+(a replay), a step on a session that moved on (applied now on the new record, or refused), or a start
+over a session that vanished (applied on nothing). It is answered as applied only when it was.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    RecordCorrupt,
+    RnnServeError,
+    StoreRefused,
+    Unavailable,
+    WriteConflict,
+)
+from service.metrics import Metrics
+from service.models import LoadedModel, ModelRegistry
+from service.sessions.cache import RecordCache
+from service.sessions.rules import Apply, Ask, Replay, judge
+from service.sessions.steps import Step, StepResult
+from service.settings import Settings
+from service.state.record import SessionRecord, Tensors, decode, encode
+from service.state.store import Commit, Outcome, StateStore, Stored
+
+log = logging.getLogger(__name__)
+
+# Rounds of judge -> compute -> commit a step gets before it is refused as ABORTED (another writer keeps
+# moving its session on).
+MAX_ROUNDS = 3
+
+Answer = StepResult | BaseException
+
+
+@dataclass(slots=True)
+class Pending:
+    """A step waiting in (or going through) a batch."""
+
+    step: Step
+    key: str
+    ask: Ask
+    epoch: int  # the epoch a start of this step gets; drawn once, so every round agrees
+    admitted: LoadedModel  # the version the step named (the newest for 0), for the queue's metrics
+    enqueued: float
+    fresh: bool = False  # judge on a fresh load, not on the cache
+
+
+@dataclass(slots=True)
+class _Planned:
+    apply: Apply
+    model: LoadedModel
+    x: np.ndarray
+
+
+class BatchPipeline:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        store: StateStore,
+        cache: RecordCache,
+        executor: Executor,
+        settings: Settings,
+        metrics: Metrics,
+    ) -> None:
+        self._registry = registry
+        self._store = store
+        self._cache = cache
+        self._executor = executor
+        self._settings = settings
+        self._metrics = metrics
+
+    async def run(self, items: list[Pending]) -> list[Answer]:
+        now = time.perf_counter()
+        for item in items:
+            self._metrics.queue_wait.labels(item.admitted.name, item.admitted.version).observe(now - item.enqueued)
+        answers: list[Answer | None] = [None] * len(items)
+        todo = list(range(len(items)))
+        for _ in range(MAX_ROUNDS):
+            plans = await self._plan(items, todo, answers)
+            records = await self._compute(plans, items, answers)
+            todo = await self._commit(items, plans, records, answers)
+            if not todo:
+                break
+        for i in todo:
+            step = items[i].step
+            answers[i] = WriteConflict(
+                f"session {step.session_id!r} kept being changed by another writer; this step was not "
+                "applied. Send it again"
+            )
+        assert all(a is not None for a in answers)
+        return answers  # type: ignore[return-value]
+
+    # -- plan ------------------------------------------------------------------------------------
+
+    async def _plan(self, items: list[Pending], todo: list[int], answers: list[Answer | None]) -> dict[int, _Planned]:
+        plans: dict[int, _Planned] = {}
+        to_load: list[int] = []
+        for i in todo:
+            item = items[i]
+            if not item.fresh:
+                cached = self._cache.get(item.key)
+                if cached is not None or item.ask.start:
+                    # A start on no cached record assumes none is stored: its commit says otherwise.
+                    verdict = judge(item.ask, cached.token if cached else None, cached, item.step.model)
+                    if isinstance(verdict, Apply):
+                        self._settle(i, item, verdict, plans, answers)
+                        continue
+            to_load.append(i)
+        if not to_load:
+            return plans
+        started = time.perf_counter()
+        try:
+            loaded = await self._store.load_many([items[i].key for i in to_load])
+        except RnnServeError as err:
+            for i in to_load:
+                self._cache.forget(items[i].key)
+                answers[i] = err
+            return plans
+        self._metrics.store_load_latency.observe(time.perf_counter() - started)
+        for i, stored in zip(to_load, loaded, strict=True):
+            item = items[i]
+            record = self._read(item, stored)
+            verdict = judge(item.ask, stored.token if stored else None, record, item.step.model)
+            self._settle(i, item, verdict, plans, answers)
+        return plans
+
+    def _read(self, item: Pending, stored: Stored | None) -> SessionRecord | RecordCorrupt | None:
+        if stored is None:
+            self._cache.forget(item.key)
+            return None
+        try:
+            record = decode(stored.record, what=f"session {item.step.session_id!r}")
+        except RecordCorrupt as err:
+            self._cache.forget(item.key)
+            return err
+        self._cache.remember(item.key, record)
+        return record
+
+    def _settle(
+        self,
+        i: int,
+        item: Pending,
+        verdict: Apply | Replay | RnnServeError,
+        plans: dict[int, _Planned],
+        answers: list[Answer | None],
+    ) -> None:
+        """Record the verdict: a plan to apply, or the answer (a replay or a refusal)."""
+        step = item.step
+        try:
+            if isinstance(verdict, RnnServeError):
+                raise verdict
+            if isinstance(verdict, Replay):
+                model = self._model_of(verdict.record, step)
+                answers[i] = StepResult(
+                    model.name, model.version, step.session_id, verdict.record.seq, verdict.record.outputs, True
+                )
+                return
+            if verdict.base is None:
+                model = self._registry.get(step.model, step.version)
+            else:
+                model = self._model_of(verdict.base, step)
+            plans[i] = _Planned(verdict, model, check_input(model, step.x, self._settings.sessions.max_chunk_steps))
+        except RnnServeError as err:
+            answers[i] = err
+
+    def _model_of(self, record: SessionRecord, step: Step) -> LoadedModel:
+        """The loaded version a stored session runs on, checked against the step and the record."""
+        model = self._registry.by_fingerprint(record.fingerprint)
+        if model is None:
+            raise FailedPrecondition(
+                f"session {step.session_id!r} was started on a model version (fingerprint "
+                f"{record.fingerprint.hex()[:12]}) this server has not loaded; start a new session"
+            )
+        if model.name != step.model:
+            raise RecordCorrupt(f"the stored session {step.session_id!r} belongs to model {model.name!r}")
+        if step.version not in (0, model.version):
+            raise FailedPrecondition(
+                f"session {step.session_id!r} is pinned to {model.name} version {model.version}, "
+                f"the step asked for version {step.version}; send version 0 or {model.version}"
+            )
+        if not record.ended:
+            for spec in model.manifest.state:
+                state = record.states.get(spec.input)
+                if state is None or list(state.shape) != spec.shape[1:] or state.dtype != np.dtype(spec.dtype):
+                    raise RecordCorrupt(
+                        f"the stored session {step.session_id!r} does not fit its model's state; start it again"
+                    )
+        return model
+
+    # -- compute ---------------------------------------------------------------------------------
+
+    async def _compute(
+        self, plans: dict[int, _Planned], items: list[Pending], answers: list[Answer | None]
+    ) -> dict[int, SessionRecord]:
+        """New records for every plan, one runtime call per (model version, chunk length)."""
+        groups: dict[tuple[bytes, int], list[int]] = {}
+        for i, plan in plans.items():
+            groups.setdefault((plan.model.fingerprint, plan.x.shape[0]), []).append(i)
+        if not groups:
+            return {}
+        loop = asyncio.get_running_loop()
+        work = [(members, plans[members[0]].model) for members in groups.values()]
+        outcomes = await loop.run_in_executor(self._executor, _run_groups, work, plans, items)
+        records: dict[int, SessionRecord] = {}
+        for (members, model), outcome in zip(work, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                log.error("runtime call failed for %s/%d", model.name, model.version, exc_info=outcome)
+                for i in members:
+                    answers[i] = outcome
+                    del plans[i]
+                continue
+            group_records, seconds = outcome
+            self._metrics.runtime_latency.labels(model.name, model.version).observe(seconds)
+            self._metrics.batch_size.labels(model.name, model.version).observe(len(members))
+            records.update(zip(members, group_records, strict=True))
+        return records
+
+    # -- commit ----------------------------------------------------------------------------------
+
+    async def _commit(
+        self,
+        items: list[Pending],
+        plans: dict[int, _Planned],
+        records: dict[int, SessionRecord],
+        answers: list[Answer | None],
+    ) -> list[int]:
+        """Commit every computed record; answer what landed; return the steps to judge again."""
+        order = list(records)
+        if not order:
+            return []
+        sessions = self._settings.sessions
+        commits = [
+            Commit(
+                items[i].key,
+                plans[i].apply.expected,
+                records[i].token,
+                encode(records[i]),
+                sessions.ended_ttl_s if records[i].ended else sessions.state_ttl_s,
+            )
+            for i in order
+        ]
+        started = time.perf_counter()
+        try:
+            outcomes = await self._store.commit_many(commits)
+        except RnnServeError as err:  # the outcome is unknown: a resend of the step settles it
+            for i in order:
+                self._cache.forget(items[i].key)
+                answers[i] = Unavailable(
+                    f"the session store did not confirm the commit ({err.message}); the step may or may not "
+                    "have been applied: send it again (a resend of an applied step is answered as a replay)"
+                )
+            return []
+        self._metrics.store_commit_latency.observe(time.perf_counter() - started)
+        again = []
+        for i, outcome in zip(order, outcomes, strict=True):
+            item, record, model = items[i], records[i], plans[i].model
+            if outcome.outcome is Outcome.OK:
+                self._cache.remember(item.key, record)
+                answers[i] = StepResult(model.name, model.version, item.step.session_id, record.seq, record.outputs)
+            elif outcome.outcome is Outcome.ERROR:
+                self._cache.forget(item.key)
+                answers[i] = StoreRefused(f"the session store refused the commit ({outcome.current}); not applied")
+            else:  # another writer got there first, or the record is gone: judge the step again
+                self._cache.forget(item.key)
+                self._metrics.conflicts.inc()
+                item.fresh = True
+                again.append(i)
+        return again
+
+
+def check_input(model: LoadedModel, x: np.ndarray, max_steps: int) -> np.ndarray:
+    """x as float32 [T, F] for `model`, or InvalidArgument."""
+    features = model.manifest.features
+    if x.ndim != 2 or x.shape[1] != features or not 1 <= x.shape[0] <= max_steps:
+        raise InvalidArgument(
+            f"input must be [T, {features}] with 1 <= T <= {max_steps} for {model.name}/{model.version}, "
+            f"got {list(x.shape)}"
+        )
+    return x.astype(np.float32, copy=False)
+
+
+def _run_groups(
+    work: Sequence[tuple[list[int], LoadedModel]], plans: dict[int, _Planned], items: list[Pending]
+) -> list[tuple[list[SessionRecord], float] | BaseException]:
+    """In a runtime thread: each group's runtime call, then each session's new record."""
+    out: list[tuple[list[SessionRecord], float] | BaseException] = []
+    for members, model in work:
+        try:
+            out.append(_run_group(model, [plans[i] for i in members], [items[i] for i in members]))
+        except Exception as err:  # noqa: BLE001 - reported per group, the others go on
+            out.append(err)
+    return out
+
+
+def _run_group(model: LoadedModel, plans: list[_Planned], items: list[Pending]) -> tuple[list[SessionRecord], float]:
+    started = time.perf_counter()
+    zero = model.zero_states()
+    x = np.stack([plan.x for plan in plans])
+    states = {
+        name: np.stack([plan.apply.base.states[name] if plan.apply.base else fresh for plan in plans])
+        for name, fresh in zero.items()
+    }
+    outputs, new_states = model.runtime.run(x, states)
+    seconds = time.perf_counter() - started
+    records = []
+    for row, (plan, item) in enumerate(zip(plans, items, strict=True)):
+        base, end = plan.apply.base, item.step.end
+        # Copies, not views: a cached record must not keep the whole batch's arrays alive.
+        own_outputs: Tensors = {name: value[row].copy() for name, value in outputs.items()}
+        own_states: Tensors = {} if end else {name: value[row].copy() for name, value in new_states.items()}
+        records.append(
+            SessionRecord(
+                fingerprint=model.fingerprint,
+                epoch=base.epoch if base else item.epoch,
+                seq=plan.apply.seq,
+                states=own_states,
+                outputs=own_outputs,
+                start_id=base.start_id if base else item.ask.start_id,
+                digest=item.ask.digest,
+                ended=end,
+            )
+        )
+    return records, seconds

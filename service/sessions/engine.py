@@ -1,0 +1,192 @@
+"""The session engine's public operations: step, infer, get and delete a session.
+
+Knows nothing of gRPC. The contract is in `rules.py`, the batch path in `batch.py`. A step is checked
+(what needs no store), then waits its session's turn on this replica, joins its model's batch, and is
+answered once its state is committed. Every commit is compare-and-set, so replicas need no coordination.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import secrets
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from service.batching import Batcher
+from service.errors import FailedPrecondition, InvalidArgument, SessionEnded, SessionNotFound
+from service.metrics import Metrics
+from service.models import LoadedModel, ModelRegistry
+from service.sessions.batch import BatchPipeline, Pending, check_input
+from service.sessions.cache import RecordCache, SessionLocks
+from service.sessions.rules import Ask, input_digest
+from service.sessions.steps import SessionInfo, Step, StepResult
+from service.settings import Settings
+from service.state.record import Tensors, decode
+from service.state.store import StateStore, session_key
+
+log = logging.getLogger(__name__)
+
+SESSION_ID_PATTERN = re.compile(r"^[A-Za-z0-9._\-:@/%~]{1,128}$")
+SESSION_ID_CHARACTERS = "letters, digits or . _ - ~ : @ / %"
+
+
+class SessionEngine:
+    def __init__(self, registry: ModelRegistry, store: StateStore, settings: Settings, metrics: Metrics) -> None:
+        self.registry = registry
+        self._store = store
+        self._settings = settings
+        self._metrics = metrics
+        self._prefix = settings.redis.key_prefix
+        self._executor = ThreadPoolExecutor(settings.runtime.executor_threads, thread_name_prefix="runtime")
+        self.cache = RecordCache(settings.sessions.cache_max_sessions)
+        self._locks = SessionLocks()
+        self._pipeline = BatchPipeline(registry, store, self.cache, self._executor, settings, metrics)
+        self._batchers: dict[str, Batcher[Pending, StepResult]] = {}
+
+    async def start(self) -> None:
+        for model in self.registry.all():
+            if model.manifest.streamable:
+                self._batcher(model.name)
+
+    async def stop(self) -> None:
+        """Finish queued and in-flight steps (their commits included), then release the runtime threads."""
+        await asyncio.gather(*(b.stop() for b in self._batchers.values()))
+        self._executor.shutdown(wait=True)
+
+    def _batcher(self, model: str) -> Batcher[Pending, StepResult]:
+        batcher = self._batchers.get(model)
+        if batcher is None:
+            batcher = self._batchers[model] = Batcher[Pending, StepResult](
+                model, self._pipeline.run, self._settings.batching
+            )
+            batcher.start()
+        return batcher
+
+    # -- the public operations -----------------------------------------------------------------
+
+    async def step(self, step: Step) -> StepResult:
+        started = time.perf_counter()
+        pending = self._admit(step)
+        await self._locks.acquire(pending.key)
+        # The session stays locked until this step has landed, even if the caller goes away (a stream
+        # cancelled mid-step): the client's resend then finds the step applied instead of racing it.
+        landing = asyncio.ensure_future(self._land(pending))
+        landing.add_done_callback(_retrieve)
+        try:
+            result = await asyncio.shield(landing)
+        except SessionNotFound as err:
+            if not isinstance(err, SessionEnded):
+                self._metrics.expired.inc()
+            raise
+        labels = (result.model, result.version)
+        if result.replayed:
+            self._metrics.replays.labels(*labels).inc()
+        else:
+            self._metrics.steps.labels(*labels).inc()
+        self._metrics.step_latency.labels(*labels).observe(time.perf_counter() - started)
+        return result
+
+    def _admit(self, step: Step) -> Pending:
+        """Everything that can be checked without the store; raises for a malformed step."""
+        _check_session_id(step.session_id)
+        if step.seq is not None:
+            if step.seq < 1:
+                raise InvalidArgument(f"seq must be 1 or more, got {step.seq}; number a session's steps 1, 2, 3, ...")
+            if step.start and step.seq != 1:
+                raise InvalidArgument(f"a start step must have seq 1, got {step.seq}")
+        model = self.registry.get(step.model, step.version)  # NOT_FOUND for an unknown model first
+        _check_streamable(model)
+        x = check_input(model, step.x, self._settings.sessions.max_chunk_steps)
+        if not np.isfinite(x).all():
+            bad = int(np.argwhere(~np.isfinite(x))[0][0])
+            raise InvalidArgument(f"input has NaN or Inf at time step {bad}; send finite values")
+        if step.start_id < 0 or step.start_id >= 1 << 64:
+            raise InvalidArgument(f"start_id must fit an unsigned 64-bit integer, got {step.start_id}")
+        ask = Ask(step.session_id, step.seq, step.start, step.end, step.start_id, input_digest(x, step.end))
+        key = session_key(self._prefix, step.model, step.session_id)
+        return Pending(step, key, ask, _new_epoch(), model, time.perf_counter())
+
+    async def _land(self, pending: Pending) -> StepResult:
+        try:
+            return await self._batcher(pending.step.model).submit(pending)
+        finally:
+            self._locks.release(pending.key)
+
+    async def infer(self, model_name: str, version: int, x: np.ndarray) -> tuple[LoadedModel, Tensors]:
+        """Whole sequences x [B, T, F], each from a fresh state; no session is kept. Outputs [B, T, ...]."""
+        model = self.registry.get(model_name, version)
+        limit = self._settings.batching.max_batch_size
+        if x.ndim != 3 or not 1 <= x.shape[0] <= limit:
+            raise InvalidArgument(
+                f"input must be [B, T, {model.manifest.features}] with 1 <= B <= {limit} sequences "
+                f"for {model.name}/{model.version}, got {list(x.shape)}"
+            )
+        chunk_limit = self._settings.sessions.max_chunk_steps
+        x = np.stack([check_input(model, sequence, chunk_limit) for sequence in x])
+        if not np.isfinite(x).all():
+            raise InvalidArgument("input has NaN or Inf; send finite values")
+        loop = asyncio.get_running_loop()
+        batch = len(x)
+        states = {name: np.repeat(value[None], batch, axis=0) for name, value in model.zero_states().items()}
+        outputs, _ = await loop.run_in_executor(self._executor, model.runtime.run, x, states)
+        return model, outputs
+
+    async def get_session(self, model_name: str, session_id: str) -> SessionInfo:
+        key = self._session_key(model_name, session_id)
+        (stored,) = await self._store.load_many([key])
+        ttl_ms = await self._store.ttl_ms(key)
+        if stored is None or ttl_ms is None:
+            raise SessionNotFound(f"session {session_id!r} of model {model_name!r} has expired or was never started")
+        record = decode(stored.record, what=f"session {session_id!r}")
+        if record.ended:
+            raise SessionEnded(f"session {session_id!r} of model {model_name!r} ended at seq {record.seq}")
+        model = self.registry.by_fingerprint(record.fingerprint)
+        return SessionInfo(
+            model_name,
+            session_id,
+            model.version if model else None,
+            record.seq,
+            record.fingerprint.hex(),
+            ttl_ms,
+        )
+
+    async def delete_session(self, model_name: str, session_id: str) -> bool:
+        key = self._session_key(model_name, session_id)
+        await self._locks.acquire(key)
+        try:
+            self.cache.forget(key)
+            return await self._store.delete(key)
+        finally:
+            self._locks.release(key)
+
+    def _session_key(self, model_name: str, session_id: str) -> str:
+        _check_session_id(session_id)
+        self.registry.get(model_name)  # NOT_FOUND for a model this server does not serve
+        return session_key(self._prefix, model_name, session_id)
+
+
+def _retrieve(task: asyncio.Future[StepResult]) -> None:
+    """A step whose caller went away still ends; its exception is noted here so asyncio does not warn."""
+    if not task.cancelled():
+        task.exception()
+
+
+def _new_epoch() -> int:
+    return secrets.randbits(63) | 1
+
+
+def _check_session_id(session_id: str) -> None:
+    if not SESSION_ID_PATTERN.match(session_id):
+        raise InvalidArgument(f"session id {session_id[:140]!r} is invalid: use 1 to 128 {SESSION_ID_CHARACTERS}")
+
+
+def _check_streamable(model: LoadedModel) -> None:
+    if not model.manifest.streamable:
+        raise FailedPrecondition(
+            f"{model.name}/{model.version} is bidirectional and needs the whole sequence in one request: "
+            "send it without a session (Infer, or ModelInfer without sequence_id)"
+        )

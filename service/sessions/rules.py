@@ -1,0 +1,117 @@
+"""The session contract as pure functions: no I/O, no clock, property-tested.
+
+Given what a step asks for and what the store holds, `judge` says whether to apply the step (and on
+top of what), answer it from the stored record (a resend), or refuse it:
+
+- A start (seq 1) replaces whatever is stored, unless it is the stored session's own start sent again
+  (the same non-zero `start_id`): then it is judged as seq 1 of that session, so a resent start never
+  wipes out steps acknowledged since.
+- `seq == last + 1` applies. `seq == last` with the same input digest is a resend: the stored outputs
+  again. `seq == last` with another input is not a resend and is refused. Any other seq is refused with
+  the seq expected.
+- A step the server numbers (`seq` None: Triton clients that send no `rnnserve_seq`) applies at
+  `last + 1`; it can never be recognised as a resend.
+- A tombstone (an ended session) answers a resend of its end step; anything else but a new start is
+  NOT_FOUND, saying the session ended.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.errors import (
+    NotARetry,
+    RecordCorrupt,
+    RnnServeError,
+    SeqOutOfOrder,
+    SessionEnded,
+    SessionNotFound,
+)
+from service.state.record import DIGEST_BYTES, SessionRecord
+from service.state.store import ABSENT
+
+
+@dataclass(frozen=True, slots=True)
+class Ask:
+    """What the contract needs to know of a step."""
+
+    session_id: str
+    seq: int | None  # None: the server numbers the step
+    start: bool
+    end: bool
+    start_id: int  # the client's name for its start; 0: none
+    digest: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Apply:
+    """Apply the step as `seq`, on `base` (None: fresh state), if the store still holds `expected`."""
+
+    seq: int
+    base: SessionRecord | None
+    expected: str
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """A resend of the stored last step: answer with its outputs, change nothing."""
+
+    record: SessionRecord
+
+
+Verdict = Apply | Replay | RnnServeError
+
+
+def input_digest(x: np.ndarray, end: bool) -> bytes:
+    """Identifies a step's input: its float32 values, shape and end flag."""
+    data = np.ascontiguousarray(x, dtype="<f4")
+    digest = hashlib.blake2b(digest_size=DIGEST_BYTES)
+    digest.update(np.asarray(data.shape, dtype="<i8").tobytes())
+    digest.update(b"E" if end else b"-")
+    digest.update(data.tobytes())
+    return digest.digest()
+
+
+def judge(ask: Ask, token: str | None, record: SessionRecord | RecordCorrupt | None, model: str) -> Verdict:
+    """The verdict on `ask` given the stored `token` and `record` (None: nothing stored).
+
+    A record that does not parse (RecordCorrupt) refuses every step but a new start.
+    """
+    if ask.start:
+        if isinstance(record, SessionRecord) and ask.start_id and record.start_id == ask.start_id:
+            return _judge_step(ask, 1, record, model)
+        return Apply(1, None, token or ABSENT)
+    if isinstance(record, RecordCorrupt):
+        return record
+    if record is None:
+        return SessionNotFound(
+            f"session {ask.session_id!r} of model {model!r} has expired or was never started; "
+            "start it again with start=true and seq=1"
+        )
+    if ask.seq is None:
+        if record.ended:
+            return _ended(ask, record, model)
+        return Apply(record.seq + 1, record, record.token)
+    return _judge_step(ask, ask.seq, record, model)
+
+
+def _judge_step(ask: Ask, seq: int, record: SessionRecord, model: str) -> Verdict:
+    if seq == record.seq and ask.digest == record.digest:
+        return Replay(record)
+    if record.ended:
+        return _ended(ask, record, model)
+    if seq == record.seq + 1:
+        return Apply(seq, record, record.token)
+    if seq == record.seq:
+        return NotARetry(ask.session_id, seq)
+    return SeqOutOfOrder(ask.session_id, seq, record.seq + 1)
+
+
+def _ended(ask: Ask, record: SessionRecord, model: str) -> SessionEnded:
+    return SessionEnded(
+        f"session {ask.session_id!r} of model {model!r} ended at seq {record.seq}; "
+        "start a new session (start=true, seq 1) to continue"
+    )
