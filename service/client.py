@@ -1,18 +1,25 @@
 """A streaming client for the native API, with resume.
 
-One `StreamClient` holds one bidirectional stream and multiplexes any number of sessions over it. If the
-stream breaks (server restarted, replica gone), it reconnects and resends every unanswered step: seq
-numbers make that safe, because the server answers a step it already applied with the stored outputs.
+One `StreamClient` holds one bidirectional stream and multiplexes any number of sessions over it. When
+the stream breaks or ends (a server restarted, a replica drained or killed), it reconnects and resends
+every unanswered step. Seq numbers and input digests make that safe: the server answers a step it
+already applied with the stored outputs, and a start with the same start id is the same start.
 
     async with StreamClient("localhost:8500") as client:
         session = client.session("charlm-lstm")
         reply = await session.step(x)          # x: [T, F] float32
+
+Nothing waits forever: a step whose stream cannot be re-established within `reconnect_timeout_s` fails
+with `ConnectionError` (the session's state is then unknown for that step: call `step` again with the
+same input, which the server applies or answers as a replay).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
+import secrets
 import time
 import uuid
 from dataclasses import dataclass
@@ -25,8 +32,18 @@ from service.api.convert import tensor_to_array
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 
-# Failures after which the same steps can be resent on a new stream.
-_RESUMABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED, grpc.StatusCode.UNKNOWN}
+# Stream failures that resending cannot cure; every other one is retried on a new stream.
+_FATAL = {grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
+
+# Reconnect quickly after a replica goes away (gRPC's defaults back off to two minutes), and find a dead
+# peer without waiting for TCP (servers permit pings this frequent: see service/server.py).
+CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+]
 
 
 class StepError(Exception):
@@ -50,20 +67,33 @@ class StepReply:
 
 
 _CODES = {status.value[0]: status for status in grpc.StatusCode}
+_Key = tuple[str, str, int]
 
 
 class StreamClient:
-    def __init__(self, target: str, *, reconnect_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        reconnect_timeout_s: float = 30.0,
+        max_backoff_s: float = 2.0,
+        max_message_bytes: int = 4 * 1024 * 1024,
+    ) -> None:
         self.target = target
         self._reconnect_timeout_s = reconnect_timeout_s
-        self._channel = grpc.aio.insecure_channel(target)
+        self._max_backoff_s = max_backoff_s
+        self._max_message_bytes = max_message_bytes
+        self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
         self.stub = pb_grpc.RnnServeStub(self._channel)
         self._call: grpc.aio.StreamStreamCall[pb.StepRequest, pb.StepResponse] | None = None
-        self._pending: dict[tuple[str, str, int], tuple[pb.StepRequest, asyncio.Future[pb.StepResponse]]] = {}
-        self._lock = asyncio.Lock()
-        self._reader: asyncio.Task[None] | None = None
-        self._failure: BaseException | None = None
-        self.reconnects = 0
+        self._pending: dict[_Key, tuple[pb.StepRequest, asyncio.Future[pb.StepResponse]]] = {}
+        self._lock = asyncio.Lock()  # writes to the stream, and swapping the stream, one at a time
+        self._work = asyncio.Event()  # a step is waiting for a stream
+        self._supervisor: asyncio.Task[None] | None = None
+        self._closed = False
+        self.attempts = 0  # streams opened
+        self.reconnects = 0  # streams opened after one had broken or ended
+        self.last_error: BaseException | None = None
 
     async def __aenter__(self) -> StreamClient:
         await self.connect()
@@ -75,37 +105,44 @@ class StreamClient:
         await self.close()
 
     async def connect(self) -> None:
-        self._call = self.stub.Stream(wait_for_ready=True)
-        self._reader = asyncio.create_task(self._read())
+        """Start the task that keeps a stream open while steps wait; connecting happens on demand."""
+        if self._supervisor is None:
+            self._supervisor = asyncio.create_task(self._supervise(), name=f"rnnserve-stream-{self.target}")
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
+        self._closed = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+                await self._supervisor
         if self._call is not None:
             self._call.cancel()
-        for _, future in self._pending.values():
-            if not future.done():
-                future.set_exception(ConnectionError("client closed"))
+        self._fail_pending(ConnectionError("client closed"))
         await self._channel.close()
 
     def session(self, model: str, session_id: str | None = None, *, version: int = 0) -> Session:
         return Session(self, model, session_id or uuid.uuid4().hex, version)
 
     async def send(self, request: pb.StepRequest) -> StepReply:
-        """Send one step and wait for its answer; raises StepError if the server refused it."""
+        """Send one step and wait for its answer; raises StepError if the server refused it, and
+        ConnectionError if no stream could be had within the reconnect timeout."""
+        if self._closed or self._supervisor is None:
+            raise ConnectionError(f"the client for {self.target} is {'closed' if self._closed else 'not connected'}")
+        if request.ByteSize() > self._max_message_bytes:
+            raise ValueError(f"step of {request.ByteSize()} bytes exceeds the {self._max_message_bytes}-byte limit")
         started = time.perf_counter()
         future: asyncio.Future[pb.StepResponse] = asyncio.get_running_loop().create_future()
         key = (request.model, request.session_id, request.seq)
         async with self._lock:
-            if self._failure is not None or self._reader is None or self._reader.done():
-                raise ConnectionError(f"the stream to {self.target} is closed: {self._failure}")
             self._pending[key] = (request, future)
-            assert self._call is not None
-            with contextlib.suppress(grpc.aio.AioRpcError, grpc.aio.UsageError):
-                await self._call.write(request)  # on a broken stream the reader resends it
-        response = await future
+            self._work.set()
+            if self._call is not None:
+                await _write(self._call, request)  # on a broken stream the supervisor resends it
+        try:
+            response = await future
+        finally:
+            if self._pending.get(key, (None, None))[1] is future:
+                del self._pending[key]
         if response.HasField("error"):
             raise StepError(_CODES[response.error.code], response.error.message, response.expected_seq)
         return StepReply(
@@ -117,53 +154,84 @@ class StreamClient:
             latency_s=time.perf_counter() - started,
         )
 
-    async def _read(self) -> None:
+    # -- the stream's life -------------------------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        """Keep a stream open while steps wait: open, resend what is unanswered, read; on a break, back
+        off and open again, until the reconnect timeout passes without a stream (then the waiting steps
+        fail, and the next step tries afresh)."""
+        failures = 0
         while True:
-            assert self._call is not None
-            try:
-                response = await self._call.read()
-            except grpc.aio.AioRpcError as err:
-                if err.code() not in _RESUMABLE:
-                    self._fail_all(err)
-                    return
-                if not await self._reconnect():
-                    return
-                continue
-            if not isinstance(response, pb.StepResponse):  # EOF: the server closed the stream (draining)
-                if not await self._reconnect():
-                    return
-                continue
-            entry = self._pending.pop((response.model, response.session_id, response.seq), None)
-            if entry is not None and not entry[1].done():
-                entry[1].set_result(response)
-
-    async def _reconnect(self) -> bool:
-        """A new stream, and every unanswered step sent again, in the order first sent; False if none came
-        within the reconnect timeout (every waiting step then fails, and so does every later one)."""
-        deadline = time.monotonic() + self._reconnect_timeout_s
-        async with self._lock:
-            if self._call is not None:
-                self._call.cancel()
-            while True:
-                self._call = self.stub.Stream(wait_for_ready=True)
-                try:
-                    for request, _ in list(self._pending.values()):
-                        await self._call.write(request)
+            await self._work.wait()
+            broken_since = time.monotonic()
+            while self._pending:
+                remaining = broken_since + self._reconnect_timeout_s - time.monotonic()
+                if remaining <= 0:
+                    self._fail_pending(ConnectionError(f"no stream to {self.target}: {self.last_error}"))
                     break
-                except grpc.aio.AioRpcError as err:
-                    if time.monotonic() > deadline:
-                        self._fail_all(err)
-                        return False
-                    await asyncio.sleep(0.1)
-            self.reconnects += 1
-            return True
+                answered = await self._one_stream(remaining)
+                if answered:
+                    failures, broken_since = 0, time.monotonic()
+                elif isinstance(self.last_error, grpc.aio.AioRpcError) and self.last_error.code() in _FATAL:
+                    self._fail_pending(self.last_error)
+                    break
+                else:
+                    failures += 1
+                    delay = min(self._max_backoff_s, 0.05 * 2**failures) * random.uniform(0.5, 1.0)
+                    await asyncio.sleep(min(delay, max(0.0, remaining)))
+            if not self._pending:
+                self._work.clear()
 
-    def _fail_all(self, err: BaseException) -> None:
-        self._failure = err
+    async def _one_stream(self, connect_within_s: float) -> bool:
+        """One stream: open, resend the unanswered steps, read answers until it ends. Whether any answer
+        came back on it."""
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), connect_within_s)
+        except TimeoutError:
+            self.last_error = TimeoutError(f"{self.target} did not accept a connection")
+            return False
+        async with self._lock:
+            if self.attempts:
+                self.reconnects += 1
+            call = self._call = self.stub.Stream()
+            self.attempts += 1
+            for request, _ in list(self._pending.values()):  # in the order first sent
+                if not await _write(call, request):
+                    break
+        answered = False
+        try:
+            while True:
+                response = await call.read()
+                if not isinstance(response, pb.StepResponse):  # EOF: the server ended it (a drain)
+                    self.last_error = ConnectionError(f"{self.target} ended the stream")
+                    return answered
+                answered = True
+                entry = self._pending.get((response.model, response.session_id, response.seq))
+                if entry is not None and not entry[1].done():
+                    entry[1].set_result(response)
+        except grpc.aio.AioRpcError as err:
+            self.last_error = err
+            return answered
+        finally:
+            async with self._lock:
+                if self._call is call:
+                    self._call = None
+            call.cancel()
+
+    def _fail_pending(self, err: BaseException) -> None:
         for _, future in self._pending.values():
             if not future.done():
                 future.set_exception(err)
         self._pending.clear()
+
+
+async def _write(call: grpc.aio.StreamStreamCall[pb.StepRequest, pb.StepResponse], request: pb.StepRequest) -> bool:
+    """Write to a stream that may have just ended; False if it has (the step then waits for the next)."""
+    try:
+        await call.write(request)
+    except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+        return False
+    return True
 
 
 class Session:
@@ -175,6 +243,7 @@ class Session:
         self.session_id = session_id
         self.version = version
         self.acked_seq = 0
+        self.start_id = secrets.randbits(64) | 1  # names this session's start: a resend is not a restart
         self._order = asyncio.Lock()  # one step at a time: each seq follows the last acknowledged one
 
     async def step(self, x: np.ndarray, *, end: bool = False) -> StepReply:
@@ -190,6 +259,7 @@ class Session:
             session_id=self.session_id,
             seq=seq,
             start=seq == 1,
+            start_id=self.start_id if seq == 1 else 0,
             end=end,
             input=pb.Tensor(shape=data.shape, raw=data.tobytes()),
         )

@@ -102,6 +102,11 @@ async def create_server(settings: Settings, registry: CollectorRegistry | None =
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
+            # Clients ping every 20 s to find dead peers (service/client.py); gRPC's default policy would
+            # answer such pings on an idle stream with GOAWAY.
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+            ("grpc.http2.max_ping_strikes", 0),
         ]
     )
     gate = StreamGate(settings.max_streams, metrics)
