@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from service.errors import ModelNotFound
-from service.repository import MODEL_FILE, Manifest, RepositoryError, read_manifest, version_dirs
+from service.repository import MODEL_FILE, Manifest, RepositoryError, TensorSpec, read_manifest, version_dirs
 from service.runtime import ModelRuntime
 from service.settings import RuntimeSettings
 
@@ -29,6 +29,21 @@ class LoadedModel:
     @property
     def version(self) -> int:
         return self.manifest.version
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        """The inputs as served: a streaming graph that takes one step per call still takes chunks here
+        (the runtime splits them), so its time axis is reported as -1."""
+        return [self._served(spec) for spec in self.manifest.inputs]
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return [self._served(spec) for spec in self.manifest.outputs]
+
+    def _served(self, spec: TensorSpec) -> TensorSpec:
+        if self.manifest.streamable and len(spec.shape) >= 3 and spec.shape[1] == 1:
+            return spec.model_copy(update={"shape": [spec.shape[0], -1, *spec.shape[2:]]})
+        return spec
 
     def zero_states(self) -> dict[str, np.ndarray]:
         """A fresh session's state, one row (no batch axis)."""

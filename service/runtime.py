@@ -93,9 +93,10 @@ class ModelRuntime:
         self._device = "cuda" if self.providers[0] == CUDA else "cpu"
         self._device_id = settings.cuda_device_id if self._device == "cuda" else 0
         self._io_binding = settings.io_binding
-        # One step per call for graphs that take one, and for int8 ones: dynamic quantization takes its
-        # activation range from the whole call, so a chunk in one call would not equal its steps one by one.
-        self._step_only = manifest.input.shape[1] == 1 or manifest.precision == "int8"
+        # Streaming graphs run one step per call when they take one, and when they are int8: dynamic
+        # quantization takes its activation range from the whole call, so a chunk in one call would not
+        # equal its steps one by one. A whole-sequence graph (bidirectional) always takes the whole call.
+        self._step_only = manifest.streamable and (manifest.input.shape[1] == 1 or manifest.precision == "int8")
         self._input = manifest.input.name
         self._output_names = [o.name for o in manifest.outputs]
         self._state_pairs = [(s.input, s.output) for s in manifest.state]

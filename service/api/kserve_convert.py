@@ -149,7 +149,7 @@ def input_array(request: Any, model: LoadedModel) -> np.ndarray:
 
 def infer_response(request: Any, model: LoadedModel, outputs: Tensors) -> Any:
     """Outputs [B, T, ...] in `raw_output_contents`; only those the client asked for, if it asked."""
-    available = {spec.name: spec for spec in model.manifest.outputs}
+    available = {spec.name: spec for spec in model.outputs}
     wanted = [o.name for o in request.outputs] or list(available)
     for output in wanted:
         if output not in available:
@@ -164,7 +164,7 @@ def infer_response(request: Any, model: LoadedModel, outputs: Tensors) -> Any:
 
 
 def model_metadata(models: list[LoadedModel]) -> Any:
-    newest = models[-1].manifest
+    newest = models[-1]
     response = kv.ModelMetadataResponse(
         name=newest.name, versions=[str(m.version) for m in models], platform="onnxruntime_onnx"
     )
@@ -187,9 +187,9 @@ def model_config(model: LoadedModel, max_batch_size: int, idle_s: float, max_wai
         backend="onnxruntime",
         max_batch_size=max_batch_size,
     )
-    for spec in manifest.inputs:
+    for spec in model.inputs:
         config.input.add(name=spec.name, data_type=CONFIG_TYPES[DATATYPES[spec.dtype]], dims=spec.shape[1:])
-    for spec in manifest.outputs:
+    for spec in model.outputs:
         config.output.add(name=spec.name, data_type=CONFIG_TYPES[DATATYPES[spec.dtype]], dims=spec.shape[1:])
     if manifest.streamable:
         batching = config.sequence_batching

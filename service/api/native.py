@@ -39,8 +39,8 @@ def _model_info(model: LoadedModel) -> pb.ModelInfo:
         streamable=manifest.streamable,
         precision=manifest.precision,
         fingerprint=manifest.fingerprint,
-        inputs=[pb.TensorSpec(name=t.name, dtype=t.dtype, shape=t.shape) for t in manifest.inputs],
-        outputs=[pb.TensorSpec(name=t.name, dtype=t.dtype, shape=t.shape) for t in manifest.outputs],
+        inputs=[pb.TensorSpec(name=t.name, dtype=t.dtype, shape=t.shape) for t in model.inputs],
+        outputs=[pb.TensorSpec(name=t.name, dtype=t.dtype, shape=t.shape) for t in model.outputs],
         manifest_json=manifest.model_dump_json(),
     )
 
