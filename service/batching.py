@@ -76,10 +76,12 @@ class Batcher(Generic[T, R]):
                 if remaining <= 0:
                     break
                 try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-                    self._holding += 1
+                    async with asyncio.timeout(remaining):  # not wait_for: it can lose an item it got
+                        item = await self._queue.get()
                 except TimeoutError:
                     break
+                batch.append(item)
+                self._holding += 1
             task = asyncio.create_task(self._process(batch))
             self._holding = 0
             self._inflight.add(task)

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from service.errors import RnnServeError
+from service.errors import RnnServeError, StartupError
 from service.repository import RepositoryError
 from service.settings import Settings
 
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         try:
             asyncio.run(_serve(settings_from(args)))
-        except (RnnServeError, RepositoryError, ValueError) as err:
+        except (RnnServeError, RepositoryError, StartupError, ValueError) as err:
             logging.getLogger("rnnserve").error("cannot serve: %s", err)
             return 2
         return 0

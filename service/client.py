@@ -186,7 +186,8 @@ class StreamClient:
         """One stream: open, resend the unanswered steps, read answers until it ends. Whether any answer
         came back on it."""
         try:
-            await asyncio.wait_for(self._channel.channel_ready(), connect_within_s)
+            async with asyncio.timeout(connect_within_s):
+                await self._channel.channel_ready()
         except TimeoutError:
             self.last_error = TimeoutError(f"{self.target} did not accept a connection")
             return False

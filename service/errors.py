@@ -114,3 +114,7 @@ class RecordCorrupt(RnnServeError):
     """A stored record that does not parse or does not fit its model."""
 
     code = Code.DATA_LOSS
+
+
+class StartupError(Exception):
+    """The server cannot start (a port taken, the store unreachable); the message says why and what to do."""

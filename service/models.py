@@ -50,41 +50,75 @@ class LoadedModel:
         return {s.input: np.zeros(s.shape[1:], dtype=s.dtype) for s in self.manifest.state}
 
 
+def load_version(directory: Path, settings: RuntimeSettings) -> LoadedModel:
+    """One version directory, checked (manifest, fingerprint, graph) and ready to run; raises
+    RepositoryError or ValueError for anything that cannot be served."""
+    manifest = read_manifest(directory)
+    runtime = ModelRuntime(directory / MODEL_FILE, manifest, settings)
+    log.info(
+        "loaded %s/%d (%s %s, %s) on %s, fingerprint %s",
+        manifest.name,
+        manifest.version,
+        manifest.cell,
+        manifest.precision,
+        manifest.task,
+        ",".join(runtime.providers),
+        manifest.fingerprint[:12],
+    )
+    return LoadedModel(manifest, runtime, bytes.fromhex(manifest.fingerprint))
+
+
 class ModelRegistry:
-    """Lookup by (name, version) and by fingerprint. Version 0 means the newest loaded version."""
+    """Lookup by (name, version) and by fingerprint. Version 0 means the newest loaded version.
+
+    Versions come and go while the server runs (service/loader.py); every lookup sees a consistent set.
+    """
 
     def __init__(self, models: list[LoadedModel]) -> None:
-        self._models = {(m.name, m.version): m for m in models}
-        self._by_fingerprint = {m.fingerprint: m for m in models}
-        self._latest = {m.name: m for m in sorted(models, key=lambda m: m.version)}
+        self._models: dict[tuple[str, int], LoadedModel] = {}
+        self._by_fingerprint: dict[bytes, LoadedModel] = {}
+        self._latest: dict[str, LoadedModel] = {}
+        for model in models:
+            self.add(model)
 
     @classmethod
     def from_repository(cls, repo: Path, settings: RuntimeSettings) -> ModelRegistry:
         models = []
         for name, version, directory in version_dirs(repo):
             try:
-                manifest = read_manifest(directory)
-                runtime = ModelRuntime(directory / MODEL_FILE, manifest, settings)
+                models.append(load_version(directory, settings))
             except (RepositoryError, ValueError) as err:
                 log.error("not loading %s/%d: %s", name, version, err)
-                continue
-            log.info(
-                "loaded %s/%d (%s %s, %s) on %s, fingerprint %s",
-                name,
-                version,
-                manifest.cell,
-                manifest.precision,
-                manifest.task,
-                ",".join(runtime.providers),
-                manifest.fingerprint[:12],
-            )
-            models.append(LoadedModel(manifest, runtime, bytes.fromhex(manifest.fingerprint)))
         if not models:
             raise RepositoryError(f"no servable model version under {repo}")
         return cls(models)
 
+    def add(self, model: LoadedModel) -> None:
+        self._models[(model.name, model.version)] = model
+        self._by_fingerprint[model.fingerprint] = model
+        self._relatest(model.name)
+
+    def remove(self, model: LoadedModel) -> None:
+        if self._models.get((model.name, model.version)) is model:
+            del self._models[(model.name, model.version)]
+            del self._by_fingerprint[model.fingerprint]
+            self._relatest(model.name)
+
+    def _relatest(self, name: str) -> None:
+        versions = [m for (n, _), m in self._models.items() if n == name]
+        if versions:
+            self._latest[name] = max(versions, key=lambda m: m.version)
+        else:
+            self._latest.pop(name, None)
+
     def all(self) -> list[LoadedModel]:
         return [self._models[k] for k in sorted(self._models)]
+
+    def __len__(self) -> int:
+        return len(self._models)
+
+    def find(self, name: str, version: int) -> LoadedModel | None:
+        return self._models.get((name, version))
 
     def get(self, name: str, version: int = 0) -> LoadedModel:
         model = self._latest.get(name) if version == 0 else self._models.get((name, version))

@@ -1,29 +1,36 @@
 """Wiring, start-up and the drain order. The one place that knows every part.
 
-Stop order: report NOT_SERVING, refuse new streams, let in-flight steps finish and commit (up to the
-grace period), then close the runtime threads and the store.
+Start: /metrics port, models, store, engine, then gRPC; anything that cannot start is a clear error and
+releases what had started. Stop (SIGTERM): readiness NOT_SERVING and health watches end, new streams
+are refused, open streams stop reading, answer what they took (computed and committed) and end, up to
+the grace period; then gRPC stops, and the runtime and the store close.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from wsgiref.simple_server import WSGIServer
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import CollectorRegistry, start_http_server
 
+from service.api import kserve_messages
+from service.api.health import HealthServicer, Readiness
 from service.api.kserve import KServeServicer
 from service.api.native import NativeServicer
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from service.api.streams import StreamGate
+from service.errors import RnnServeError, StartupError
+from service.loader import ModelLoader
 from service.metrics import Metrics
 from service.models import ModelRegistry
 from service.sessions import SessionEngine
@@ -34,6 +41,7 @@ from service.state.store import StateStore
 log = logging.getLogger(__name__)
 
 NATIVE_SERVICE = pb.DESCRIPTOR.services_by_name["RnnServe"].full_name
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
 def open_store(settings: RedisSettings) -> StateStore:
@@ -59,49 +67,76 @@ class App:
     native: NativeServicer
     kserve: KServeServicer
     gate: StreamGate
-    health: health_aio.HealthServicer
+    readiness: Readiness
+    loader: ModelLoader
     metrics: Metrics
     metrics_http: WSGIServer | None
     settings: Settings
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def stop(self, grace_s: float | None = None) -> None:
         grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
         started = time.perf_counter()
-        await self.health.enter_graceful_shutdown()
+        self.readiness.drain()
         self.gate.drain()
+        if not await self.gate.wait_closed(grace):
+            log.warning("%d streams still open after the %.1fs grace period; ending them", self.gate.open, grace)
         try:
-            await self.server.stop(grace)
+            await self.server.stop(max(0.0, grace - (time.perf_counter() - started)))
         finally:
+            for task in self.tasks:
+                task.cancel()
+            await asyncio.gather(*self.tasks, return_exceptions=True)
             await self.engine.stop()
             await self.store.close()
-            if self.metrics_http is not None:
-                self.metrics_http.shutdown()
-                self.metrics_http.server_close()
+            _close_http(self.metrics_http)
         log.info("stopped in %.2fs", time.perf_counter() - started)
 
 
 async def create_server(settings: Settings, registry: CollectorRegistry | None = None) -> App:
     """Load the models, open the store, start gRPC (and /metrics). Port 0 picks a free port."""
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
-    models = await asyncio.to_thread(ModelRegistry.from_repository, settings.model_repo, settings.runtime)
-    for model in models.all():
-        metrics.model_info.labels(model.name, model.version, model.runtime.providers[0], model.manifest.precision).set(
-            1
-        )
-    store = open_store(settings.redis)
-    await store.ping()
-    if not store.durable:
-        log.warning(
-            "session state is kept in this process's memory: it is neither shared between replicas nor "
-            "durable across restarts. Pass --redis-url for production"
-        )
-    engine = SessionEngine(models, store, settings, metrics)
-    await engine.start()
+    metrics_http, metrics_port = _start_metrics(settings, metrics)
+    store: StateStore | None = None
+    engine: SessionEngine | None = None
+    try:
+        models = await asyncio.to_thread(ModelRegistry.from_repository, settings.model_repo, settings.runtime)
+        store = open_store(settings.redis)
+        await store.ping()
+        if not store.durable:
+            log.warning(
+                "session state is kept in this process's memory: it is neither shared between replicas nor "
+                "durable across restarts. Pass --redis-url for production"
+            )
+        engine = SessionEngine(models, store, settings, metrics)
+        await engine.start()
+        app = await _serve_grpc(settings, metrics, models, store, engine, metrics_http, metrics_port)
+    except BaseException:
+        if engine is not None:
+            await engine.stop()
+        if store is not None:
+            await store.close()
+        _close_http(metrics_http)
+        raise
+    log.info("serving gRPC on port %d, /metrics on %s", app.port, metrics_port)
+    return app
 
+
+async def _serve_grpc(
+    settings: Settings,
+    metrics: Metrics,
+    models: ModelRegistry,
+    store: StateStore,
+    engine: SessionEngine,
+    metrics_http: WSGIServer | None,
+    metrics_port: int | None,
+) -> App:
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
+            # A port held by another server is an error, not a port to share (gRPC shares by default).
+            ("grpc.so_reuseport", 0),
             # Clients ping every 20 s to find dead peers (service/client.py); gRPC's default policy would
             # answer such pings on an idle stream with GOAWAY.
             ("grpc.keepalive_permit_without_calls", 1),
@@ -109,28 +144,106 @@ async def create_server(settings: Settings, registry: CollectorRegistry | None =
             ("grpc.http2.max_ping_strikes", 0),
         ]
     )
+    readiness = Readiness([NATIVE_SERVICE, kserve_messages.SERVICE])
+    loader = ModelLoader(
+        models,
+        settings,
+        metrics,
+        in_use=engine.cache.fingerprints,
+        on_change=lambda: readiness.update(models_ok=len(models) > 0),
+    )
     gate = StreamGate(settings.max_streams, metrics)
     native = NativeServicer(engine, settings, metrics, gate)
     pb_grpc.add_RnnServeServicer_to_server(native, server)
-    kserve = KServeServicer(engine, settings, metrics, gate)
+    kserve = KServeServicer(engine, settings, metrics, gate, readiness, loader)
     server.add_generic_rpc_handlers((kserve.handler(),))
-    health = health_aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(readiness), server)
     reflection.enable_server_reflection(
-        [NATIVE_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME],
+        [NATIVE_SERVICE, kserve_messages.SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME],
         server,
+        pool=_reflection_pool(),
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    try:
+        port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    except RuntimeError as err:
+        raise StartupError(
+            f"cannot listen on {settings.host}:{settings.port} for gRPC ({err}); is another server using it? "
+            "Pick another --port, or 0 for a free one"
+        ) from err
     await server.start()
-    for service in ("", NATIVE_SERVICE):
-        await health.set(service, health_pb2.HealthCheckResponse.SERVING)
+    app = App(
+        server,
+        port,
+        metrics_port,
+        engine,
+        store,
+        native,
+        kserve,
+        gate,
+        readiness,
+        loader,
+        metrics,
+        metrics_http,
+        settings,
+    )
+    app.tasks.append(asyncio.create_task(_probe_store(store, readiness, settings.health_probe_interval_s)))
+    if settings.model_poll_interval_s > 0:
+        app.tasks.append(asyncio.create_task(loader.run()))
+    return app
 
-    metrics_http, metrics_port = None, None
-    if settings.metrics_port is not None:
-        metrics_http, _ = start_http_server(settings.metrics_port, registry=metrics.registry)
-        metrics_port = metrics_http.server_port
-    log.info("serving gRPC on port %d, /metrics on %s", port, metrics_port)
-    return App(server, port, metrics_port, engine, store, native, kserve, gate, health, metrics, metrics_http, settings)
+
+def _start_metrics(settings: Settings, metrics: Metrics) -> tuple[WSGIServer | None, int | None]:
+    if settings.metrics_port is None:
+        return None, None
+    try:
+        http, _ = start_http_server(settings.metrics_port, registry=metrics.registry)
+    except OSError as err:
+        raise StartupError(
+            f"cannot serve /metrics on port {settings.metrics_port} ({err.strerror}); pick another "
+            "--metrics-port, 0 for a free one, or none for no /metrics"
+        ) from err
+    return http, http.server_port
+
+
+def _close_http(http: WSGIServer | None) -> None:
+    if http is not None:
+        http.shutdown()
+        http.server_close()
+
+
+async def _probe_store(store: StateStore, readiness: Readiness, interval_s: float) -> None:
+    """Readiness follows the store: NOT_SERVING while it does not answer, SERVING once it does again."""
+    while True:
+        try:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the task's own cancellation.
+            async with asyncio.timeout(max(2 * interval_s, 1.0)):
+                await store.ping()
+            reachable, why = True, ""
+        except (RnnServeError, TimeoutError) as err:
+            reachable, why = False, str(err) or "no answer"
+        if reachable != readiness.store_ok:
+            if reachable:
+                log.warning("session store reachable again: ready (SERVING)")
+            else:
+                log.error("session store unreachable (%s): not ready (NOT_SERVING) until it answers", why)
+        readiness.update(store_ok=reachable)
+        await asyncio.sleep(interval_s)
+
+
+def _reflection_pool() -> descriptor_pool.DescriptorPool:
+    """Every served service in one pool: the KServe definitions live in a private pool (tritonclient
+    registers the same names in the default one), the others are copied next to them."""
+    pool = descriptor_pool.DescriptorPool()
+    names = set()
+    for file in descriptor_pb2.FileDescriptorSet.FromString(kserve_messages.DESCRIPTORS.read_bytes()).file:
+        pool.Add(file)  # type: ignore[no-untyped-call]
+        names.add(file.name)
+    for module in (pb, health_pb2, reflection_pb2):
+        proto = descriptor_pb2.FileDescriptorProto()
+        module.DESCRIPTOR.CopyToProto(proto)
+        if proto.name not in names:
+            pool.Add(proto)  # type: ignore[no-untyped-call]
+    return pool
 
 
 async def serve(settings: Settings) -> None:
@@ -144,4 +257,5 @@ async def serve(settings: Settings) -> None:
         await stop.wait()
         log.info("stopping: draining in-flight steps (grace %.1fs)", settings.shutdown_grace_s)
     finally:
-        await app.stop()
+        with contextlib.suppress(asyncio.CancelledError):
+            await app.stop()

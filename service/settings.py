@@ -73,18 +73,26 @@ class SessionSettings(BaseModel):
 class Settings(BaseSettings):
     """Everything `rnnserve serve` needs."""
 
-    model_config = SettingsConfigDict(env_prefix="RNNSERVE_", env_nested_delimiter="__")
+    model_config = SettingsConfigDict(env_prefix="RNNSERVE_", env_nested_delimiter="__", env_parse_none_str="none")
 
     model_repo: Path = Field(default=Path("models"), description="the model repository to serve")
     host: str = Field(default="[::]", description="address to listen on")
     port: int = Field(default=8500, ge=0, le=65535, description="gRPC port; 0 picks a free one")
     metrics_port: int | None = Field(
-        default=9090, ge=0, le=65535, description="Prometheus /metrics port; 0 picks one; unset: none"
+        default=9090, ge=0, le=65535, description="Prometheus /metrics port; 0 picks one; none: no /metrics"
     )
     max_streams: int = Field(default=1024, ge=1, description="concurrent streams before RESOURCE_EXHAUSTED")
     max_inflight_per_stream: int = Field(default=1024, ge=1, description="unanswered steps per stream")
     max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="largest request message")
     shutdown_grace_s: float = Field(default=10.0, ge=0, description="time to finish in-flight steps on stop")
+    model_poll_interval_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="how often the model repository is scanned for new and removed versions; 0: never",
+    )
+    health_probe_interval_s: float = Field(
+        default=1.0, gt=0, description="how often readiness checks the session store (NOT_SERVING while it fails)"
+    )
     redis: RedisSettings = Field(default_factory=RedisSettings)
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)

@@ -22,6 +22,7 @@ import grpc
 
 from service import __version__
 from service.api import kserve_messages as kv
+from service.api.health import Readiness
 from service.api.kserve_convert import (
     SEQ_PARAMETER,
     Sequence,
@@ -35,11 +36,19 @@ from service.api.kserve_convert import (
 from service.api.status import classify, grpc_status, unary
 from service.api.streams import StreamGate, answer_all
 from service.errors import InvalidArgument, ModelNotFound, SessionEnded, SessionNotFound
+from service.loader import ModelLoader
 from service.metrics import Metrics
 from service.sessions import SessionEngine, Step, StepResult
 from service.settings import Settings
 
-EXTENSIONS = ["sequence", "sequence(string_id)", "model_configuration", "statistics", "parameters"]
+EXTENSIONS = [
+    "sequence",
+    "sequence(string_id)",
+    "model_configuration",
+    "model_repository",
+    "statistics",
+    "parameters",
+]
 ERROR_HEADER = "triton_grpc_error"
 
 Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
@@ -59,9 +68,19 @@ class _Statistics:
 
 
 class KServeServicer:
-    def __init__(self, engine: SessionEngine, settings: Settings, metrics: Metrics, gate: StreamGate) -> None:
+    def __init__(
+        self,
+        engine: SessionEngine,
+        settings: Settings,
+        metrics: Metrics,
+        gate: StreamGate,
+        readiness: Readiness,
+        loader: ModelLoader,
+    ) -> None:
         self.metrics = metrics
         self._gate = gate
+        self._readiness = readiness
+        self._loader = loader
         self._engine = engine
         self._settings = settings
         self._statistics: dict[tuple[str, int], _Statistics] = {}
@@ -87,6 +106,12 @@ class KServeServicer:
             "RepositoryIndex": unary_method(
                 self.RepositoryIndex, kv.RepositoryIndexRequest, kv.RepositoryIndexResponse
             ),
+            "RepositoryModelLoad": unary_method(
+                self.RepositoryModelLoad, kv.RepositoryModelLoadRequest, kv.RepositoryModelLoadResponse
+            ),
+            "RepositoryModelUnload": unary_method(
+                self.RepositoryModelUnload, kv.RepositoryModelUnloadRequest, kv.RepositoryModelUnloadResponse
+            ),
             "ModelInfer": unary_method(self.ModelInfer, kv.ModelInferRequest, kv.ModelInferResponse),
             "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
                 self.ModelStreamInfer,
@@ -104,7 +129,7 @@ class KServeServicer:
 
     @unary
     async def ServerReady(self, request: Any, context: Context) -> Any:  # noqa: N802
-        return kv.ServerReadyResponse(ready=not self._gate.draining)
+        return kv.ServerReadyResponse(ready=self._readiness.ready)
 
     @unary
     async def ModelReady(self, request: Any, context: Context) -> Any:  # noqa: N802
@@ -112,7 +137,7 @@ class KServeServicer:
             self._engine.registry.get(request.name, parse_version(request.version))
         except ModelNotFound:
             return kv.ModelReadyResponse(ready=False)
-        return kv.ModelReadyResponse(ready=not self._gate.draining)
+        return kv.ModelReadyResponse(ready=self._readiness.ready)
 
     @unary
     async def ServerMetadata(self, request: Any, context: Context) -> Any:  # noqa: N802
@@ -160,6 +185,16 @@ class KServeServicer:
         for model in self._engine.registry.all():
             response.models.add(name=model.name, version=str(model.version), state="READY")
         return response
+
+    @unary
+    async def RepositoryModelLoad(self, request: Any, context: Context) -> Any:  # noqa: N802
+        await self._loader.load(request.model_name)
+        return kv.RepositoryModelLoadResponse()
+
+    @unary
+    async def RepositoryModelUnload(self, request: Any, context: Context) -> Any:  # noqa: N802
+        await self._loader.unload(request.model_name)
+        return kv.RepositoryModelUnloadResponse()
 
     # -- inference -----------------------------------------------------------------------------
 

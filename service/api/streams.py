@@ -28,6 +28,7 @@ class StreamGate:
         self._max_streams = max_streams
         self._metrics = metrics
         self._readers: set[asyncio.Task[None]] = set()
+        self._closed = asyncio.Event()  # set while draining once no stream is open
         self.open = 0
         self.draining = False
 
@@ -45,6 +46,8 @@ class StreamGate:
         finally:
             self.open -= 1
             self._metrics.active_streams.dec()
+            if self.draining and self.open == 0:
+                self._closed.set()
 
     def watch(self, reader: asyncio.Task[None]) -> None:
         """A stream's request reader, to be stopped by `drain`."""
@@ -56,8 +59,19 @@ class StreamGate:
     def drain(self) -> None:
         """Stop every open stream from reading more requests; each answers what it has and ends."""
         self.draining = True
+        if self.open == 0:
+            self._closed.set()
         for reader in list(self._readers):
             reader.cancel()
+
+    async def wait_closed(self, timeout_s: float) -> bool:
+        """After `drain`: wait until every stream has ended; False if some were still open at the timeout."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._closed.wait()
+        except TimeoutError:
+            return False
+        return True
 
 
 @dataclass(frozen=True, slots=True)

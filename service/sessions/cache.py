@@ -41,6 +41,10 @@ class RecordCache:
     def forget(self, key: str) -> None:
         self._records.pop(key, None)
 
+    def fingerprints(self) -> set[bytes]:
+        """The model versions the cached sessions run on."""
+        return {record.fingerprint for record in self._records.values()}
+
 
 class SessionLocks:
     """One step of a session at a time on this replica, in arrival order (asyncio.Lock is FIFO)."""

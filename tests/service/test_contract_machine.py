@@ -109,9 +109,9 @@ class Replica:
         self.triton = triton_aio.InferenceServerClient(f"127.0.0.1:{app.port}")
 
     async def close(self) -> None:
+        await self.app.stop(grace_s=0.2)
         await self.triton.close()
         await self.channel.close()
-        await self.app.stop(grace_s=0.2)
 
     async def send(self, session: str, sent: Sent, protocol: str) -> Answer:
         x = np.eye(FEATURES, dtype=np.float32)[[sent.char]]
