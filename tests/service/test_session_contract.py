@@ -1,4 +1,4 @@
-"""The session semantics of DESIGN.md, through a real gRPC server, on the memory and the Redis store.
+"""The session semantics of docs/ARCHITECTURE.md, through a real gRPC server, on the memory and the Redis store.
 
 After every refused step the session must be unchanged: the test then continues it and compares with an
 uninterrupted offline run.

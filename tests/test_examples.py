@@ -1,0 +1,50 @@
+"""The examples under examples/, run as a user would against `rnnserve serve` on the shipped models."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from bench.process import ROOT, ServerProcess, free_port
+from tests.conftest import SHIPPED_REPO
+
+
+@pytest.fixture(scope="module")
+def target(redis_proc) -> Iterator[str]:
+    port = free_port()
+    server = ServerProcess.rnnserve(port, SHIPPED_REPO, f"redis://127.0.0.1:{redis_proc.port}/0")
+    server.start()
+    yield f"127.0.0.1:{port}"
+    assert server.stop() == 0
+
+
+def run(script: str, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / script), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_native_client(target):
+    out = run("native_client.py", "--target", target, "--text", "Romeo")
+    assert out.count("-> next") == 5
+    assert "ended at seq 6" in out
+
+
+def test_triton_stream(target):
+    out = run("triton_stream.py", "--target", target, "--steps", "6")
+    assert [line.split(":")[0] for line in out.splitlines()] == [f"step {n}" for n in range(1, 7)]
+
+
+def test_gateway_with_many_sessions(target):
+    out = run("gateway.py", "--target", target, "--sensors", "300", "--readings", "5")
+    assert "300 sensors x 5 readings = 1500 steps" in out
+    assert "forecasts received for 300 sensors" in out
