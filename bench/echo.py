@@ -1,4 +1,6 @@
-"""A bare gRPC server answering rnnserve.v1 Stream with an empty response per step: the transport floor.
+"""A bare gRPC server answering every streamed step with an empty response: the transport floor.
+
+Both protocols: rnnserve.v1 Stream, and KServe v2 ModelStreamInfer (echoing the request id).
 
 python -m bench.echo --port N
 """
@@ -8,11 +10,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 from collections.abc import AsyncIterable, AsyncIterator
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
+from service.api import kserve_messages as kv
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 
@@ -25,10 +29,21 @@ class Echo(pb_grpc.RnnServeServicer):
             yield pb.StepResponse(session_id=request.session_id, seq=request.seq, model=request.model)
 
 
+async def stream_infer(requests: AsyncIterable[Any], context: object) -> AsyncIterator[Any]:
+    async for request in requests:
+        yield kv.ModelStreamInferResponse(infer_response=kv.ModelInferResponse(id=request.id))
+
+
 async def main(port: int) -> None:
     server = grpc.aio.server()
-    # Only Stream is served; the other methods answer UNIMPLEMENTED from the generated base class.
+    # Only the streams are served; the other methods answer UNIMPLEMENTED.
     pb_grpc.add_RnnServeServicer_to_server(Echo(), server)  # type: ignore[abstract]
+    kserve = grpc.stream_stream_rpc_method_handler(
+        stream_infer,
+        request_deserializer=kv.ModelInferRequest.FromString,
+        response_serializer=kv.ModelStreamInferResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(kv.SERVICE, {"ModelStreamInfer": kserve}),))
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     server.add_insecure_port(f"127.0.0.1:{port}")

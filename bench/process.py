@@ -27,15 +27,22 @@ def free_port() -> int:
 class ServerProcess:
     """`rnnserve serve` (or another module's `main`) in its own process, on a fixed port."""
 
-    def __init__(self, port: int, args: list[str], module: str = "service") -> None:
+    def __init__(self, port: int, args: list[str], module: str = "service", log: Path | None = None) -> None:
         self.port = port
         self.args = args
         self.module = module
+        self.log = log  # where its output goes (default: this process's)
         self.process: subprocess.Popen[bytes] | None = None
 
     @classmethod
     def rnnserve(
-        cls, port: int, model_repo: Path, redis_url: str | None, *extra: str, metrics_port: int = 0
+        cls,
+        port: int,
+        model_repo: Path,
+        redis_url: str | None,
+        *extra: str,
+        metrics_port: int = 0,
+        log: Path | None = None,
     ) -> ServerProcess:
         args = [
             "--log-level",
@@ -53,14 +60,20 @@ class ServerProcess:
         ]
         if redis_url:
             args += ["--redis-url", redis_url]
-        return cls(port, args)
+        return cls(port, args, log=log)
 
     def start(self, timeout_s: float = 60) -> None:
+        output = None if self.log is None else self.log.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", self.module, *self.args],
+            stdout=output,
+            stderr=output,
             cwd=ROOT,
             env={**os.environ, "PYTHONWARNINGS": "ignore"},
+            start_new_session=True,  # its own process group: kill() takes its worker processes too
         )
+        if output is not None:
+            output.close()  # the server has its own copy
         deadline = time.monotonic() + timeout_s
         with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
             health = health_pb2_grpc.HealthStub(channel)
@@ -76,9 +89,9 @@ class ServerProcess:
                 time.sleep(0.1)
 
     def kill(self) -> None:
-        """SIGKILL: no drain, no goodbye."""
+        """SIGKILL to the server and its workers (as when a pod's container is killed): no drain, no goodbye."""
         assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
+        os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(10)
 
     def stop(self) -> int:

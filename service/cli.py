@@ -1,94 +1,203 @@
-"""`rnnserve`: serve | demo. Flags override RNNSERVE_* environment variables."""
+"""`rnnserve`: serve | demo | bench | train | export.
+
+Every `serve` setting is a flag, generated from `service/settings.py` (`--redis-url`, `--batching-max-batch-size`,
+...), and an environment variable (`RNNSERVE_REDIS__URL`, `RNNSERVE_BATCHING__MAX_BATCH_SIZE`, ...); flags win.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_origin
+
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 
 from service.errors import RnnServeError, StartupError
 from service.repository import RepositoryError
 from service.settings import Settings
 
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+OFFLINE = {"train": "train a model (needs the train extra)", "export": "export, validate and publish a checkpoint"}
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rnnserve", description="Streaming inference for recurrent models")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--log-level", choices=LOG_LEVELS, default=argparse.SUPPRESS, help="default INFO")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default="INFO", help="default INFO")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("train", help="train a model (the train extra; `rnnserve train --help`)")
-    commands.add_parser("export", help="export, validate and publish a checkpoint (`rnnserve export --help`)")
+    for name, about in OFFLINE.items():  # parsed by export/cli.py (see main)
+        commands.add_parser(name, help=f"{about} (`rnnserve {name} --help`)", add_help=False)
 
-    serve = commands.add_parser("serve", help="serve a model repository over gRPC")
-    serve.add_argument("--model-repo", type=Path, help="model repository directory")
-    serve.add_argument("--redis-url", help="redis:// or rediss:// URL; without it, state stays in memory")
-    serve.add_argument("--host", help="address to listen on (default [::])")
-    serve.add_argument("--port", type=int, help="gRPC port (default 8500; 0 picks one)")
-    serve.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (default 9090)")
+    serve = commands.add_parser(
+        "serve",
+        parents=[common],
+        help="serve a model repository over gRPC",
+        description="Serve a model repository over gRPC. Each flag overrides the environment variable named "
+        "after it; unset flags keep the variable's value, or the default.",
+    )
+    add_settings_flags(serve, Settings)
 
-    demo = commands.add_parser("demo", help="stream held-out text to the character model and show its guesses")
-    demo.add_argument("--model-repo", type=Path, default=Path("models"))
+    demo = commands.add_parser(
+        "demo",
+        parents=[common],
+        help="stream held-out text to a character model and show its guesses",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    demo.add_argument("--model-repo", type=Path, default=Path("models"), help="the model repository")
     demo.add_argument("--target", help="host:port of a running server; default: start one in this process")
     demo.add_argument("--steps", type=int, default=160, help="held-out characters to stream")
     demo.add_argument("--generate", type=int, default=200, help="characters the model writes afterwards")
-    demo.add_argument("--model", default="charlm-lstm", help="the language model to stream to")
+    demo.add_argument("--model", default="charlm-lstm", help="the character language model to stream to")
 
-    bench = commands.add_parser("bench", help="per-step cost next to its floors (ONNX Runtime, Redis, gRPC)")
-    bench.add_argument("--model-repo", type=Path, default=Path("models"))
-    bench.add_argument("--redis-url", help="Redis to measure against; default: a private redis-server")
-    bench.add_argument("--steps", type=int, default=2000, help="steps per measurement")
-    bench.add_argument("--long-steps", type=int, default=10000, help="length of the flatness stream")
-    bench.add_argument("--sessions", type=int, default=64, help="concurrent sessions for the load figure")
-    bench.add_argument("--json", type=Path, help="also write the figures here")
+    from bench.cli import add_bench_parser  # the bench package ships beside service
+
+    add_bench_parser(commands, common)
     return parser
 
 
+def add_settings_flags(parser: argparse.ArgumentParser, model: type[BaseModel], prefix: str = "") -> None:
+    """A flag per settings field, nested groups included (`redis.url` -> `--redis-url`)."""
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            add_settings_flags(parser, annotation, f"{prefix}{name}.")
+            continue
+        path = f"{prefix}{name}"
+        flag = "--" + path.replace(".", "-").replace("_", "-")
+        env = "RNNSERVE_" + path.replace(".", "__").upper()
+        help_text = f"{info.description or ''} [env {env}; default {_default(info)}]".replace("%", "%%")
+        kind = _kind(annotation)
+        if kind is bool:
+            parser.add_argument(flag, dest=path, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            parser.add_argument(flag, dest=path, type=kind, default=None, metavar=_metavar(annotation), help=help_text)
+
+
+def _default(info: FieldInfo) -> Any:
+    if info.default_factory is not None:
+        value = info.default_factory()  # type: ignore[call-arg]
+        return ",".join(value) if isinstance(value, list) else value
+    return "none" if info.default is None else info.default
+
+
+def _kind(annotation: Any) -> Any:
+    """How a flag's text becomes the field's value."""
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if get_origin(annotation) is list:
+        return _comma_list
+    if args and type(None) in get_args(annotation):  # Optional[X]: "none" unsets it
+        inner = args[0]
+        return lambda text: None if text.lower() == "none" else inner(text)
+    return annotation
+
+
+def _comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _metavar(annotation: Any) -> str:
+    if get_origin(annotation) is list:
+        return "A,B"
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    base = args[0] if args else annotation
+    name = {int: "N", float: "X", Path: "DIR", str: "TEXT"}.get(base, "VALUE")
+    return f"{name}|none" if type(None) in get_args(annotation) else name
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
-    overrides: dict[str, Any] = {
-        key: value
-        for key, value in {
-            "model_repo": args.model_repo,
-            "host": args.host,
-            "port": args.port,
-            "metrics_port": args.metrics_port,
-        }.items()
-        if value is not None
-    }
-    if args.redis_url is not None:
-        overrides["redis"] = {"url": args.redis_url}
+    """Settings from the environment, overridden by the flags that were given."""
+    overrides: dict[str, Any] = {}
+    for path, value in vars(args).items():
+        if "." not in path and path not in Settings.model_fields or value is None:
+            continue
+        target = overrides
+        *groups, field = path.split(".")
+        if field not in _fields_of(groups):
+            continue
+        for group in groups:
+            target = target.setdefault(group, {})
+        target[field] = value
     return Settings(**overrides)
+
+
+def _fields_of(groups: list[str]) -> dict[str, FieldInfo]:
+    model: type[BaseModel] = Settings
+    for group in groups:
+        model = model.model_fields[group].annotation  # type: ignore[assignment]
+    return model.model_fields
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] in (["train"], ["export"]):  # the offline pipeline: needs the train extra
-        from export.cli import main as export_main
-
-        return export_main(argv)
+    offline = _offline_command(argv)
+    if offline is not None:
+        level, command, rest = offline
+        logging.basicConfig(level=level, format=LOG_FORMAT)
+        return _offline(command, rest)
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level, format=os.environ.get("RNNSERVE_LOG_FORMAT", LOG_FORMAT))
     if args.command == "serve":
-        try:
-            asyncio.run(_serve(settings_from(args)))
-        except (RnnServeError, RepositoryError, StartupError, ValueError) as err:
-            logging.getLogger("rnnserve").error("cannot serve: %s", err)
-            return 2
-        return 0
+        return _serve(args)
     if args.command == "bench":
-        from bench.step_latency import main as bench_main  # the bench package ships beside service
+        from bench.cli import run_bench
 
-        return bench_main(args.model_repo, args.redis_url, args.steps, args.long_steps, args.sessions, args.json)
+        return run_bench(args)
     from service.demo import main_sync
 
     return main_sync(args.model_repo, args.target, args.steps, args.generate, args.model)
 
 
-async def _serve(settings: Settings) -> None:
+def _offline_command(argv: list[str]) -> tuple[str, str, list[str]] | None:
+    """(log level, command, its arguments) when argv runs train or export: their flags are theirs."""
+    level, i = "INFO", 0
+    while i < len(argv) and argv[i].startswith("--log-level"):
+        if "=" in argv[i]:
+            level, i = argv[i].partition("=")[2], i + 1
+        elif i + 1 < len(argv):
+            level, i = argv[i + 1], i + 2
+        else:
+            return None
+    if i < len(argv) and argv[i] in OFFLINE and level in LOG_LEVELS:
+        return level, argv[i], argv[i + 1 :]
+    return None
+
+
+def _offline(command: str, rest: list[str]) -> int:
+    try:
+        from export.cli import main as export_main
+    except ModuleNotFoundError as err:
+        print(
+            f"rnnserve {command} needs the train extra ({err.name} is missing): pip install 'rnnserve[train]' "
+            "(in this repository: make venv-dev)",
+            file=sys.stderr,
+        )
+        return 2
+    return export_main([command, *rest])
+
+
+def _serve(args: argparse.Namespace) -> int:
+    log = logging.getLogger("rnnserve")
+    try:
+        settings = settings_from(args)
+        from service.workers import serve_workers
+
+        return serve_workers(settings)
+    except (RnnServeError, RepositoryError, StartupError, ValueError) as err:
+        log.error("cannot serve: %s", err)
+        return 2
+
+
+def serve_in_process(settings: Settings) -> None:
     from service.server import serve
 
-    await serve(settings)
+    asyncio.run(serve(settings))
 
 
 if __name__ == "__main__":

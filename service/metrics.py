@@ -81,15 +81,20 @@ class Metrics:
             "Steps for sessions that had idled out or never started.",
             registry=registry,
         )
+        # Gauges say how to add up over worker processes (prometheus_client's multiprocess mode).
         self.active_sessions = Gauge(
             "rnnserve_active_sessions",
             "Sessions whose state this replica holds in its cache.",
             registry=registry,
+            multiprocess_mode="livesum",
         )
-        self.active_streams = Gauge("rnnserve_active_streams", "Open Stream calls.", registry=registry)
+        self.active_streams = Gauge(
+            "rnnserve_active_streams", "Open streams (both APIs).", registry=registry, multiprocess_mode="livesum"
+        )
         self.model_info = Gauge(
             "rnnserve_model_info",
             "Loaded model versions (value 1).",
             (*MODEL_LABELS, "provider", "precision"),
             registry=registry,
+            multiprocess_mode="livemax",
         )

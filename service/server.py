@@ -13,6 +13,7 @@ import contextlib
 import logging
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from wsgiref.simple_server import WSGIServer
 
@@ -93,8 +94,13 @@ class App:
         log.info("stopped in %.2fs", time.perf_counter() - started)
 
 
-async def create_server(settings: Settings, registry: CollectorRegistry | None = None) -> App:
-    """Load the models, open the store, start gRPC (and /metrics). Port 0 picks a free port."""
+async def create_server(
+    settings: Settings, registry: CollectorRegistry | None = None, *, shared_port: bool = False
+) -> App:
+    """Load the models, open the store, start gRPC (and /metrics). Port 0 picks a free port.
+
+    `shared_port`: one of several worker processes on one port (service/workers.py), which has checked
+    that no other server holds it."""
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
     metrics_http, metrics_port = _start_metrics(settings, metrics)
     store: StateStore | None = None
@@ -110,7 +116,7 @@ async def create_server(settings: Settings, registry: CollectorRegistry | None =
             )
         engine = SessionEngine(models, store, settings, metrics)
         await engine.start()
-        app = await _serve_grpc(settings, metrics, models, store, engine, metrics_http, metrics_port)
+        app = await _serve_grpc(settings, metrics, models, store, engine, metrics_http, metrics_port, shared_port)
     except BaseException:
         if engine is not None:
             await engine.stop()
@@ -130,13 +136,15 @@ async def _serve_grpc(
     engine: SessionEngine,
     metrics_http: WSGIServer | None,
     metrics_port: int | None,
+    shared_port: bool,
 ) -> App:
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
-            # A port held by another server is an error, not a port to share (gRPC shares by default).
-            ("grpc.so_reuseport", 0),
+            # A port held by another server is an error, not a port to share (gRPC shares by default);
+            # worker processes of one server share theirs on purpose.
+            ("grpc.so_reuseport", 1 if shared_port else 0),
             # Clients ping every 20 s to find dead peers (service/client.py); gRPC's default policy would
             # answer such pings on an idle stream with GOAWAY.
             ("grpc.keepalive_permit_without_calls", 1),
@@ -246,9 +254,11 @@ def _reflection_pool() -> descriptor_pool.DescriptorPool:
     return pool
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, *, shared_port: bool = False, on_ready: Callable[[], None] | None = None) -> None:
     """Run until SIGTERM or SIGINT, then drain."""
-    app = await create_server(settings)
+    app = await create_server(settings, shared_port=shared_port)
+    if on_ready is not None:
+        on_ready()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -81,7 +81,12 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(
         default=9090, ge=0, le=65535, description="Prometheus /metrics port; 0 picks one; none: no /metrics"
     )
-    max_streams: int = Field(default=1024, ge=1, description="concurrent streams before RESOURCE_EXHAUSTED")
+    workers: int | None = Field(
+        default=None,
+        ge=1,
+        description="worker processes sharing the gRPC port; none: one per CPU core with a Redis URL, 1 without",
+    )
+    max_streams: int = Field(default=1024, ge=1, description="concurrent streams per worker before RESOURCE_EXHAUSTED")
     max_inflight_per_stream: int = Field(default=1024, ge=1, description="unanswered steps per stream")
     max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="largest request message")
     shutdown_grace_s: float = Field(default=10.0, ge=0, description="time to finish in-flight steps on stop")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import TypeAlias
 
@@ -21,6 +22,9 @@ from service.settings import Settings
 from service.state.record import Tensors
 
 log = logging.getLogger(__name__)
+
+# Which process answers a stream (one of several workers on a port): for operators and tests.
+WORKER_METADATA = (("rnnserve-worker", str(os.getpid())),)
 
 StreamContext: TypeAlias = grpc.aio.ServicerContext[pb.StepRequest, pb.StepResponse]
 
@@ -63,6 +67,7 @@ class NativeServicer(pb_grpc.RnnServeServicer):
     ) -> AsyncIterator[pb.StepResponse]:
         try:
             with self._gate.admit():
+                await context.send_initial_metadata(WORKER_METADATA)
                 limit = self._settings.max_inflight_per_stream
                 async for response in answer_all(request_iterator, self._step, limit, self._gate, _session_of):
                     yield response

@@ -105,6 +105,7 @@ class BatchPipeline:
                 f"session {step.session_id!r} kept being changed by another writer; this step was not "
                 "applied. Send it again"
             )
+        self._metrics.active_sessions.set(len(self._cache))
         assert all(a is not None for a in answers)
         return answers  # type: ignore[return-value]
 

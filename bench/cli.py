@@ -1,0 +1,89 @@
+"""`rnnserve bench`: the floors (default), one load against a running server, or the published suite."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+PROTOCOLS = ("native", "triton")
+
+
+def add_bench_parser(commands: Any, common: argparse.ArgumentParser) -> None:
+    bench = commands.add_parser(
+        "bench",
+        parents=[common],
+        help="measure: per-step cost next to its floors (default), a load, or the published suite",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    bench.add_argument("--model-repo", type=Path, default=Path("models"), help="the model repository")
+    bench.add_argument("--redis-url", help="Redis to measure against; default: a private redis-server")
+    bench.add_argument("--steps", type=int, default=2000, help="steps per floor measurement")
+    bench.add_argument("--long-steps", type=int, default=10000, help="length of the flatness stream (>= 2000)")
+    bench.add_argument("--sessions", type=int, default=64, help="concurrent sessions for the load figure")
+    bench.add_argument("--json", type=Path, help="also write the figures here")
+    kinds = bench.add_subparsers(dest="bench_command")
+
+    load = kinds.add_parser(
+        "load",
+        parents=[common],
+        help="one load against a running server: S sessions x T steps over K streams",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    load.add_argument("--target", required=True, help="host:port of the server")
+    load.add_argument("--sessions", type=int, default=256, help="S: sessions, all at once")
+    load.add_argument("--steps", type=int, default=40, help="T: steps per session (the start included)")
+    load.add_argument("--streams", type=int, default=8, help="K: streams the sessions are spread over")
+    load.add_argument("--protocol", choices=PROTOCOLS, default="native")
+    load.add_argument("--rate", type=float, help="open loop: steps per second in all; default: ping-pong")
+    load.add_argument("--chunk", type=int, default=1, help="time steps per request")
+    load.add_argument("--model", default="charlm-lstm")
+    load.add_argument("--version", type=int, default=1)
+    load.add_argument("--features", type=int, default=84, help="the model's input features")
+    load.add_argument("--json", type=Path, help="also write the figures here")
+
+    suite = kinds.add_parser(
+        "suite",
+        parents=[common],
+        help="the published figures: servers, Redis and the echo baseline started here (docs/BENCHMARKS.md)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    suite.add_argument("--model-repo", type=Path, default=Path("models"), help="the model repository")
+    suite.add_argument("--json", type=Path, default=Path("docs/bench-load.json"), help="figures (JSON)")
+    suite.add_argument("--plot", type=Path, default=Path("docs/bench-load.png"), help="latency against load (PNG)")
+    suite.add_argument("--only", nargs="*", help="run only these scenarios (names as in the table)")
+    suite.add_argument("--quick", action="store_true", help="fewer steps: a rehearsal, not figures to publish")
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    if args.bench_command == "load":
+        from bench.load import LoadSpec, run_load
+
+        spec = LoadSpec(
+            target=args.target,
+            sessions=args.sessions,
+            steps=args.steps,
+            streams=args.streams,
+            protocol=args.protocol,
+            model=args.model,
+            version=args.version,
+            features=args.features,
+            chunk=args.chunk,
+            rate=args.rate,
+        )
+        summary = asyncio.run(run_load(spec)).summary()
+        print(json.dumps(summary, indent=2))
+        if args.json:
+            args.json.write_text(json.dumps(summary, indent=2) + "\n")
+        return 0 if not summary["errors"] else 1
+    if args.bench_command == "suite":
+        from bench.suite import main as suite_main
+
+        return suite_main(args.model_repo, args.json, args.plot, args.only, args.quick)
+    if args.long_steps < 2000:
+        raise SystemExit("--long-steps must be at least 2000: the flatness figure compares its first and last 1000")
+    from bench.step_latency import main as floors_main
+
+    return floors_main(args.model_repo, args.redis_url, args.steps, args.long_steps, args.sessions, args.json)

@@ -1,0 +1,195 @@
+"""The load generator: S sessions x T steps over K streams, either protocol, ping-pong or open loop.
+
+Each stream is one bidirectional gRPC call carrying its share of the sessions (session i on stream
+i mod K). Ping-pong: every session sends its next step as soon as the previous one is answered (so S
+steps are in flight at once). Open loop: steps are due at a fixed total rate, round robin over the
+sessions; a step whose session is still waiting goes out when it is answered, and its latency counts
+from when it was due (no coordinated omission). Latencies go into an HDR histogram (microseconds).
+
+A failed step (an in-band error) is counted by code and sent again, so every session still ends at T.
+The client is lean on purpose (prebuilt inputs, no task per step): what it measures is the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import numpy as np
+from hdrh.histogram import HdrHistogram
+
+from service.api import kserve_messages as kv
+from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
+from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+
+MAX_LATENCY_US = 120_000_000
+STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    target: str
+    sessions: int
+    steps: int  # per session, the start included
+    streams: int = 1
+    protocol: str = "native"  # native | triton
+    model: str = "charlm-lstm"
+    version: int = 1
+    features: int = 84
+    chunk: int = 1  # time steps per request
+    rate: float | None = None  # open loop: steps per second in all; None: ping-pong
+
+
+@dataclass
+class LoadResult:
+    spec: LoadSpec
+    histogram: HdrHistogram = field(default_factory=lambda: HdrHistogram(1, MAX_LATENCY_US, 3))
+    errors: Counter[str] = field(default_factory=Counter)
+    steps: int = 0
+    seconds: float = 0.0
+
+    def summary(self) -> dict[str, Any]:
+        h = self.histogram
+        return {
+            "protocol": self.spec.protocol,
+            "sessions": self.spec.sessions,
+            "streams": self.spec.streams,
+            "steps": self.steps,
+            "chunk": self.spec.chunk,
+            "rate": self.spec.rate,
+            "seconds": self.seconds,
+            "steps_per_s": self.steps / self.seconds if self.seconds else 0.0,
+            "p50_us": h.get_value_at_percentile(50),
+            "p90_us": h.get_value_at_percentile(90),
+            "p99_us": h.get_value_at_percentile(99),
+            "p999_us": h.get_value_at_percentile(99.9),
+            "max_us": h.get_max_value(),
+            "errors": dict(self.errors),
+        }
+
+
+class _Stream:
+    """One call and the sessions on it."""
+
+    def __init__(self, spec: LoadSpec, channel: grpc.aio.Channel, sessions: list[str], result: LoadResult) -> None:
+        self.spec = spec
+        self.sessions = sessions
+        self.result = result
+        self.next_seq = dict.fromkeys(sessions, 1)
+        self.due: dict[str, deque[float]] = {sid: deque() for sid in sessions}  # open loop: when steps were due
+        self.sent_at: dict[str, float] = {}
+        self.busy: set[str] = set()
+        self.finished = 0
+        x = np.random.default_rng(len(sessions)).random((spec.chunk, spec.features)).astype(np.float32)
+        if spec.protocol == "native":
+            self.call = pb_grpc.RnnServeStub(channel).Stream()
+            self.tensor = pb.Tensor(shape=x.shape, raw=x.tobytes())
+        else:
+            stream = channel.stream_stream(
+                STREAM_METHOD,
+                request_serializer=kv.ModelInferRequest.SerializeToString,
+                response_deserializer=kv.ModelStreamInferResponse.FromString,
+            )
+            self.call = stream()
+            self.raw = x.tobytes()
+
+    def _request(self, sid: str) -> Any:
+        seq, spec = self.next_seq[sid], self.spec
+        if spec.protocol == "native":
+            return pb.StepRequest(
+                model=spec.model, version=spec.version, session_id=sid, seq=seq, start=seq == 1, input=self.tensor
+            )
+        request = kv.ModelInferRequest(model_name=spec.model, model_version=str(spec.version), id=sid)
+        request.inputs.add(name="x", datatype="FP32", shape=[1, spec.chunk, spec.features])
+        request.raw_input_contents.append(self.raw)
+        request.parameters["sequence_id"].string_param = sid
+        request.parameters["sequence_start"].bool_param = seq == 1
+        request.parameters["rnnserve_seq"].int64_param = seq
+        return request
+
+    async def send(self, sid: str, due: float | None = None) -> None:
+        self.busy.add(sid)
+        self.sent_at[sid] = time.perf_counter() if due is None else due
+        await self.call.write(self._request(sid))
+
+    def _answer(self, response: Any) -> tuple[str, str | None]:
+        """(session, error code or None)."""
+        if self.spec.protocol == "native":
+            if response.HasField("error"):
+                return response.session_id, _CODES[response.error.code].name
+            return response.session_id, None
+        sid = response.infer_response.id
+        return sid, response.error_message[:60] if response.error_message else None
+
+    async def run(self) -> None:
+        if self.spec.rate is None:
+            for sid in self.sessions:
+                await self.send(sid)
+        else:
+            ticker = asyncio.create_task(self._tick(len(self.sessions) * self.spec.steps))
+        async for response in self.call:
+            now = time.perf_counter()
+            sid, error = self._answer(response)
+            self.busy.discard(sid)
+            self.result.histogram.record_value(max(1, int((now - self.sent_at[sid]) * 1e6)))
+            if error is not None:
+                self.result.errors[error] += 1
+            else:
+                self.result.steps += 1
+                self.next_seq[sid] += 1
+            if self.next_seq[sid] > self.spec.steps:
+                self.finished += 1
+                if self.finished == len(self.sessions):
+                    break
+            elif self.spec.rate is None or error is not None:
+                await self.send(sid, None if self.spec.rate is None else self.sent_at[sid])
+            elif self.due[sid]:
+                await self.send(sid, self.due[sid].popleft())
+        if self.spec.rate is not None:
+            ticker.cancel()
+        await self.call.done_writing()
+
+    async def _tick(self, total: int) -> None:
+        """Open loop: the steps of this stream fall due at its share of the rate."""
+        assert self.spec.rate is not None
+        interval = self.spec.streams / self.spec.rate
+        start = time.perf_counter()
+        for i in range(total):
+            due = start + i * interval
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            sid = self.sessions[i % len(self.sessions)]
+            if sid in self.busy or self.due[sid]:
+                self.due[sid].append(due)
+            else:
+                await self.send(sid, due)
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+async def run_load(spec: LoadSpec) -> LoadResult:
+    """Run one load; sessions get fresh random ids, so runs never meet each other's sessions."""
+    result = LoadResult(spec)
+    run_id = uuid.uuid4().hex[:8]
+    ids = [f"load-{run_id}-{i}" for i in range(spec.sessions)]
+    channels = [grpc.aio.insecure_channel(spec.target) for _ in range(min(spec.streams, 4))]
+    try:
+        streams = [
+            _Stream(spec, channels[k % len(channels)], ids[k :: spec.streams], result)
+            for k in range(spec.streams)
+            if ids[k :: spec.streams]
+        ]
+        started = time.perf_counter()
+        await asyncio.gather(*(s.run() for s in streams))
+        result.seconds = time.perf_counter() - started
+    finally:
+        for channel in channels:
+            await channel.close()
+    return result

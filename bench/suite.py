@@ -1,0 +1,219 @@
+"""`rnnserve bench suite`: the load figures docs/BENCHMARKS.md publishes, from one run.
+
+Starts a private redis-server, the bare echo server and `rnnserve serve` (in the configurations the
+scenarios need), measures the floors (one ONNX Runtime step, one Redis compare-and-set), then each
+scenario against the server and, at the same concurrency, against the echo server. Ratios come from
+figures measured in this one run. Writes JSON, prints a table, and plots latency against load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import platform
+import re
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import onnxruntime
+
+from bench.load import LoadSpec, run_load
+from bench.process import RedisProcess, ServerProcess, free_port
+from bench.step_latency import MODEL, VERSION, redis_floor, runtime_floor
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    sessions: int
+    streams: int
+    steps: int
+    store: str = "redis"  # redis | memory
+    workers: int = 1
+    protocol: str = "native"
+    rate: float | None = None
+    echo: bool = True  # also run it against the echo server
+
+    @property
+    def server(self) -> tuple[str, int]:
+        return self.store, self.workers
+
+
+SCENARIOS = [
+    Scenario("S=1, durable", 1, 1, 2000),
+    Scenario("S=256 on 8 streams, durable", 256, 8, 40),
+    Scenario("S=256 on 8 streams, in-memory", 256, 8, 40, store="memory", echo=False),
+    Scenario("S=256 on 8 streams, durable, 2 workers", 256, 8, 40, workers=2, echo=False),
+    Scenario("S=256 on 8 streams, durable, Triton protocol", 256, 8, 40, protocol="triton"),
+    Scenario("S=1024 on 16 streams, durable", 1024, 16, 10),
+]
+SWEEP_RATES = (250, 500, 1000, 1500, 2000, 2500, 3000, 4000)
+SWEEP = Scenario("open loop, S=256 on 8 streams, durable", 256, 8, 12, echo=False)
+
+
+class Servers:
+    """One rnnserve per (store, workers) configuration, started when first needed."""
+
+    def __init__(self, model_repo: Path, redis_url: str) -> None:
+        self.model_repo = model_repo
+        self.redis_url = redis_url
+        self.running: dict[tuple[str, int], tuple[ServerProcess, int]] = {}
+
+    def target(self, scenario: Scenario) -> tuple[str, int]:
+        if scenario.server not in self.running:
+            store, workers = scenario.server
+            metrics_port = free_port()
+            server = ServerProcess.rnnserve(
+                free_port(),
+                self.model_repo,
+                self.redis_url if store == "redis" else None,
+                "--workers",
+                str(workers),
+                metrics_port=metrics_port,
+            )
+            server.start()
+            self.running[scenario.server] = (server, metrics_port)
+        server, metrics_port = self.running[scenario.server]
+        return f"127.0.0.1:{server.port}", metrics_port
+
+    def stop(self) -> None:
+        for server, _ in self.running.values():
+            server.stop()
+
+
+def batch_totals(metrics_port: int) -> tuple[float, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    sums = [float(v) for v in re.findall(r"^rnnserve_batch_size_sum\{[^}]*\} (\S+)", text, re.M)]
+    counts = [float(v) for v in re.findall(r"^rnnserve_batch_size_count\{[^}]*\} (\S+)", text, re.M)]
+    return sum(sums), sum(counts)
+
+
+async def measure(scenario: Scenario, servers: Servers, echo: str, features: int) -> dict[str, Any]:
+    spec = LoadSpec(
+        target="",
+        sessions=scenario.sessions,
+        steps=scenario.steps,
+        streams=scenario.streams,
+        protocol=scenario.protocol,
+        model=MODEL,
+        version=VERSION,
+        features=features,
+        rate=scenario.rate,
+    )
+    target, metrics_port = servers.target(scenario)
+    before = batch_totals(metrics_port)
+    out = {"scenario": asdict(scenario), "server": (await run_load(replace(spec, target=target))).summary()}
+    after = batch_totals(metrics_port)
+    out["server"]["mean_batch"] = (after[0] - before[0]) / max(1.0, after[1] - before[1])
+    if scenario.echo:
+        out["echo"] = (await run_load(replace(spec, target=echo))).summary()
+    return out
+
+
+async def run(model_repo: Path, only: list[str] | None, quick: bool) -> dict[str, Any]:
+    redis = RedisProcess()
+    redis.start()
+    echo = ServerProcess(free_port(), [], module="bench.echo")
+    echo.args = ["--port", str(echo.port)]
+    echo.start()
+    servers = Servers(model_repo, redis.url)
+    results: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": {
+            "python": platform.python_version(),
+            "processor": platform.processor() or platform.machine(),
+            "onnxruntime": onnxruntime.__version__,
+        },
+        "scenarios": [],
+    }
+    scale = 10 if quick else 1
+    try:
+        floor_steps = 2000 // scale
+        results["floors"] = {
+            "runtime": (await asyncio.to_thread(runtime_floor, model_repo, floor_steps))["batch_1"],
+            "redis_commit": (await redis_floor(model_repo, redis.url, floor_steps))["commit"],
+        }
+        features = 84
+        for scenario in SCENARIOS:
+            if only and scenario.name not in only:
+                continue
+            scenario = replace(scenario, steps=max(2, scenario.steps // scale))
+            results["scenarios"].append(await measure(scenario, servers, f"127.0.0.1:{echo.port}", features))
+        if not only or SWEEP.name in only:
+            for rate in SWEEP_RATES:
+                sweep = replace(SWEEP, name=f"{SWEEP.name} at {rate}/s", rate=float(rate))
+                results["scenarios"].append(await measure(sweep, servers, f"127.0.0.1:{echo.port}", features))
+    finally:
+        servers.stop()
+        echo.stop()
+        redis.close()
+    return results
+
+
+def table(results: dict[str, Any]) -> str:
+    floors = results["floors"]
+    columns = " | ".join(
+        ("scenario", "steps/s", "p50 µs", "p90 µs", "p99 µs", "p99.9 µs", "max µs", "errors", "mean batch")
+        + ("echo steps/s", "vs echo")
+    )
+    lines = [f"| {columns} |", "| --- " + "| ---: " * 10 + "|"]
+    for row in results["scenarios"]:
+        s, e = row["server"], row.get("echo")
+        ratio = f"{s['steps_per_s'] / e['steps_per_s']:.2f}" if e else ""
+        echo_rate = f"{e['steps_per_s']:.0f}" if e else ""
+        errors = sum(s["errors"].values())
+        lines.append(
+            f"| {row['scenario']['name']} | {s['steps_per_s']:.0f} | {s['p50_us']} | {s['p90_us']} | {s['p99_us']} "
+            f"| {s['p999_us']} | {s['max_us']} | {errors} | {s['mean_batch']:.1f} | {echo_rate} | {ratio} |"
+        )
+    single = next((r for r in results["scenarios"] if r["scenario"]["sessions"] == 1 and r.get("echo")), None)
+    if single:
+        echo, step, cas = single["echo"]["p50_us"], floors["runtime"]["p50_us"], floors["redis_commit"]["p50_us"]
+        floor = echo + step + cas
+        p50 = single["server"]["p50_us"]
+        lines += [
+            "",
+            f"S=1 floor: echo p50 {echo} µs + ONNX Runtime step {step:.0f} µs + Redis compare-and-set {cas:.0f} µs"
+            f" = {floor:.0f} µs; rnnserve p50 {p50} µs = {p50 / floor:.2f} x the floor",
+        ]
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, Any], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    sweep = [r for r in results["scenarios"] if r["scenario"]["rate"]]
+    if not sweep:
+        return False
+    achieved = [r["server"]["steps_per_s"] for r in sweep]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, label in (("p50_us", "p50"), ("p99_us", "p99"), ("p999_us", "p99.9")):
+        ax.plot(achieved, [r["server"][key] / 1000 for r in sweep], marker="o", label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("steps per second (achieved, open loop, 256 sessions on 8 streams)")
+    ax.set_ylabel("step latency, ms (from when the step was due)")
+    ax.set_title(f"rnnserve {MODEL}/{VERSION}, durable Redis state — {results['date']}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main(model_repo: Path, json_path: Path, plot_path: Path, only: list[str] | None, quick: bool) -> int:
+    results = asyncio.run(run(model_repo, only, quick))
+    print(table(results))
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {json_path}")
+    if plot(results, plot_path):
+        print(f"wrote {plot_path}")
+    return 0

@@ -1,0 +1,60 @@
+"""A thousand sessions at once: a gateway reconnecting its sensors. No error from load, every output right."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import numpy as np
+
+from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+from tests.conftest import TEST_REPO, logits_of, offline_logits, step_request, vocabulary
+
+SESSIONS, STREAMS, STEPS = 1024, 16, 4
+FEATURES = len(vocabulary())
+EYE = np.eye(FEATURES, dtype=np.float32)
+
+
+def chars(i: int) -> list[int]:
+    """Session i's characters: 97 distinct sequences among the 1,024 sessions."""
+    return [(i * 7 + t * (i % 3 + 1)) % FEATURES for t in range(STEPS)]
+
+
+async def test_1024_sessions_start_at_once_on_16_streams_then_step(start_server, redis_store_url):
+    app = await start_server(url=redis_store_url)  # the default pool: 64 connections for 1,024 sessions
+    expected: dict[tuple[int, ...], np.ndarray] = {}
+    for i in range(SESSIONS):
+        key = tuple(chars(i))
+        if key not in expected:
+            expected[key] = offline_logits(TEST_REPO / "charlm" / "1", EYE[list(key)])
+
+    async def stream(k: int) -> list[str]:
+        problems = []
+        mine = list(range(k, SESSIONS, STREAMS))
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            call = pb_grpc.RnnServeStub(channel).Stream()
+            for i in mine:  # every session's start, at once
+                await call.write(step_request(f"sensor-{i}", 1, EYE[chars(i)[:1]], start=True))
+            done = 0
+            async for answer in call:
+                i = int(answer.session_id.removeprefix("sensor-"))
+                if answer.HasField("error"):
+                    problems.append(f"{answer.session_id} seq {answer.seq}: {answer.error.message}")
+                    break
+                want = expected[tuple(chars(i))][answer.seq - 1]
+                if not np.allclose(logits_of(answer)[0], want, atol=1e-5, rtol=0):
+                    problems.append(f"{answer.session_id} seq {answer.seq}: wrong output")
+                if answer.seq < STEPS:
+                    seq = answer.seq + 1
+                    await call.write(step_request(answer.session_id, seq, EYE[chars(i)[seq - 1 : seq]]))
+                else:
+                    done += 1
+                    if done == len(mine):
+                        break
+            await call.done_writing()
+        return problems
+
+    results = await asyncio.gather(*(stream(k) for k in range(STREAMS)))
+    assert [p for problems in results for p in problems] == []
+    steps = app.metrics.steps.labels("charlm", 1)._value.get()
+    assert steps == SESSIONS * STEPS

@@ -1,0 +1,121 @@
+"""`rnnserve serve --workers N`: N processes on one port, sessions handed between them through Redis, one
+/metrics for all, a dead worker restarted, SIGTERM draining every one."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+
+from bench.process import ROOT, ServerProcess, free_port
+from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+from tests.conftest import TEST_REPO, held_out_text, logits_of, offline_logits, one_hot_text, step_request, vocabulary
+
+X = one_hot_text(held_out_text()[:400], vocabulary())
+EXPECTED = offline_logits(TEST_REPO / "charlm" / "1", X)
+TOLERANCE = 1e-5
+
+
+async def one_step(target: str, seq: int) -> tuple[int, np.ndarray]:
+    """One step on a connection of its own (the kernel picks the worker per connection): (worker pid, logits)."""
+    async with grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+        call = pb_grpc.RnnServeStub(channel).Stream()
+        await call.write(step_request("w", seq, X[seq - 1 : seq], start=seq == 1))
+        answer = await call.read()
+        worker = int(dict(await call.initial_metadata())["rnnserve-worker"])
+        await call.done_writing()
+        return worker, logits_of(answer)[0]
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        return response.read().decode()
+
+
+async def test_two_workers_hand_one_session_back_and_forth(redis_store_url, tmp_path):
+    metrics_port = free_port()
+    log = tmp_path / "server.log"
+    server = ServerProcess.rnnserve(
+        free_port(), TEST_REPO, redis_store_url, "--workers", "2", metrics_port=metrics_port, log=log
+    )
+    server.start()
+    target = f"127.0.0.1:{server.port}"
+    try:
+        workers = []
+        for seq in range(1, 21):
+            worker, logits = await one_step(target, seq)
+            workers.append(worker)
+            np.testing.assert_allclose(logits, EXPECTED[seq - 1], atol=TOLERANCE, rtol=0)
+        assert len(set(workers)) == 2, "both workers should have served the session"
+        assert sum(a != b for a, b in zip(workers, workers[1:], strict=False)) >= 2  # handed over, more than once
+        steps = re.findall(r'^rnnserve_steps_total\{model="charlm",version="1"\} (\S+)', scrape(metrics_port), re.M)
+        assert [float(v) for v in steps] == [20.0]  # one figure for both workers
+
+        victim = workers[-1]
+        os.kill(victim, signal.SIGKILL)
+        seen: set[int] = set()
+        seq = 21
+        deadline = time.monotonic() + 30
+        while len(seen - {victim}) < 2:  # the survivor, and the victim's replacement
+            assert time.monotonic() < deadline, f"workers seen: {seen}; log: {log.read_text()[-2000:]}"
+            try:
+                worker, logits = await one_step(target, seq)
+            except grpc.aio.AioRpcError:
+                await asyncio.sleep(0.1)
+                continue
+            np.testing.assert_allclose(logits, EXPECTED[seq - 1], atol=TOLERANCE, rtol=0)
+            seen.add(worker)
+            seq += 1
+            await asyncio.sleep(0.05)  # the replacement takes a moment to start
+        assert f"(pid {victim}) exited with status -9; restarting it" in log.read_text()
+    finally:
+        assert server.stop() == 0  # SIGTERM: every worker drains and exits cleanly
+
+
+def test_more_than_one_worker_needs_a_shared_store():
+    done = subprocess.run(
+        [sys.executable, "-m", "service", "serve", "--model-repo", str(TEST_REPO), "--port", "0", "--workers", "2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "needs a shared store" in done.stderr and "--redis-url" in done.stderr
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_port_held_by_another_server_is_refused(workers, redis_store_url):
+    first = ServerProcess.rnnserve(free_port(), TEST_REPO, redis_store_url, "--workers", "1")
+    first.start()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "service", "serve", "--model-repo", str(TEST_REPO), "--host", "127.0.0.1"]
+            + [
+                "--port",
+                str(first.port),
+                "--workers",
+                workers,
+                "--redis-url",
+                redis_store_url,
+                "--metrics-port",
+                "none",
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        first.stop()
+    assert done.returncode == 2, done.stderr
+    assert "is another server using it" in done.stderr
