@@ -85,6 +85,7 @@ class _Stream:
         self.sent_at: dict[str, float] = {}
         self.busy: set[str] = set()
         self.finished = 0
+        self.writing = asyncio.Lock()  # one write at a time on a call (the ticker and the reader both send)
         x = np.random.default_rng(len(sessions)).random((spec.chunk, spec.features)).astype(np.float32)
         if spec.protocol == "native":
             self.call = pb_grpc.RnnServeStub(channel).Stream()
@@ -115,7 +116,8 @@ class _Stream:
     async def send(self, sid: str, due: float | None = None) -> None:
         self.busy.add(sid)
         self.sent_at[sid] = time.perf_counter() if due is None else due
-        await self.call.write(self._request(sid))
+        async with self.writing:
+            await self.call.write(self._request(sid))
 
     def _answer(self, response: Any) -> tuple[str, str | None]:
         """(session, error code or None)."""

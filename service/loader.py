@@ -80,7 +80,9 @@ class ModelLoader:
             found = {key: d for key, d in self._on_disk().items() if key[0] == name}
             if not found:
                 raise ModelNotFound(f"no model {name!r} in the repository {self._settings.model_repo}")
-            errors = [error for (_, version), d in found.items() if (error := await self._load(name, version, d))]
+            errors = [
+                error for (_, version), d in found.items() if (error := await self._load(name, version, d, force=True))
+            ]
             loaded = [m for m in self._registry.all() if m.name == name]
             if not loaded:
                 raise FailedPrecondition(f"model {name!r} failed to load: {'; '.join(errors)}")
@@ -99,19 +101,19 @@ class ModelLoader:
     def _on_disk(self) -> dict[_Key, Path]:
         return {(name, version): directory for name, version, directory in version_dirs(self._settings.model_repo)}
 
-    async def _load(self, name: str, version: int, directory: Path) -> str | None:
-        """Load one version unless it is loaded, or known unservable; the error, if it failed."""
+    async def _load(self, name: str, version: int, directory: Path, *, force: bool = False) -> str | None:
+        """Load one version unless it is loaded, or known unservable (unless `force`); the error, if it failed."""
         self._gone_since.pop((name, version), None)
         signature = _signature(directory)
         loaded = self._registry.find(name, version)
         if loaded is not None:
             self._check_unchanged(loaded, directory, signature)
             return None
-        if directory in self._refused and self._refused[directory] == signature:
+        if not force and directory in self._refused and self._refused[directory] == signature:
             return "unchanged since it was refused"
         try:
             model = await asyncio.to_thread(load_version, directory, self._settings.runtime)
-        except (RepositoryError, ValueError) as err:
+        except (RepositoryError, ValueError, OSError) as err:
             self._refused[directory] = signature
             log.error("not loading %s/%d: %s", name, version, err)
             return str(err)

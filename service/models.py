@@ -87,7 +87,7 @@ class ModelRegistry:
         for name, version, directory in version_dirs(repo):
             try:
                 models.append(load_version(directory, settings))
-            except (RepositoryError, ValueError) as err:
+            except (RepositoryError, ValueError, OSError) as err:
                 log.error("not loading %s/%d: %s", name, version, err)
         if not models:
             raise RepositoryError(f"no servable model version under {repo}")

@@ -88,7 +88,10 @@ class ModelRuntime:
         if manifest.precision == "fp16" and not on_gpu:
             # ONNX Runtime's CPU provider has no fp16 recurrent kernels (it crashed loading such a graph).
             raise ValueError(f"{model_path}: an fp16 variant needs the CUDA provider, which is not in use")
-        self._session = ort.InferenceSession(str(model_path), options, providers=providers)
+        try:
+            self._session = ort.InferenceSession(str(model_path), options, providers=providers)
+        except Exception as err:  # noqa: BLE001 - any graph ONNX Runtime refuses is unservable, not a crash
+            raise ValueError(f"{model_path}: ONNX Runtime cannot load it ({type(err).__name__}: {err})") from err
         self.providers: list[str] = list(self._session.get_providers())
         self._device = "cuda" if self.providers[0] == CUDA else "cpu"
         self._device_id = settings.cuda_device_id if self._device == "cuda" else 0

@@ -42,7 +42,7 @@ def checked_count(shape: list[int], what: str) -> int:
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"{what} shape {shape} has a negative dimension")
     count = math.prod(shape)
-    if count > MAX_ELEMENTS:
+    if count > MAX_ELEMENTS or max(shape) > MAX_ELEMENTS:  # [0, 2**62] has no elements and no real shape
         raise InvalidArgument(f"{what} shape {shape} is far larger than any message the server accepts")
     return count
 

@@ -45,7 +45,7 @@ def parse_version(version: str) -> int:
     """'' means the newest version (0 in the engine)."""
     if version == "":
         return 0
-    if not version.isdigit() or int(version) < 1:
+    if not (version.isascii() and version.isdigit()) or int(version) < 1:
         raise InvalidArgument(f"model version {version!r} is not a positive integer")
     return int(version)
 

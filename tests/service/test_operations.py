@@ -4,6 +4,8 @@ loaded and unloaded live, and start-up errors that say what to do."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import logging
 import shutil
 import socket
@@ -158,6 +160,32 @@ async def test_a_new_version_is_served_live_and_a_pinned_session_carries_on(star
         return app.engine.registry.find("charlm", 1) is None
 
     await eventually(unloaded, timeout_s=5)
+
+
+async def test_a_graph_onnx_runtime_refuses_is_skipped_at_start_and_live(start_server, tmp_path, caplog):
+    """Bytes that match their manifest's fingerprint but are no graph ONNX Runtime can load."""
+    repo = variant_repo(tmp_path / "repo", versions={1: "a"})
+    bad = repo / "broken-model" / "1"
+    bad.mkdir(parents=True)
+    garbage = b"not an onnx graph"
+    manifest = json.loads((repo / "charlm" / "1" / MANIFEST_FILE).read_text())
+    manifest |= {"name": "broken-model", "fingerprint": hashlib.sha256(garbage).hexdigest()}
+    (bad / "model.onnx").write_bytes(garbage)
+    (bad / MANIFEST_FILE).write_text(json.dumps(manifest))
+    app = await start_server(repo, model_poll_interval_s=0.2)  # starts: the bad model is only skipped
+    target = f"127.0.0.1:{app.port}"
+    assert any("not loading broken-model/1" in r.getMessage() for r in caplog.records)
+    staged = variant_repo(tmp_path / "staged", versions={2: "b"})
+    shutil.copytree(staged / "charlm" / "2", repo / "charlm" / "2")
+
+    async def loaded() -> bool:
+        return app.engine.registry.find("charlm", 2) is not None
+
+    await eventually(loaded, timeout_s=5)  # the poll goes on past the bad directory
+    async with triton_aio.InferenceServerClient(target) as client:
+        with pytest.raises(InferenceServerException) as refused:
+            await client.load_model("broken-model")
+    assert "FAILED_PRECONDITION" in str(refused.value.status()) and "ONNX Runtime cannot load it" in str(refused.value)
 
 
 async def test_operators_can_load_and_unload_through_the_triton_api(start_server, tmp_path):

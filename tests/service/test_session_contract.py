@@ -187,6 +187,10 @@ BAD_INPUTS = {
         "far larger than any message",
     ),
     "empty chunk": (step_request("s", 4, np.zeros((0, X.shape[1]))), "1 <= T"),
+    "no elements, a huge axis": (
+        pb.StepRequest(model="charlm", session_id="s", seq=4, input=pb.Tensor(shape=[0, 1 << 62])),
+        "far larger than any message",
+    ),
     "bad session id": (step_request("s{1}", 4, X[3:4]), "session id"),
     "seq zero": (step_request("s", 0, X[3:4]), "seq must be 1 or more"),
     "start with seq 4": (step_request("s", 4, X[3:4], start=True), "start step must have seq 1"),

@@ -194,6 +194,7 @@ async def test_statistics_count_inferences(start_server):
 
 ERRORS = [
     ("unknown model", dict(model_name="nope"), "StatusCode.NOT_FOUND", "no model 'nope'"),
+    ("odd version", dict(model_version="²"), "StatusCode.INVALID_ARGUMENT", "is not a positive integer"),
     (
         "wrong shape",
         dict(x=np.zeros((1, 3, 7), np.float32)),
@@ -214,7 +215,7 @@ def _infer_args(case: dict) -> tuple[str, list[triton.InferInput], dict]:
     x = case.get("x", one_hot_text("a", VOCAB)[None])
     tensor = triton.InferInput("x", list(x.shape), "FP32")
     tensor.set_data_from_numpy(x)
-    kwargs = {k: v for k, v in case.items() if k in ("sequence_id", "sequence_start")}
+    kwargs = {k: v for k, v in case.items() if k in ("sequence_id", "sequence_start", "model_version")}
     return case.get("model_name", "charlm"), [tensor], kwargs
 
 
