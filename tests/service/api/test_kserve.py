@@ -254,7 +254,7 @@ def test_triton_grpc_error_header_ends_the_stream_with_a_status(start_server_syn
     client.start_stream(
         callback=lambda result, error: results.put((result, error)), headers={"triton_grpc_error": "true"}
     )
-    model, inputs, kwargs = _infer_args(ERRORS[2][1])
+    model, inputs, kwargs = _infer_args(next(e[1] for e in ERRORS if e[0] == "missing start"))
     client.async_stream_infer(model, inputs, **kwargs)
     result, error = results.get(timeout=10)
     assert result is None
