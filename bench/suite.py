@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import platform
 import re
 import time
@@ -79,9 +80,30 @@ class Servers:
         server, metrics_port = self.running[scenario.server]
         return f"127.0.0.1:{server.port}", metrics_port
 
+    def pid(self, scenario: Scenario) -> int:
+        process = self.running[scenario.server][0].process
+        assert process is not None
+        return process.pid
+
     def stop(self) -> None:
         for server, _ in self.running.values():
             server.stop()
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a process and its direct children (a server's workers), from /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if entry.name == str(pid) or fields[1] == str(pid):  # fields: state, ppid, ..., utime (11), stime (12)
+            total += (int(fields[11]) + int(fields[12])) / ticks
+    return total
 
 
 def batch_totals(metrics_port: int) -> tuple[float, float]:
@@ -105,10 +127,13 @@ async def measure(scenario: Scenario, servers: Servers, echo: str, features: int
         rate=scenario.rate,
     )
     target, metrics_port = servers.target(scenario)
-    before = batch_totals(metrics_port)
+    pid = servers.pid(scenario)
+    before, cpu_before = batch_totals(metrics_port), cpu_seconds(pid)
     out = {"scenario": asdict(scenario), "server": (await run_load(replace(spec, target=target))).summary()}
-    after = batch_totals(metrics_port)
+    after, cpu_after = batch_totals(metrics_port), cpu_seconds(pid)
     out["server"]["mean_batch"] = (after[0] - before[0]) / max(1.0, after[1] - before[1])
+    # What the server spends per step, whatever the machine's noise does to latency.
+    out["server"]["cpu_us_per_step"] = (cpu_after - cpu_before) * 1e6 / max(1, out["server"]["steps"])
     if scenario.echo:
         out["echo"] = (await run_load(replace(spec, target=echo))).summary()
     return out
@@ -158,9 +183,9 @@ def table(results: dict[str, Any]) -> str:
     floors = results["floors"]
     columns = " | ".join(
         ("scenario", "steps/s", "p50 µs", "p90 µs", "p99 µs", "p99.9 µs", "max µs", "errors", "mean batch")
-        + ("echo steps/s", "vs echo")
+        + ("server CPU µs/step", "echo steps/s", "vs echo")
     )
-    lines = [f"| {columns} |", "| --- " + "| ---: " * 10 + "|"]
+    lines = [f"| {columns} |", "| --- " + "| ---: " * 11 + "|"]
     for row in results["scenarios"]:
         s, e = row["server"], row.get("echo")
         ratio = f"{s['steps_per_s'] / e['steps_per_s']:.2f}" if e else ""
@@ -168,7 +193,8 @@ def table(results: dict[str, Any]) -> str:
         errors = sum(s["errors"].values())
         lines.append(
             f"| {row['scenario']['name']} | {s['steps_per_s']:.0f} | {s['p50_us']} | {s['p90_us']} | {s['p99_us']} "
-            f"| {s['p999_us']} | {s['max_us']} | {errors} | {s['mean_batch']:.1f} | {echo_rate} | {ratio} |"
+            f"| {s['p999_us']} | {s['max_us']} | {errors} | {s['mean_batch']:.1f} | {s['cpu_us_per_step']:.0f} "
+            f"| {echo_rate} | {ratio} |"
         )
     single = next((r for r in results["scenarios"] if r["scenario"]["sessions"] == 1 and r.get("echo")), None)
     if single:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from service.settings import RuntimeSettings
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class LoadedModel:
     manifest: Manifest
     runtime: ModelRuntime
@@ -46,8 +47,15 @@ class LoadedModel:
         return spec
 
     def zero_states(self) -> dict[str, np.ndarray]:
-        """A fresh session's state, one row (no batch axis)."""
-        return {s.input: np.zeros(s.shape[1:], dtype=s.dtype) for s in self.manifest.state}
+        """A fresh session's state, one row (no batch axis); read-only, shared by every caller."""
+        return self._zero_states
+
+    @functools.cached_property
+    def _zero_states(self) -> dict[str, np.ndarray]:
+        states = {s.input: np.zeros(s.shape[1:], dtype=s.dtype) for s in self.manifest.state}
+        for array in states.values():
+            array.flags.writeable = False
+        return states
 
 
 def load_version(directory: Path, settings: RuntimeSettings) -> LoadedModel:

@@ -53,6 +53,11 @@ class RuntimeSettings(BaseModel):
     )
     intra_op_threads: int = Field(default=1, ge=0, description="threads per runtime call; 0 = runtime default")
     executor_threads: int = Field(default=2, ge=1, description="runtime calls that may run at once")
+    inline_max_rows: int = Field(
+        default=8,
+        ge=0,
+        description="batches of at most this many sessions run on the event loop, larger ones in a runtime thread",
+    )
 
 
 class SessionSettings(BaseModel):

@@ -217,9 +217,12 @@ class BatchPipeline:
             groups.setdefault((plan.model.fingerprint, plan.x.shape[0]), []).append(i)
         if not groups:
             return {}
-        loop = asyncio.get_running_loop()
         work = [(members, plans[members[0]].model) for members in groups.values()]
-        outcomes = await loop.run_in_executor(self._executor, _run_groups, work, plans, items)
+        if len(plans) <= self._settings.runtime.inline_max_rows:
+            # A small batch costs less on the event loop than a hand-off to a runtime thread and back.
+            outcomes = _run_groups(work, plans, items)
+        else:
+            outcomes = await asyncio.get_running_loop().run_in_executor(self._executor, _run_groups, work, plans, items)
         records: dict[int, SessionRecord] = {}
         for (members, model), outcome in zip(work, outcomes, strict=True):
             if isinstance(outcome, BaseException):

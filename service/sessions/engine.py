@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import re
 import secrets
 import time
@@ -108,7 +109,7 @@ class SessionEngine:
             raise InvalidArgument(f"start_id must fit an unsigned 64-bit integer, got {step.start_id}")
         ask = Ask(step.session_id, step.seq, step.start, step.end, step.start_id, input_digest(x, step.end))
         key = session_key(self._prefix, step.model, step.session_id)
-        return Pending(step, key, ask, _new_epoch(), model, time.perf_counter())
+        return Pending(step, key, ask, _new_epoch() if step.start else 0, model, time.perf_counter())
 
     async def _land(self, pending: Pending) -> StepResult:
         try:
@@ -175,8 +176,13 @@ def _retrieve(task: asyncio.Future[StepResult]) -> None:
         task.exception()
 
 
+# Epochs need to be unpredictable across processes, not secret: seeded once from the OS, then cheap (a
+# draw from os.urandom on every start showed up in profiles).
+_EPOCHS = random.Random(secrets.randbits(128))
+
+
 def _new_epoch() -> int:
-    return secrets.randbits(63) | 1
+    return _EPOCHS.getrandbits(63) | 1
 
 
 def _check_session_id(session_id: str) -> None:
