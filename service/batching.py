@@ -1,15 +1,17 @@
-"""Size-or-deadline batching: many sessions' steps of one model version in one runtime call.
+"""Size-or-deadline batching: many sessions' steps of one model in one pass through the pipeline.
 
 Steps queue up; a collector takes the first, then whatever else is queued, up to `max_batch_size`, waiting
 at most `max_batch_wait_us` for more. Up to `max_concurrent_batches` batches are processed at once, so one
-batch can compute while the previous one commits. A failing batch sets its exception on every waiting
-future.
+batch can compute while the previous one commits. Each step's result (or exception) goes to the callback
+it was put with; a failing batch hands its exception to every step in it. No task or future per step:
+at thousands of steps a second, those are what an event loop spends its time on.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
@@ -17,8 +19,11 @@ from typing import Generic, TypeVar
 from service.errors import Overloaded, Unavailable
 from service.settings import BatchingSettings
 
+log = logging.getLogger(__name__)
+
 T = TypeVar("T")
 R = TypeVar("R")
+Done = Callable[[R | BaseException], None]
 
 
 class Batcher(Generic[T, R]):
@@ -33,7 +38,7 @@ class Batcher(Generic[T, R]):
         self.name = name
         self._handler = handler
         self._settings = settings
-        self._queue: asyncio.Queue[tuple[T, asyncio.Future[R]]] | None = None
+        self._queue: asyncio.Queue[tuple[T, Done[R]]] | None = None
         self._collector: asyncio.Task[None] | None = None
         self._slots: asyncio.Semaphore | None = None
         self._inflight: set[asyncio.Task[None]] = set()
@@ -46,16 +51,21 @@ class Batcher(Generic[T, R]):
         self._slots = asyncio.Semaphore(self._settings.max_concurrent_batches)
         self._collector = asyncio.create_task(self._collect(), name=f"batcher-{self.name}")
 
-    async def submit(self, item: T) -> R:
+    def put(self, item: T, done: Done[R]) -> None:
+        """Queue `item`; `done` gets its result. Raises (Unavailable, Overloaded) if it cannot be queued."""
         if self._queue is None or self._closing:
             raise Unavailable(f"model {self.name} is not accepting steps (stopping); retry on another replica")
-        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         try:
-            self._queue.put_nowait((item, future))
+            self._queue.put_nowait((item, done))
         except asyncio.QueueFull:
             raise Overloaded(
                 f"model {self.name} has {self._settings.max_queue} steps queued; back off and retry"
             ) from None
+
+    async def submit(self, item: T) -> R:
+        """`put`, and wait for the result."""
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self.put(item, lambda result: settle(future, result))
         return await future
 
     async def _collect(self) -> None:
@@ -87,21 +97,19 @@ class Batcher(Generic[T, R]):
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
 
-    async def _process(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+    async def _process(self, batch: list[tuple[T, Done[R]]]) -> None:
         assert self._slots is not None
         try:
             results = await self._handler([item for item, _ in batch])
-        except BaseException as err:  # every waiter must hear about a failed batch
+        except BaseException as err:  # every step must hear about a failed batch
             results = [err] * len(batch)
         finally:
             self._slots.release()
-        for (_, future), result in zip(batch, results, strict=True):
-            if future.done():  # the caller went away (cancelled RPC)
-                continue
-            if isinstance(result, BaseException):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
+        for (_, done), result in zip(batch, results, strict=True):
+            try:
+                done(result)
+            except Exception:  # one callback's failure must not cost the others their results
+                log.exception("delivering a result of batcher %s failed", self.name)
 
     async def stop(self) -> None:
         """Refuse new steps, finish the batches in flight and those already queued, then stop."""
@@ -113,3 +121,13 @@ class Batcher(Generic[T, R]):
             self._collector.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._collector
+
+
+def settle(future: asyncio.Future[R], result: R | BaseException) -> None:
+    """Give `future` its result or exception, unless its waiter has gone (cancelled)."""
+    if future.done():
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)

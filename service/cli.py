@@ -74,10 +74,15 @@ def add_settings_flags(parser: argparse.ArgumentParser, model: type[BaseModel], 
         env = "RNNSERVE_" + path.replace(".", "__").upper()
         help_text = f"{info.description or ''} [env {env}; default {_default(info)}]".replace("%", "%%")
         kind = _kind(annotation)
+        # SUPPRESS: a flag not given is absent, so an explicit "none" (None) can override a default.
         if kind is bool:
-            parser.add_argument(flag, dest=path, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            parser.add_argument(
+                flag, dest=path, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
+            )
         else:
-            parser.add_argument(flag, dest=path, type=kind, default=None, metavar=_metavar(annotation), help=help_text)
+            parser.add_argument(
+                flag, dest=path, type=kind, default=argparse.SUPPRESS, metavar=_metavar(annotation), help=help_text
+            )
 
 
 def _default(info: FieldInfo) -> Any:
@@ -115,7 +120,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     """Settings from the environment, overridden by the flags that were given."""
     overrides: dict[str, Any] = {}
     for path, value in vars(args).items():
-        if "." not in path and path not in Settings.model_fields or value is None:
+        if "." not in path and path not in Settings.model_fields:
             continue
         target = overrides
         *groups, field = path.split(".")

@@ -6,6 +6,8 @@ Session ids are never labels.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Sub-millisecond resolution: a CPU step is tens of microseconds of compute.
@@ -29,11 +31,24 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 MODEL_LABELS = ("model", "version")
 
 
+@dataclass(frozen=True, slots=True)
+class ModelMetrics:
+    """One model version's labelled series, looked up once (a label lookup per step costs microseconds)."""
+
+    step_latency: Histogram
+    queue_wait: Histogram
+    runtime_latency: Histogram
+    batch_size: Histogram
+    steps: Counter
+    replays: Counter
+
+
 class Metrics:
     """The service's metric families; one instance per server, on its own registry."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self._models: dict[tuple[str, int], ModelMetrics] = {}
 
         def histogram(name: str, doc: str, labels: tuple[str, ...] = MODEL_LABELS) -> Histogram:
             return Histogram(name, doc, labels, buckets=LATENCY_BUCKETS, registry=registry)
@@ -98,3 +113,17 @@ class Metrics:
             registry=registry,
             multiprocess_mode="livemax",
         )
+
+    def model(self, name: str, version: int) -> ModelMetrics:
+        series = self._models.get((name, version))
+        if series is None:
+            labels = (name, str(version))
+            series = self._models[(name, version)] = ModelMetrics(
+                self.step_latency.labels(*labels),
+                self.queue_wait.labels(*labels),
+                self.runtime_latency.labels(*labels),
+                self.batch_size.labels(*labels),
+                self.steps.labels(*labels),
+                self.replays.labels(*labels),
+            )
+        return series

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+import json
+from typing import Annotated
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class RedisSettings(BaseModel):
@@ -43,10 +46,21 @@ class BatchingSettings(BaseModel):
 class RuntimeSettings(BaseModel):
     """ONNX Runtime."""
 
-    providers: list[str] = Field(
+    providers: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["CPUExecutionProvider"],
-        description="execution providers, in order: CUDAExecutionProvider, CPUExecutionProvider",
+        description="execution providers in order, comma-separated: CUDAExecutionProvider,CPUExecutionProvider",
     )
+
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        """From the environment: "A,B" or a JSON list."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                return json.loads(text)
+            return [item.strip() for item in text.split(",") if item.strip()]
+        return value
     cuda_device_id: int = Field(default=0, ge=0, description="the GPU the CUDA provider runs on")
     io_binding: bool = Field(
         default=False, description="bind inputs, states and outputs through ONNX Runtime's IOBinding"

@@ -13,6 +13,7 @@ metadata carries `triton_grpc_error: true`, a gRPC status that ends the stream.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
@@ -34,8 +35,8 @@ from service.api.kserve_convert import (
     sequence_of,
 )
 from service.api.status import classify, grpc_status, unary
-from service.api.streams import StreamGate, answer_all
-from service.errors import InvalidArgument, ModelNotFound, SessionEnded, SessionNotFound
+from service.api.streams import StreamGate, answer_all, failed
+from service.errors import InvalidArgument, ModelNotFound, RnnServeError, SessionEnded, SessionNotFound
 from service.loader import ModelLoader
 from service.metrics import Metrics
 from service.sessions import SessionEngine, Step, StepResult
@@ -200,7 +201,10 @@ class KServeServicer:
 
     @unary
     async def ModelInfer(self, request: Any, context: Context) -> Any:  # noqa: N802
-        return await self._infer(request)
+        taken = time.perf_counter()
+        started = self._start(request)
+        await asyncio.wait([started])
+        return self._finish(request, started, taken)
 
     async def ModelStreamInfer(  # noqa: N802
         self, request_iterator: AsyncIterable[Any], context: Context
@@ -208,9 +212,9 @@ class KServeServicer:
         metadata = {key.lower(): value for key, value in (context.invocation_metadata() or ())}
         in_band = str(metadata.get(ERROR_HEADER, "")).lower() != "true"
 
-        async def answer(request: Any) -> Any:
+        def respond(request: Any, done: asyncio.Future[Any], taken: float) -> Any:
             try:
-                return kv.ModelStreamInferResponse(infer_response=await self._infer(request))
+                return kv.ModelStreamInferResponse(infer_response=self._finish(request, done, taken))
             except Exception as err:
                 if not in_band:
                     raise
@@ -224,52 +228,80 @@ class KServeServicer:
         try:
             with self._gate.admit():
                 limit = self._settings.max_inflight_per_stream
-                async for response in answer_all(request_iterator, answer, limit, self._gate, _sequence_key):
+                answers = answer_all(request_iterator, self._start, respond, limit, self._gate, _sequence_key)
+                async for response in answers:
                     yield response
         except Exception as err:  # noqa: BLE001 - refused by the gate, or (triton_grpc_error) the first error
             code, message = classify(err, "ModelStreamInfer")
             self.metrics.errors.labels("ModelStreamInfer", code.name).inc()
             await context.abort(grpc_status(code), message)
 
-    async def _infer(self, request: Any) -> Any:
-        started = time.perf_counter_ns()
-        model = self._engine.registry.get(request.model_name, parse_version(request.model_version))
-        stats = self._statistics.setdefault((model.name, model.version), _Statistics())
+    def _start(self, request: Any) -> asyncio.Future[Any]:
+        """A sequence step for the engine, or a whole sequence; the future holds a StepResult, or the
+        (model, outputs) of a whole sequence."""
         try:
+            model = self._engine.registry.get(request.model_name, parse_version(request.model_version))
             sequence = sequence_of(request)
             x = input_array(request, model)
-            applied = None
             if sequence.session_id is None:
-                model, outputs = await self._engine.infer(model.name, model.version, x)
-            else:
-                result = await self._sequence_step(request, sequence, x)
+                return asyncio.ensure_future(self._engine.infer(model.name, model.version, x))
+            return self._engine.submit(self._sequence_step(request, sequence, x))
+        except Exception as err:  # noqa: BLE001 - refused; answered by _finish
+            return failed(err)
+
+    def _finish(self, request: Any, done: asyncio.Future[Any], taken: float) -> Any:
+        """The response to a started request, counted in Triton's statistics; raises its error."""
+        stats = self._stats_for(request)
+        try:
+            error = done.exception()
+            if isinstance(error, SessionNotFound) and not isinstance(error, SessionEnded):
+                raise SessionNotFound(
+                    f"inference request for sequence {sequence_of(request).session_id} to model "
+                    f"'{request.model_name}' must specify the START flag on the first request of the sequence "
+                    "(it was never started, or idled out)"
+                ) from error
+            if error is not None:
+                raise error
+            result = done.result()
+            if isinstance(result, StepResult):
                 # A continuing sequence runs on the version it started on, whatever the request named.
                 model = self._engine.registry.get(result.model, result.version)
                 outputs = {output: value[None] for output, value in result.outputs.items()}
-                applied = result.seq
+            else:
+                model, outputs = result
             response = infer_response(request, model, outputs)
-            if applied is not None:
-                response.parameters[SEQ_PARAMETER].int64_param = applied
+            if isinstance(result, StepResult):
+                response.parameters[SEQ_PARAMETER].int64_param = result.seq
         except Exception:
-            stats.fail_count += 1
-            stats.fail_ns += time.perf_counter_ns() - started
+            if stats is not None:
+                stats.fail_count += 1
+                stats.fail_ns += int((time.perf_counter() - taken) * 1e9)
             raise
-        stats.last_inference_ms = time.time_ns() // 1_000_000
-        stats.inferences += len(x)
-        stats.executions += 1
-        stats.success_count += 1
-        stats.success_ns += time.perf_counter_ns() - started
+        if stats is not None:
+            stats.last_inference_ms = time.time_ns() // 1_000_000
+            stats.inferences += len(next(iter(outputs.values())))
+            stats.executions += 1
+            stats.success_count += 1
+            stats.success_ns += int((time.perf_counter() - taken) * 1e9)
         return response
 
-    async def _sequence_step(self, request: Any, sequence: Sequence, x: Any) -> StepResult:
-        name = request.model_name
+    def _stats_for(self, request: Any) -> _Statistics | None:
+        try:
+            model = self._engine.registry.get(request.model_name, parse_version(request.model_version))
+        except RnnServeError:
+            return None
+        return self._statistics.setdefault((model.name, model.version), _Statistics())
+
+    @staticmethod
+    def _sequence_step(request: Any, sequence: Sequence, x: Any) -> Step:
         if x.shape[0] != 1:
             raise InvalidArgument(
-                f"inference request to model '{name}' must specify batch-size 1 due to requirements of sequence batcher"
+                f"inference request to model '{request.model_name}' must specify batch-size 1 due to requirements "
+                "of sequence batcher"
             )
         assert sequence.session_id is not None
-        step = Step(
-            model=name,
+        return Step(
+            model=request.model_name,
             version=parse_version(request.model_version),
             session_id=sequence.session_id,
             seq=sequence.seq,
@@ -278,16 +310,6 @@ class KServeServicer:
             end=sequence.end,
             start_id=sequence.start_id,
         )
-        try:
-            result = await self._engine.step(step)
-        except SessionEnded:
-            raise
-        except SessionNotFound as err:
-            raise SessionNotFound(
-                f"inference request for sequence {sequence.session_id} to model '{name}' must specify the "
-                "START flag on the first request of the sequence (it was never started, or idled out)"
-            ) from err
-        return result
 
 
 def _sequence_key(request: Any) -> tuple[str, Any]:

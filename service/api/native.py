@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterable, AsyncIterator
@@ -13,7 +14,7 @@ from service.api.convert import array_to_tensor, tensor_to_array
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from service.api.status import classify, grpc_status, unary
-from service.api.streams import StreamGate, answer_all
+from service.api.streams import StreamGate, answer_all, failed
 from service.errors import InvalidArgument, RnnServeError, SeqOutOfOrder
 from service.metrics import Metrics
 from service.models import LoadedModel
@@ -69,13 +70,14 @@ class NativeServicer(pb_grpc.RnnServeServicer):
             with self._gate.admit():
                 await context.send_initial_metadata(WORKER_METADATA)
                 limit = self._settings.max_inflight_per_stream
-                async for response in answer_all(request_iterator, self._step, limit, self._gate, _session_of):
+                answers = answer_all(request_iterator, self._submit, self._respond, limit, self._gate, _session_of)
+                async for response in answers:
                     yield response
         except RnnServeError as refusal:  # steps answer in-band: only the gate refuses a whole stream
             self.metrics.errors.labels("Stream", refusal.code.name).inc()
             await context.abort(grpc_status(refusal.code), refusal.message)
 
-    async def _step(self, request: pb.StepRequest) -> pb.StepResponse:
+    def _submit(self, request: pb.StepRequest) -> asyncio.Future[StepResult]:
         try:
             step = Step(
                 model=request.model,
@@ -87,9 +89,14 @@ class NativeServicer(pb_grpc.RnnServeServicer):
                 start_id=request.start_id,
                 x=tensor_to_array(request.input),
             )
-            result: StepResult = await self._engine.step(step)
-        except Exception as err:  # noqa: BLE001 - answered in-band, stream stays open
-            code, message = classify(err, "Stream")
+        except RnnServeError as err:
+            return failed(err)
+        return self._engine.submit(step)
+
+    def _respond(self, request: pb.StepRequest, done: asyncio.Future[StepResult], taken: float) -> pb.StepResponse:
+        error = done.exception()
+        if error is not None:  # answered in-band: the stream stays open for the other sessions
+            code, message = classify(error, "Stream")
             self.metrics.errors.labels("Stream", code.name).inc()
             return pb.StepResponse(
                 session_id=request.session_id,
@@ -97,8 +104,9 @@ class NativeServicer(pb_grpc.RnnServeServicer):
                 model=request.model,
                 version=request.version,
                 error=pb.Status(code=int(code), message=message),
-                expected_seq=err.expected_seq if isinstance(err, SeqOutOfOrder) else 0,
+                expected_seq=error.expected_seq if isinstance(error, SeqOutOfOrder) else 0,
             )
+        result = done.result()
         return pb.StepResponse(
             session_id=result.session_id,
             seq=result.seq,

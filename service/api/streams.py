@@ -1,23 +1,26 @@
 """Bidirectional streams that answer every request, many at once, for both APIs.
 
-Requests on one stream may belong to many sessions; each gets its own task, so a slow session does not
-hold up the others, while the session engine keeps each session's steps in order. Responses go out as
-they complete. A `StreamGate` admits streams (a limit across both APIs) and drains them on shutdown: each
-stream stops reading, answers what it has taken, and ends, so its client reconnects elsewhere.
+Requests on one stream may belong to many sessions; each is started at once, so a slow session does not
+hold up the others, and answered in its session's order, as soon as it and its predecessors are done.
+A `StreamGate` admits streams (a limit across both APIs) and drains them on shutdown: each stream stops
+reading, answers what it has taken, and ends, so its client reconnects elsewhere.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Hashable, Iterator
+import time
+from collections import deque
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Hashable, Iterator
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from service.errors import Overloaded, Unavailable
 from service.metrics import Metrics
 
 Req = TypeVar("Req")
+Out = TypeVar("Out")
 Resp = TypeVar("Resp")
 
 
@@ -82,45 +85,52 @@ class _Failed:
 _END = object()
 
 
-class _Answers(Generic[Req, Resp]):
-    """One stream's requests taken, handled concurrently, and answered (see `answer_all`)."""
+class _Answers(Generic[Req, Out, Resp]):
+    """One stream's requests taken, started, and answered in order per key (see `answer_all`)."""
 
     def __init__(
         self,
-        handle: Callable[[Req], Awaitable[Resp]],
+        submit: Callable[[Req], asyncio.Future[Out]],
+        respond: Callable[[Req, asyncio.Future[Out], float], Resp],
         max_inflight: int,
         order_key: Callable[[Req], Hashable],
     ) -> None:
-        self._handle = handle
+        self._submit = submit
+        self._respond = respond
         self._order_key = order_key
         self.responses: asyncio.Queue[object] = asyncio.Queue()
         self.slots = asyncio.Semaphore(max_inflight)
-        self.tasks: set[asyncio.Task[None]] = set()
-        self._queued: dict[Hashable, asyncio.Future[None]] = {}  # per key: done once its latest answer is queued
+        self.futures: set[asyncio.Future[Out]] = set()
+        self._queued: dict[Hashable, deque[tuple[Req, asyncio.Future[Out], float]]] = {}
+        self._answered = asyncio.Event()  # set whenever nothing taken is unanswered
+        self._answered.set()
 
     def take(self, request: Req) -> None:
         key = self._order_key(request)
-        done = asyncio.get_running_loop().create_future()
-        after, self._queued[key] = self._queued.get(key), done
-        task = asyncio.create_task(self._answer(request, key, after, done))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        future = self._submit(request)
+        self.futures.add(future)
+        self._answered.clear()
+        waiting = self._queued.get(key)
+        if waiting is None:
+            waiting = self._queued[key] = deque()
+        waiting.append((request, future, time.perf_counter()))
+        future.add_done_callback(lambda _: self._flush(key))
 
-    async def _answer(
-        self, request: Req, key: Hashable, after: asyncio.Future[None] | None, done: asyncio.Future[None]
-    ) -> None:
-        try:
+    def _flush(self, key: Hashable) -> None:
+        """Queue the answers of `key` that are ready, in the order their requests came."""
+        waiting = self._queued.get(key)
+        while waiting and waiting[0][1].done():
+            request, future, taken = waiting.popleft()
+            self.futures.discard(future)
             try:
-                response: object = await self._handle(request)
+                response: object = self._respond(request, future, taken)
             except Exception as err:  # noqa: BLE001 - handed to the stream, which ends with it
                 response = _Failed(err)
-            if after is not None:
-                await after  # the same session's earlier answer goes first
             self.responses.put_nowait(response)
-        finally:
-            done.set_result(None)
-            if self._queued.get(key) is done:
-                del self._queued[key]
+        if waiting is not None and not waiting:
+            del self._queued[key]
+        if not self.futures:
+            self._answered.set()
 
     async def read(self, requests: AsyncIterable[Req], gate: StreamGate) -> None:
         iterator = aiter(requests)
@@ -143,26 +153,29 @@ class _Answers(Generic[Req, Resp]):
             reader = asyncio.current_task()
             assert reader is not None
             gate.unwatch(reader)  # reading is over: a drain from now on must not cancel the answers
-        await asyncio.gather(*self.tasks)
+        await self._answered.wait()
         self.responses.put_nowait(_END)
 
 
 async def answer_all(
     requests: AsyncIterable[Req],
-    handle: Callable[[Req], Awaitable[Resp]],
+    submit: Callable[[Req], asyncio.Future[Out]],
+    respond: Callable[[Req, asyncio.Future[Out], float], Resp],
     max_inflight: int,
     gate: StreamGate,
     order_key: Callable[[Req], Hashable],
 ) -> AsyncIterator[Resp]:
-    """Yield `handle(request)` for every request: requests with the same `order_key` (a session) in the
-    order they came, the others as they complete.
+    """Yield an answer for every request: `submit(request)` starts it, `respond(request, future, taken)`
+    turns its finished future into the response (taken: when it was read, `time.perf_counter()`).
+    Requests with the same `order_key` (a session) are answered in the order they came, the others as
+    they finish; no task is made per request.
 
     At most `max_inflight` requests are taken and not yet answered: past that, reading waits for the
-    client to read its answers. If `handle` raises, the stream ends with that exception and the other
-    requests' tasks are cancelled; a handler that must keep the stream open answers errors in-band.
-    A request, once taken, is answered even when a drain stops the reading.
+    client to read its answers. If `respond` raises, the stream ends with that exception (a handler that
+    must keep the stream open answers errors in-band). A request, once taken, is answered even when a
+    drain stops the reading.
     """
-    answers = _Answers(handle, max_inflight, order_key)
+    answers = _Answers(submit, respond, max_inflight, order_key)
     reader = asyncio.create_task(answers.read(requests, gate))
     gate.watch(reader)
     try:
@@ -172,7 +185,15 @@ async def answer_all(
             yield item  # type: ignore[misc]
             answers.slots.release()  # only once the client has taken the answer
     finally:
-        for task in (reader, *answers.tasks):
-            task.cancel()
+        reader.cancel()
+        for future in answers.futures:
+            future.cancel()  # a step in flight still lands: the engine does not depend on its waiter
         with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(reader, *answers.tasks, return_exceptions=True)
+            await asyncio.gather(reader, return_exceptions=True)
+
+
+def failed(error: BaseException) -> asyncio.Future[Any]:
+    """A finished future holding `error`: what `submit` returns for a request it could not start."""
+    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    future.set_exception(error)
+    return future

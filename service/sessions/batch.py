@@ -90,7 +90,7 @@ class BatchPipeline:
     async def run(self, items: list[Pending]) -> list[Answer]:
         now = time.perf_counter()
         for item in items:
-            self._metrics.queue_wait.labels(item.admitted.name, item.admitted.version).observe(now - item.enqueued)
+            self._metrics.model(item.admitted.name, item.admitted.version).queue_wait.observe(now - item.enqueued)
         answers: list[Answer | None] = [None] * len(items)
         todo = list(range(len(items)))
         for _ in range(MAX_ROUNDS):
@@ -232,8 +232,9 @@ class BatchPipeline:
                     del plans[i]
                 continue
             group_records, seconds = outcome
-            self._metrics.runtime_latency.labels(model.name, model.version).observe(seconds)
-            self._metrics.batch_size.labels(model.name, model.version).observe(len(members))
+            series = self._metrics.model(model.name, model.version)
+            series.runtime_latency.observe(seconds)
+            series.batch_size.observe(len(members))
             records.update(zip(members, group_records, strict=True))
         return records
 

@@ -6,8 +6,8 @@ holds that record (compare-and-set), and anything but a plain next step is judge
 
 from __future__ import annotations
 
-import asyncio
-from collections import OrderedDict
+from collections import OrderedDict, deque
+from collections.abc import Callable
 
 from service.state.record import SessionRecord
 
@@ -46,31 +46,30 @@ class RecordCache:
         return {record.fingerprint for record in self._records.values()}
 
 
-class SessionLocks:
-    """One step of a session at a time on this replica, in arrival order (asyncio.Lock is FIFO)."""
+class SessionTurns:
+    """One step of a session at a time on this replica, the others waiting in arrival order.
+
+    A turn is a callable that starts the work; whoever ends a turn calls `leave`, which starts the next.
+    Callbacks, not locks: no task waits per step.
+    """
 
     def __init__(self) -> None:
-        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self._waiting: dict[str, deque[Callable[[], None]]] = {}
 
     def __len__(self) -> int:
-        return len(self._locks)
+        return len(self._waiting)
 
-    async def acquire(self, key: str) -> None:
-        lock, users = self._locks.get(key) or (asyncio.Lock(), 0)
-        self._locks[key] = (lock, users + 1)
-        try:
-            await lock.acquire()
-        except BaseException:
-            self._release_user(key)
-            raise
-
-    def release(self, key: str) -> None:
-        self._locks[key][0].release()
-        self._release_user(key)
-
-    def _release_user(self, key: str) -> None:
-        lock, users = self._locks[key]
-        if users == 1:
-            del self._locks[key]
+    def enter(self, key: str, turn: Callable[[], None]) -> None:
+        waiting = self._waiting.get(key)
+        if waiting is None:
+            self._waiting[key] = deque()
+            turn()
         else:
-            self._locks[key] = (lock, users - 1)
+            waiting.append(turn)
+
+    def leave(self, key: str) -> None:
+        waiting = self._waiting[key]
+        if waiting:
+            waiting.popleft()()
+        else:
+            del self._waiting[key]

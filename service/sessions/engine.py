@@ -13,16 +13,18 @@ import random
 import re
 import secrets
 import time
+from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 
-from service.batching import Batcher
-from service.errors import FailedPrecondition, InvalidArgument, SessionEnded, SessionNotFound
+from service.batching import Batcher, settle
+from service.errors import FailedPrecondition, InvalidArgument, RnnServeError, SessionEnded, SessionNotFound
 from service.metrics import Metrics
 from service.models import LoadedModel, ModelRegistry
 from service.sessions.batch import BatchPipeline, Pending, check_input
-from service.sessions.cache import RecordCache, SessionLocks
+from service.sessions.cache import RecordCache, SessionTurns
 from service.sessions.rules import Ask, input_digest
 from service.sessions.steps import SessionInfo, Step, StepResult
 from service.settings import Settings
@@ -44,7 +46,8 @@ class SessionEngine:
         self._prefix = settings.redis.key_prefix
         self._executor = ThreadPoolExecutor(settings.runtime.executor_threads, thread_name_prefix="runtime")
         self.cache = RecordCache(settings.sessions.cache_max_sessions)
-        self._locks = SessionLocks()
+        self._turns = SessionTurns()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._pipeline = BatchPipeline(registry, store, self.cache, self._executor, settings, metrics)
         self._batchers: dict[str, Batcher[Pending, StepResult]] = {}
 
@@ -69,27 +72,43 @@ class SessionEngine:
 
     # -- the public operations -----------------------------------------------------------------
 
-    async def step(self, step: Step) -> StepResult:
-        started = time.perf_counter()
-        pending = self._admit(step)
-        await self._locks.acquire(pending.key)
-        # The session stays locked until this step has landed, even if the caller goes away (a stream
-        # cancelled mid-step): the client's resend then finds the step applied instead of racing it.
-        landing = asyncio.ensure_future(self._land(pending))
-        landing.add_done_callback(_retrieve)
+    def submit(self, step: Step) -> asyncio.Future[StepResult]:
+        """Start a step; its future gets the result, or the error that refused it.
+
+        The step waits its session's turn on this replica, and the session's next step waits until this
+        one has landed (committed or failed) — even if the caller cancels the future and goes away (a
+        stream cancelled mid-step): a resend then finds the step applied instead of racing it.
+        """
+        future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
         try:
-            result = await asyncio.shield(landing)
-        except SessionNotFound as err:
-            if not isinstance(err, SessionEnded):
-                self._metrics.expired.inc()
-            raise
-        labels = (result.model, result.version)
-        if result.replayed:
-            self._metrics.replays.labels(*labels).inc()
-        else:
-            self._metrics.steps.labels(*labels).inc()
-        self._metrics.step_latency.labels(*labels).observe(time.perf_counter() - started)
-        return result
+            pending = self._admit(step)
+        except RnnServeError as err:
+            future.set_exception(err)
+            return future
+        self._turns.enter(pending.key, lambda: self._dispatch(pending, future))
+        return future
+
+    async def step(self, step: Step) -> StepResult:
+        return await self.submit(step)
+
+    def _dispatch(self, pending: Pending, future: asyncio.Future[StepResult]) -> None:
+        def landed(result: StepResult | BaseException) -> None:
+            self._record(pending, result)
+            settle(future, result)
+            self._turns.leave(pending.key)
+
+        try:
+            self._batcher(pending.step.model).put(pending, landed)
+        except RnnServeError as err:  # stopping, or the queue is full
+            landed(err)
+
+    def _record(self, pending: Pending, result: StepResult | BaseException) -> None:
+        if isinstance(result, StepResult):
+            series = self._metrics.model(result.model, result.version)
+            (series.replays if result.replayed else series.steps).inc()
+            series.step_latency.observe(time.perf_counter() - pending.enqueued)
+        elif isinstance(result, SessionNotFound) and not isinstance(result, SessionEnded):
+            self._metrics.expired.inc()
 
     def _admit(self, step: Step) -> Pending:
         """Everything that can be checked without the store; raises for a malformed step."""
@@ -110,12 +129,6 @@ class SessionEngine:
         ask = Ask(step.session_id, step.seq, step.start, step.end, step.start_id, input_digest(x, step.end))
         key = session_key(self._prefix, step.model, step.session_id)
         return Pending(step, key, ask, _new_epoch() if step.start else 0, model, time.perf_counter())
-
-    async def _land(self, pending: Pending) -> StepResult:
-        try:
-            return await self._batcher(pending.step.model).submit(pending)
-        finally:
-            self._locks.release(pending.key)
 
     async def infer(self, model_name: str, version: int, x: np.ndarray) -> tuple[LoadedModel, Tensors]:
         """Whole sequences x [B, T, F], each from a fresh state; no session is kept. Outputs [B, T, ...]."""
@@ -156,24 +169,32 @@ class SessionEngine:
         )
 
     async def delete_session(self, model_name: str, session_id: str) -> bool:
+        """Delete a session in its turn: after the steps before it, before the steps after it."""
         key = self._session_key(model_name, session_id)
-        await self._locks.acquire(key)
-        try:
-            self.cache.forget(key)
-            return await self._store.delete(key)
-        finally:
-            self._locks.release(key)
+        deleted: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+        async def delete() -> None:
+            try:
+                self.cache.forget(key)
+                settle(deleted, await self._store.delete(key))
+            except BaseException as err:
+                settle(deleted, err)
+                raise
+            finally:
+                self._turns.leave(key)
+
+        self._turns.enter(key, lambda: self._background(delete()))
+        return await deleted
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def _session_key(self, model_name: str, session_id: str) -> str:
         _check_session_id(session_id)
         self.registry.get(model_name)  # NOT_FOUND for a model this server does not serve
         return session_key(self._prefix, model_name, session_id)
-
-
-def _retrieve(task: asyncio.Future[StepResult]) -> None:
-    """A step whose caller went away still ends; its exception is noted here so asyncio does not warn."""
-    if not task.cancelled():
-        task.exception()
 
 
 # Epochs need to be unpredictable across processes, not secret: seeded once from the OS, then cheap (a

@@ -306,7 +306,10 @@ async def test_a_request_read_as_the_drain_begins_is_still_answered():
         await asyncio.sleep(0.01)
         return request.upper()
 
-    answers = [a async for a in answer_all(requests(), handle, 8, gate, lambda r: r)]
+    def submit(request: str) -> asyncio.Future[str]:
+        return asyncio.ensure_future(handle(request))
+
+    answers = [a async for a in answer_all(requests(), submit, lambda r, done, taken: done.result(), 8, gate, str)]
     assert sorted(answers) == ["FIRST", "SECOND"]
 
 
