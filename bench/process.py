@@ -62,7 +62,8 @@ class ServerProcess:
             args += ["--redis-url", redis_url]
         return cls(port, args, log=log)
 
-    def start(self, timeout_s: float = 60) -> None:
+    def start(self, timeout_s: float = 60, *, wait: bool = True) -> None:
+        """Start it; with `wait`, return once its health check says SERVING."""
         output = None if self.log is None else self.log.open("ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", self.module, *self.args],
@@ -74,6 +75,8 @@ class ServerProcess:
         )
         if output is not None:
             output.close()  # the server has its own copy
+        if not wait:
+            return
         deadline = time.monotonic() + timeout_s
         with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
             health = health_pb2_grpc.HealthStub(channel)

@@ -255,14 +255,15 @@ def _reflection_pool() -> descriptor_pool.DescriptorPool:
 
 
 async def serve(settings: Settings, *, shared_port: bool = False, on_ready: Callable[[], None] | None = None) -> None:
-    """Run until SIGTERM or SIGINT, then drain."""
-    app = await create_server(settings, shared_port=shared_port)
-    if on_ready is not None:
-        on_ready()
+    """Run until SIGTERM or SIGINT, then drain. The signals are caught from the start: one that comes
+    while the server is starting stops it as soon as it has started."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    app = await create_server(settings, shared_port=shared_port)
+    if on_ready is not None:
+        on_ready()
     try:
         await stop.wait()
         log.info("stopping: draining in-flight steps (grace %.1fs)", settings.shutdown_grace_s)

@@ -5,9 +5,8 @@ Nested groups read as e.g. `RNNSERVE_REDIS__URL`, `RNNSERVE_BATCHING__MAX_BATCH_
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import json
+from pathlib import Path
 from typing import Annotated
 
 from pydantic import BaseModel, Field, field_validator
@@ -61,6 +60,7 @@ class RuntimeSettings(BaseModel):
                 return json.loads(text)
             return [item.strip() for item in text.split(",") if item.strip()]
         return value
+
     cuda_device_id: int = Field(default=0, ge=0, description="the GPU the CUDA provider runs on")
     io_binding: bool = Field(
         default=False, description="bind inputs, states and outputs through ONNX Runtime's IOBinding"

@@ -13,12 +13,13 @@ from tests.conftest import SHIPPED_REPO
 
 
 @pytest.fixture(scope="module")
-def target(redis_proc) -> Iterator[str]:
+def target(redis_proc, tmp_path_factory) -> Iterator[str]:
     port = free_port()
-    server = ServerProcess.rnnserve(port, SHIPPED_REPO, f"redis://127.0.0.1:{redis_proc.port}/0")
+    log = tmp_path_factory.mktemp("examples") / "server.log"
+    server = ServerProcess.rnnserve(port, SHIPPED_REPO, f"redis://127.0.0.1:{redis_proc.port}/0", log=log)
     server.start()
     yield f"127.0.0.1:{port}"
-    assert server.stop() == 0
+    assert server.stop() == 0, log.read_text()
 
 
 def run(script: str, *args: str) -> str:

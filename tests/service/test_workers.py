@@ -36,6 +36,19 @@ async def one_step(target: str, seq: int) -> tuple[int, np.ndarray]:
         return worker, logits_of(answer)[0]
 
 
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    if stat.read().rpartition(")")[2].split()[1] == str(pid):
+                        found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
 def scrape(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         return response.read().decode()
@@ -119,3 +132,21 @@ def test_a_port_held_by_another_server_is_refused(workers, redis_store_url):
         first.stop()
     assert done.returncode == 2, done.stderr
     assert "is another server using it" in done.stderr
+
+
+@pytest.mark.parametrize("when", ["starting", "just started"])
+def test_sigterm_at_any_moment_drains_and_exits_cleanly(redis_store_url, tmp_path, when):
+    """A worker that is told to stop while it starts, or the moment it reports ready, still drains."""
+    for attempt in range(3):
+        log = tmp_path / f"server-{attempt}.log"
+        server = ServerProcess.rnnserve(free_port(), TEST_REPO, redis_store_url, "--workers", "2", log=log)
+        if when == "starting":  # the workers exist and are loading their models
+            server.start(wait=False)
+            assert server.process is not None
+            deadline = time.monotonic() + 30
+            while len(children(server.process.pid)) < 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        else:
+            server.start()
+        assert server.stop() == 0, log.read_text()
