@@ -76,8 +76,11 @@ class LoadResult:
 class _Stream:
     """One call and the sessions on it."""
 
-    def __init__(self, spec: LoadSpec, channel: grpc.aio.Channel, sessions: list[str], result: LoadResult) -> None:
+    def __init__(
+        self, spec: LoadSpec, channel: grpc.aio.Channel, sessions: list[str], result: LoadResult, index: int = 0
+    ) -> None:
         self.spec = spec
+        self.offset_s = index / spec.rate if spec.rate else 0.0
         self.sessions = sessions
         self.result = result
         self.next_seq = dict.fromkeys(sessions, 1)
@@ -133,7 +136,7 @@ class _Stream:
             for sid in self.sessions:
                 await self.send(sid)
         else:
-            ticker = asyncio.create_task(self._tick(len(self.sessions) * self.spec.steps))
+            ticker = asyncio.create_task(self._tick(len(self.sessions) * self.spec.steps, self.offset_s))
         async for response in self.call:
             now = time.perf_counter()
             sid, error = self._answer(response)
@@ -156,11 +159,12 @@ class _Stream:
             ticker.cancel()
         await self.call.done_writing()
 
-    async def _tick(self, total: int) -> None:
-        """Open loop: the steps of this stream fall due at its share of the rate."""
+    async def _tick(self, total: int, offset_s: float) -> None:
+        """Open loop: the steps of this stream fall due at its share of the rate, staggered against the
+        other streams' (stream k starts k / rate seconds in), so the total is evenly spread."""
         assert self.spec.rate is not None
         interval = self.spec.streams / self.spec.rate
-        start = time.perf_counter()
+        start = time.perf_counter() + offset_s
         for i in range(total):
             due = start + i * interval
             delay = due - time.perf_counter()
@@ -184,7 +188,7 @@ async def run_load(spec: LoadSpec) -> LoadResult:
     channels = [grpc.aio.insecure_channel(spec.target) for _ in range(min(spec.streams, 4))]
     try:
         streams = [
-            _Stream(spec, channels[k % len(channels)], ids[k :: spec.streams], result)
+            _Stream(spec, channels[k % len(channels)], ids[k :: spec.streams], result, k)
             for k in range(spec.streams)
             if ids[k :: spec.streams]
         ]

@@ -12,6 +12,7 @@ from service.server import open_store
 from service.settings import RedisSettings
 from service.state.memory_store import MemoryStateStore
 from service.state.store import ABSENT, Commit, Outcome, StateStore, Stored, session_key
+from tests.faults import RedisProxy
 
 
 @pytest.fixture
@@ -120,18 +121,22 @@ async def test_more_calls_than_pooled_connections_wait_instead_of_failing(redis_
     await store.close()
 
 
-async def test_a_pool_that_stays_busy_is_unavailable_after_its_timeout(redis_store_url):
-    store = open_store(RedisSettings(url=redis_store_url, max_connections=1, pool_timeout_s=0.3))
+async def test_a_pool_that_stays_busy_is_unavailable_after_its_timeout(redis_proc, redisdb):
+    proxy = await RedisProxy(redis_proc.port).start()
+    store = open_store(RedisSettings(url=proxy.url, max_connections=1, pool_timeout_s=0.3, socket_timeout_s=5))
     await store.ping()
-    busy = asyncio.create_task(store._redis.execute_command("BLPOP", "never", 2))  # holds the one connection
-    await asyncio.sleep(0.1)
+    proxy.hold_replies()  # the one connection waits for its answer
+    busy = asyncio.create_task(store.load_many(["a"]))
+    await asyncio.sleep(0.05)
     started = time.perf_counter()
     with pytest.raises(Unavailable, match="every pooled connection stayed busy for 0.3s"):
         await store.load_many(["k"])
     assert time.perf_counter() - started < 1.5
-    busy.cancel()
-    await asyncio.gather(busy, return_exceptions=True)
+    proxy.release()
+    assert await busy == [None]
+    assert await store.load_many(["k"]) == [None]  # and the connection is back in the pool
     await store.close()
+    await proxy.close()
 
 
 def test_session_keys_are_injective():
