@@ -39,6 +39,7 @@ def add_bench_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     load.add_argument("--protocol", choices=PROTOCOLS, default="native")
     load.add_argument("--rate", type=float, help="open loop: steps per second in all; default: ping-pong")
     load.add_argument("--chunk", type=int, default=1, help="time steps per request")
+    load.add_argument("--per-message", type=int, default=1, help="fan-in: sessions' steps per StreamBatch message")
     load.add_argument("--model", default="charlm-lstm")
     load.add_argument("--version", type=int, default=1)
     load.add_argument("--features", type=int, default=84, help="the model's input features")
@@ -72,6 +73,7 @@ def run_bench(args: argparse.Namespace) -> int:
             features=args.features,
             chunk=args.chunk,
             rate=args.rate,
+            per_message=args.per_message,
         )
         summary = asyncio.run(run_load(spec)).summary()
         print(json.dumps(summary, indent=2))

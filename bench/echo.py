@@ -1,6 +1,6 @@
 """A bare gRPC server answering every streamed step with an empty response: the transport floor.
 
-Both protocols: rnnserve.v1 Stream, and KServe v2 ModelStreamInfer (echoing the request id).
+Both protocols: rnnserve.v1 Stream and StreamBatch, and KServe v2 ModelStreamInfer (echoing the request id).
 
 python -m bench.echo --port N
 """
@@ -27,6 +27,15 @@ class Echo(pb_grpc.RnnServeServicer):
     ) -> AsyncIterator[pb.StepResponse]:
         async for request in request_iterator:
             yield pb.StepResponse(session_id=request.session_id, seq=request.seq, model=request.model)
+
+    async def StreamBatch(  # noqa: N802
+        self, request_iterator: AsyncIterable[pb.StepBatch], context: object
+    ) -> AsyncIterator[pb.StepBatchResult]:
+        async for batch in request_iterator:
+            yield pb.StepBatchResult(
+                id=batch.id,
+                responses=[pb.StepResponse(session_id=s.session_id, seq=s.seq, model=s.model) for s in batch.steps],
+            )
 
 
 async def stream_infer(requests: AsyncIterable[Any], context: object) -> AsyncIterator[Any]:

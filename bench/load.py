@@ -7,6 +7,8 @@ sessions; a step whose session is still waiting goes out when it is answered, an
 from when it was due (no coordinated omission). Latencies go into an HDR histogram (microseconds).
 
 A failed step (an in-band error) is counted by code and sent again, so every session still ends at T.
+Fan-in (`per_message` > 1): sessions go in groups, one StreamBatch message per group per step, and the
+histogram holds the latency of each message.
 The client is lean on purpose (prebuilt inputs, no task per step): what it measures is the server.
 """
 
@@ -43,6 +45,7 @@ class LoadSpec:
     features: int = 84
     chunk: int = 1  # time steps per request
     rate: float | None = None  # open loop: steps per second in all; None: ping-pong
+    per_message: int = 1  # >1: fan-in, that many sessions' steps per StreamBatch message (native, ping-pong)
 
 
 @dataclass
@@ -62,6 +65,7 @@ class LoadResult:
             "steps": self.steps,
             "chunk": self.spec.chunk,
             "rate": self.spec.rate,
+            "per_message": self.spec.per_message,
             "seconds": self.seconds,
             "steps_per_s": self.steps / self.seconds if self.seconds else 0.0,
             "p50_us": h.get_value_at_percentile(50),
@@ -71,6 +75,54 @@ class LoadResult:
             "max_us": h.get_max_value(),
             "errors": dict(self.errors),
         }
+
+
+class _BatchStream:
+    """Fan-in: one StreamBatch call; its sessions in groups of `per_message`, each group a message. Every
+    group sends its next batch as soon as its last one is answered; latency is per message."""
+
+    def __init__(self, spec: LoadSpec, channel: grpc.aio.Channel, sessions: list[str], result: LoadResult) -> None:
+        self.spec = spec
+        self.result = result
+        self.groups = [sessions[i : i + spec.per_message] for i in range(0, len(sessions), spec.per_message)]
+        self.seq = [1] * len(self.groups)
+        self.sent_at = [0.0] * len(self.groups)
+        x = np.random.default_rng(len(sessions)).random((spec.chunk, spec.features)).astype(np.float32)
+        self.tensor = pb.Tensor(shape=x.shape, raw=x.tobytes())
+        self.call = pb_grpc.RnnServeStub(channel).StreamBatch()
+
+    async def send(self, g: int) -> None:
+        spec, seq = self.spec, self.seq[g]
+        steps = [
+            pb.StepRequest(
+                model=spec.model, version=spec.version, session_id=sid, seq=seq, start=seq == 1, input=self.tensor
+            )
+            for sid in self.groups[g]
+        ]
+        self.sent_at[g] = time.perf_counter()
+        await self.call.write(pb.StepBatch(steps=steps, id=g))
+
+    async def run(self) -> None:
+        for g in range(len(self.groups)):
+            await self.send(g)
+        finished = 0
+        async for result in self.call:
+            g = result.id
+            self.result.histogram.record_value(max(1, int((time.perf_counter() - self.sent_at[g]) * 1e6)))
+            failed = [r for r in result.responses if r.HasField("error")]
+            for response in failed:
+                self.result.errors[_CODES[response.error.code].name] += 1
+            self.result.steps += len(result.responses) - len(failed)
+            if failed:
+                continue  # the load stops short for this group: its errors are what the run reports
+            self.seq[g] += 1
+            if self.seq[g] > self.spec.steps:
+                finished += 1
+                if finished == len(self.groups):
+                    break
+            else:
+                await self.send(g)
+        await self.call.done_writing()
 
 
 class _Stream:
@@ -187,8 +239,10 @@ async def run_load(spec: LoadSpec) -> LoadResult:
     ids = [f"load-{run_id}-{i}" for i in range(spec.sessions)]
     channels = [grpc.aio.insecure_channel(spec.target) for _ in range(min(spec.streams, 4))]
     try:
-        streams = [
-            _Stream(spec, channels[k % len(channels)], ids[k :: spec.streams], result, k)
+        streams: list[_Stream | _BatchStream] = [
+            _BatchStream(spec, channels[k % len(channels)], ids[k :: spec.streams], result)
+            if spec.per_message > 1
+            else _Stream(spec, channels[k % len(channels)], ids[k :: spec.streams], result, k)
             for k in range(spec.streams)
             if ids[k :: spec.streams]
         ]

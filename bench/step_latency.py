@@ -45,10 +45,11 @@ def summary(seconds: list[float]) -> dict[str, float]:
     }
 
 
-def runtime_floor(model_repo: Path, steps: int) -> dict[str, Any]:
+def runtime_floor(model_repo: Path, steps: int, batches: tuple[int, ...] = (1, 64)) -> dict[str, Any]:
+    """One ONNX Runtime call (one time step) at each batch size, as the server makes it."""
     model = ModelRegistry.from_repository(model_repo, RuntimeSettings()).get(MODEL, VERSION)
     out: dict[str, Any] = {}
-    for batch in (1, 64):
+    for batch in batches:
         x = np.zeros((batch, 1, model.manifest.features), np.float32)
         x[:, 0, 0] = 1
         states = {name: np.zeros((batch, *v.shape), v.dtype) for name, v in model.zero_states().items()}
@@ -59,6 +60,28 @@ def runtime_floor(model_repo: Path, steps: int) -> dict[str, Any]:
             times.append(time.perf_counter() - started)
         out[f"batch_{batch}"] = summary(times)
     return out
+
+
+async def pipelined_commit_floor(model_repo: Path, redis_url: str, steps: int, batch: int) -> dict[str, Any]:
+    """`batch` real records committed by compare-and-set in one pipelined round trip, as a batch is."""
+    model = ModelRegistry.from_repository(model_repo, RuntimeSettings()).get(MODEL, VERSION)
+    logits = np.zeros((1, model.manifest.features), np.float32)
+    store = RedisStateStore(RedisSettings(url=redis_url))
+    await store.ping()
+    keys = [f"rnnserve:bench:{{floor-{i}}}" for i in range(batch)]
+    tokens: list[str | None] = [None] * batch
+    times = []
+    for seq in range(1, steps + 1):
+        blob = encode(SessionRecord(model.fingerprint, 1, seq, model.zero_states(), {"logits": logits}))
+        commits = [Commit(key, token, f"1:{seq}", blob, ttl_s=60) for key, token in zip(keys, tokens, strict=True)]
+        started = time.perf_counter()
+        await store.commit_many(commits)
+        times.append(time.perf_counter() - started)
+        tokens = [f"1:{seq}"] * batch
+    for key in keys:
+        await store.delete(key)
+    await store.close()
+    return summary(times)
 
 
 async def redis_floor(model_repo: Path, redis_url: str, steps: int) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import onnxruntime
 
 from bench.load import LoadSpec, run_load
 from bench.process import RedisProcess, ServerProcess, free_port
-from bench.step_latency import MODEL, VERSION, redis_floor, runtime_floor
+from bench.step_latency import MODEL, VERSION, pipelined_commit_floor, redis_floor, runtime_floor
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class Scenario:
     protocol: str = "native"
     rate: float | None = None
     echo: bool = True  # also run it against the echo server
+    per_message: int = 1  # fan-in: steps per StreamBatch message
 
     @property
     def server(self) -> tuple[str, int]:
@@ -50,6 +51,10 @@ SCENARIOS = [
     Scenario("S=256 on 8 streams, durable, 2 workers", 256, 8, 40, workers=2, echo=False),
     Scenario("S=256 on 8 streams, durable, Triton protocol", 256, 8, 40, protocol="triton"),
     Scenario("S=1024 on 16 streams, durable", 1024, 16, 10),
+]
+FAN_IN = [
+    Scenario(f"fan-in: 1,024 sessions, {k} steps per message, durable", 1024, 4, 8 if k > 1 else 4, per_message=k)
+    for k in (1, 16, 64, 256)
 ]
 SWEEP_RATES = (250, 500, 1000, 1500, 2000, 2500, 3000, 4000)
 SWEEP = Scenario("open loop, S=256 on 8 streams, durable", 256, 8, 12, echo=False)
@@ -125,6 +130,7 @@ async def measure(scenario: Scenario, servers: Servers, echo: str, features: int
         version=VERSION,
         features=features,
         rate=scenario.rate,
+        per_message=scenario.per_message,
     )
     target, metrics_port = servers.target(scenario)
     pid = servers.pid(scenario)
@@ -162,8 +168,17 @@ async def run(model_repo: Path, only: list[str] | None, quick: bool) -> dict[str
             "runtime": (await asyncio.to_thread(runtime_floor, model_repo, floor_steps))["batch_1"],
             "redis_commit": (await redis_floor(model_repo, redis.url, floor_steps))["commit"],
         }
+        batches = tuple(s.per_message for s in FAN_IN if s.per_message > 1)
+        runtime = await asyncio.to_thread(runtime_floor, model_repo, max(20, floor_steps // 10), batches)
+        results["batch_floors"] = {
+            str(batch): {
+                "runtime": runtime[f"batch_{batch}"],
+                "commit": await pipelined_commit_floor(model_repo, redis.url, max(20, floor_steps // 10), batch),
+            }
+            for batch in batches
+        }
         features = 84
-        for scenario in SCENARIOS:
+        for scenario in SCENARIOS + FAN_IN:
             if only and scenario.name not in only:
                 continue
             scenario = replace(scenario, steps=max(2, scenario.steps // scale))
@@ -195,6 +210,17 @@ def table(results: dict[str, Any]) -> str:
             f"| {row['scenario']['name']} | {s['steps_per_s']:.0f} | {s['p50_us']} | {s['p90_us']} | {s['p99_us']} "
             f"| {s['p999_us']} | {s['max_us']} | {errors} | {s['mean_batch']:.1f} | {s['cpu_us_per_step']:.0f} "
             f"| {echo_rate} | {ratio} |"
+        )
+    for batch, floor in results.get("batch_floors", {}).items():
+        per_step = {name: floor[name]["p50_us"] / int(batch) for name in ("runtime", "commit")}
+        fan_in = next((r for r in results["scenarios"] if r["scenario"]["per_message"] == int(batch)), None)
+        ceiling = 1e6 / max(per_step.values())
+        rate = fan_in["server"]["steps_per_s"] if fan_in else 0.0
+        achieved = f"; fan-in {rate:.0f} steps/s = {rate / ceiling:.2f} x" if fan_in else ""
+        lines.append(
+            f"batch {batch}: ONNX Runtime {floor['runtime']['p50_us']:.0f} µs ({per_step['runtime']:.1f} µs/step), "
+            f"pipelined compare-and-set {floor['commit']['p50_us']:.0f} µs ({per_step['commit']:.1f} µs/step): "
+            f"the slower allows {ceiling:.0f} steps/s{achieved}"
         )
     single = next((r for r in results["scenarios"] if r["scenario"]["sessions"] == 1 and r.get("echo")), None)
     if single:

@@ -54,13 +54,11 @@ class Batcher(Generic[T, R]):
     def put(self, item: T, done: Done[R]) -> None:
         """Queue `item`; `done` gets its result. Raises (Unavailable, Overloaded) if it cannot be queued."""
         if self._queue is None or self._closing:
-            raise Unavailable(f"model {self.name} is not accepting steps (stopping); retry on another replica")
+            raise Unavailable("the server is not accepting steps (stopping); retry on another replica")
         try:
             self._queue.put_nowait((item, done))
         except asyncio.QueueFull:
-            raise Overloaded(
-                f"model {self.name} has {self._settings.max_queue} steps queued; back off and retry"
-            ) from None
+            raise Overloaded(f"this replica has {self._settings.max_queue} steps queued; back off and retry") from None
 
     async def submit(self, item: T) -> R:
         """`put`, and wait for the result."""

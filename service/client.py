@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import random
 import secrets
 import time
 import uuid
+from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Generic, TypeVar
 
 import grpc
 import numpy as np
@@ -67,45 +70,41 @@ class StepReply:
 
 
 _CODES = {status.value[0]: status for status in grpc.StatusCode}
-_Key = tuple[str, str, int]
+
+Req = TypeVar("Req", pb.StepRequest, pb.StepBatch)
+Resp = TypeVar("Resp", pb.StepResponse, pb.StepBatchResult)
 
 
-class StreamClient:
-    def __init__(
-        self,
-        target: str,
-        *,
-        reconnect_timeout_s: float = 30.0,
-        max_backoff_s: float = 2.0,
-        max_message_bytes: int = 4 * 1024 * 1024,
-    ) -> None:
+class _Resumable(Generic[Req, Resp]):
+    """One bidirectional stream kept open while requests wait, each request resent on a new stream until
+    it is answered, or until no stream could be had for `reconnect_timeout_s`."""
+
+    def __init__(self, target: str, reconnect_timeout_s: float, max_backoff_s: float, max_message_bytes: int) -> None:
         self.target = target
         self._reconnect_timeout_s = reconnect_timeout_s
         self._max_backoff_s = max_backoff_s
         self._max_message_bytes = max_message_bytes
         self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
         self.stub = pb_grpc.RnnServeStub(self._channel)
-        self._call: grpc.aio.StreamStreamCall[pb.StepRequest, pb.StepResponse] | None = None
-        self._pending: dict[_Key, tuple[pb.StepRequest, asyncio.Future[pb.StepResponse]]] = {}
+        self._call: grpc.aio.StreamStreamCall[Req, Resp] | None = None
+        self._pending: dict[Hashable, tuple[Req, asyncio.Future[Resp]]] = {}
         self._lock = asyncio.Lock()  # writes to the stream, and swapping the stream, one at a time
-        self._work = asyncio.Event()  # a step is waiting for a stream
+        self._work = asyncio.Event()  # a request is waiting for a stream
         self._supervisor: asyncio.Task[None] | None = None
         self._closed = False
         self.attempts = 0  # streams opened
         self.reconnects = 0  # streams opened after one had broken or ended
         self.last_error: BaseException | None = None
 
-    async def __aenter__(self) -> StreamClient:
-        await self.connect()
-        return self
+    def _open(self) -> grpc.aio.StreamStreamCall[Req, Resp]:
+        raise NotImplementedError
 
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
+    def _key(self, message: Req | Resp) -> Hashable:
+        """What pairs an answer with its request."""
+        raise NotImplementedError
 
     async def connect(self) -> None:
-        """Start the task that keeps a stream open while steps wait; connecting happens on demand."""
+        """Start the task that keeps a stream open while requests wait; connecting happens on demand."""
         if self._supervisor is None:
             self._supervisor = asyncio.create_task(self._supervise(), name=f"rnnserve-stream-{self.target}")
 
@@ -120,46 +119,31 @@ class StreamClient:
         self._fail_pending(ConnectionError("client closed"))
         await self._channel.close()
 
-    def session(self, model: str, session_id: str | None = None, *, version: int = 0) -> Session:
-        return Session(self, model, session_id or uuid.uuid4().hex, version)
-
-    async def send(self, request: pb.StepRequest) -> StepReply:
-        """Send one step and wait for its answer; raises StepError if the server refused it, and
-        ConnectionError if no stream could be had within the reconnect timeout."""
+    async def _exchange(self, request: Req) -> Resp:
+        """Send a request and wait for its answer, across reconnects; ConnectionError if none came."""
         if self._closed or self._supervisor is None:
             raise ConnectionError(f"the client for {self.target} is {'closed' if self._closed else 'not connected'}")
         if request.ByteSize() > self._max_message_bytes:
-            raise ValueError(f"step of {request.ByteSize()} bytes exceeds the {self._max_message_bytes}-byte limit")
-        started = time.perf_counter()
-        future: asyncio.Future[pb.StepResponse] = asyncio.get_running_loop().create_future()
-        key = (request.model, request.session_id, request.seq)
+            raise ValueError(
+                f"a message of {request.ByteSize()} bytes exceeds the {self._max_message_bytes}-byte limit"
+            )
+        future: asyncio.Future[Resp] = asyncio.get_running_loop().create_future()
+        key = self._key(request)
         async with self._lock:
             self._pending[key] = (request, future)
             self._work.set()
             if self._call is not None:
                 await _write(self._call, request)  # on a broken stream the supervisor resends it
         try:
-            response = await future
+            return await future
         finally:
             if self._pending.get(key, (None, None))[1] is future:
                 del self._pending[key]
-        if response.HasField("error"):
-            raise StepError(_CODES[response.error.code], response.error.message, response.expected_seq)
-        return StepReply(
-            session_id=response.session_id,
-            seq=response.seq,
-            version=response.version,
-            outputs={name: tensor_to_array(t, name) for name, t in response.outputs.items()},
-            replayed=response.replayed,
-            latency_s=time.perf_counter() - started,
-        )
-
-    # -- the stream's life -------------------------------------------------------------------------
 
     async def _supervise(self) -> None:
-        """Keep a stream open while steps wait: open, resend what is unanswered, read; on a break, back
-        off and open again, until the reconnect timeout passes without a stream (then the waiting steps
-        fail, and the next step tries afresh)."""
+        """Keep a stream open while requests wait: open, resend what is unanswered, read; on a break,
+        back off and open again, until the reconnect timeout passes without a stream (then the waiting
+        requests fail, and the next request tries afresh)."""
         failures = 0
         while True:
             await self._work.wait()
@@ -183,8 +167,8 @@ class StreamClient:
                 self._work.clear()
 
     async def _one_stream(self, connect_within_s: float) -> bool:
-        """One stream: open, resend the unanswered steps, read answers until it ends. Whether any answer
-        came back on it."""
+        """One stream: open, resend the unanswered requests, read answers until it ends. Whether any
+        answer came back on it."""
         try:
             async with asyncio.timeout(connect_within_s):
                 await self._channel.channel_ready()
@@ -194,7 +178,7 @@ class StreamClient:
         async with self._lock:
             if self.attempts:
                 self.reconnects += 1
-            call = self._call = self.stub.Stream()
+            call = self._call = self._open()
             self.attempts += 1
             for request, _ in list(self._pending.values()):  # in the order first sent
                 if not await _write(call, request):
@@ -203,11 +187,11 @@ class StreamClient:
         try:
             while True:
                 response = await call.read()
-                if not isinstance(response, pb.StepResponse):  # EOF: the server ended it (a drain)
+                if response is grpc.aio.EOF:  # the server ended it (a drain)
                     self.last_error = ConnectionError(f"{self.target} ended the stream")
                     return answered
                 answered = True
-                entry = self._pending.get((response.model, response.session_id, response.seq))
+                entry = self._pending.get(self._key(response))
                 if entry is not None and not entry[1].done():
                     entry[1].set_result(response)
         except grpc.aio.AioRpcError as err:
@@ -226,7 +210,160 @@ class StreamClient:
         self._pending.clear()
 
 
-async def _write(call: grpc.aio.StreamStreamCall[pb.StepRequest, pb.StepResponse], request: pb.StepRequest) -> bool:
+class StreamClient(_Resumable[pb.StepRequest, pb.StepResponse]):
+    """Sessions' steps, one message each, on one stream (`Stream`)."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        reconnect_timeout_s: float = 30.0,
+        max_backoff_s: float = 2.0,
+        max_message_bytes: int = 4 * 1024 * 1024,
+    ) -> None:
+        super().__init__(target, reconnect_timeout_s, max_backoff_s, max_message_bytes)
+
+    async def __aenter__(self) -> StreamClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    def _open(self) -> grpc.aio.StreamStreamCall[pb.StepRequest, pb.StepResponse]:
+        return self.stub.Stream()
+
+    def _key(self, message: pb.StepRequest | pb.StepResponse) -> Hashable:
+        return (message.model, message.session_id, message.seq)
+
+    def session(self, model: str, session_id: str | None = None, *, version: int = 0) -> Session:
+        return Session(self, model, session_id or uuid.uuid4().hex, version)
+
+    async def send(self, request: pb.StepRequest) -> StepReply:
+        """Send one step and wait for its answer; raises StepError if the server refused it, and
+        ConnectionError if no stream could be had within the reconnect timeout."""
+        started = time.perf_counter()
+        response = await self._exchange(request)
+        reply = _reply(response, time.perf_counter() - started)
+        if isinstance(reply, StepError):
+            raise reply
+        return reply
+
+
+class BatchClient(_Resumable[pb.StepBatch, pb.StepBatchResult]):
+    """Many sessions' steps per message (`StreamBatch`), for gateways: each call steps a set of sessions
+    of one model, numbering, starting and resending their steps as a `Session` does.
+
+        async with BatchClient("localhost:8500") as gateway:
+            replies = await gateway.step("glucose-lstm", {"sensor-1": x1, "sensor-2": x2})
+            replies["sensor-1"].outputs["forecast"]   # or a StepError for a refused step
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        reconnect_timeout_s: float = 30.0,
+        max_backoff_s: float = 2.0,
+        max_message_bytes: int = 4 * 1024 * 1024,
+    ) -> None:
+        super().__init__(target, reconnect_timeout_s, max_backoff_s, max_message_bytes)
+        self._sessions: dict[tuple[str, str], _SessionState] = {}
+        self._ids = itertools.count(1)
+
+    async def __aenter__(self) -> BatchClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    def _open(self) -> grpc.aio.StreamStreamCall[pb.StepBatch, pb.StepBatchResult]:
+        return self.stub.StreamBatch()
+
+    def _key(self, message: pb.StepBatch | pb.StepBatchResult) -> Hashable:
+        return message.id
+
+    def acked_seq(self, model: str, session_id: str) -> int:
+        state = self._sessions.get((model, session_id))
+        return state.acked_seq if state else 0
+
+    async def step(
+        self, model: str, inputs: dict[str, np.ndarray], *, end: Iterable[str] = (), version: int = 0
+    ) -> dict[str, StepReply | StepError]:
+        """One step for each session in `inputs` (x: [T, F] float32), in one message; the sessions in `end`
+        end with it. A refused step leaves its session where it was: call again with the same input to
+        resend it. Raises ConnectionError if no stream could be had within the reconnect timeout."""
+        ending = set(end)
+        states = [self._sessions.setdefault((model, sid), _SessionState(version)) for sid in inputs]
+        for state in sorted(states, key=id):  # one call at a time per session: each seq follows the last
+            await state.order.acquire()
+        try:
+            requests = [
+                state.next(model, sid, x, sid in ending) for (sid, x), state in zip(inputs.items(), states, strict=True)
+            ]
+            started = time.perf_counter()
+            result = await self._exchange(pb.StepBatch(steps=requests, id=next(self._ids)))
+            latency = time.perf_counter() - started
+            replies: dict[str, StepReply | StepError] = {}
+            for response, state in zip(result.responses, states, strict=True):
+                reply = replies[response.session_id] = _reply(response, latency)
+                if isinstance(reply, StepReply):
+                    state.acked_seq, state.version = reply.seq, reply.version
+            return replies
+        finally:
+            for state in states:
+                state.order.release()
+
+
+class _SessionState:
+    def __init__(self, version: int) -> None:
+        self.acked_seq = 0
+        self.version = version
+        self.start_id = secrets.randbits(64) | 1
+        self.order = asyncio.Lock()
+
+    def next(self, model: str, session_id: str, x: np.ndarray, end: bool) -> pb.StepRequest:
+        return step_request(
+            model, session_id, self.acked_seq + 1, x, version=self.version, start_id=self.start_id, end=end
+        )
+
+
+def step_request(
+    model: str, session_id: str, seq: int, x: np.ndarray, *, version: int = 0, start_id: int = 0, end: bool = False
+) -> pb.StepRequest:
+    """Step `seq` of a session (seq 1 starts it, named by `start_id`)."""
+    data = np.ascontiguousarray(x, dtype=np.float32)
+    return pb.StepRequest(
+        model=model,
+        version=version,
+        session_id=session_id,
+        seq=seq,
+        start=seq == 1,
+        start_id=start_id if seq == 1 else 0,
+        end=end,
+        input=pb.Tensor(shape=data.shape, raw=data.tobytes()),
+    )
+
+
+def _reply(response: pb.StepResponse, latency_s: float) -> StepReply | StepError:
+    if response.HasField("error"):
+        return StepError(_CODES[response.error.code], response.error.message, response.expected_seq)
+    return StepReply(
+        session_id=response.session_id,
+        seq=response.seq,
+        version=response.version,
+        outputs={name: tensor_to_array(t, name) for name, t in response.outputs.items()},
+        replayed=response.replayed,
+        latency_s=latency_s,
+    )
+
+
+async def _write(call: grpc.aio.StreamStreamCall[Req, Resp], request: Req) -> bool:
     """Write to a stream that may have just ended; False if it has (the step then waits for the next)."""
     try:
         await call.write(request)
@@ -253,16 +390,8 @@ class Session:
 
     async def _step(self, x: np.ndarray, end: bool) -> StepReply:
         seq = self.acked_seq + 1
-        data = np.ascontiguousarray(x, dtype=np.float32)
-        request = pb.StepRequest(
-            model=self.model,
-            version=self.version,
-            session_id=self.session_id,
-            seq=seq,
-            start=seq == 1,
-            start_id=self.start_id if seq == 1 else 0,
-            end=end,
-            input=pb.Tensor(shape=data.shape, raw=data.tobytes()),
+        request = step_request(
+            self.model, self.session_id, seq, x, version=self.version, start_id=self.start_id, end=end
         )
         reply = await self.client.send(request)
         self.acked_seq = reply.seq

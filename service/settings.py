@@ -32,11 +32,11 @@ class RedisSettings(BaseModel):
 class BatchingSettings(BaseModel):
     """Size-or-deadline batching per loaded model version."""
 
-    max_batch_size: int = Field(default=64, ge=1, description="most sessions in one runtime call")
+    max_batch_size: int = Field(default=256, ge=1, description="most steps in one batch (store round trip)")
     max_batch_wait_us: int = Field(
         default=0, ge=0, description="how long a batch waits to fill; 0 takes whatever is queued"
     )
-    max_queue: int = Field(default=4096, ge=1, description="pending steps per model version before refusing")
+    max_queue: int = Field(default=16384, ge=1, description="queued steps per worker before RESOURCE_EXHAUSTED")
     max_concurrent_batches: int = Field(
         default=2, ge=1, description="batches in flight per model (one computing while one commits)"
     )
@@ -106,7 +106,10 @@ class Settings(BaseSettings):
         description="worker processes sharing the gRPC port; none: one per CPU core with a Redis URL, 1 without",
     )
     max_streams: int = Field(default=1024, ge=1, description="concurrent streams per worker before RESOURCE_EXHAUSTED")
-    max_inflight_per_stream: int = Field(default=1024, ge=1, description="unanswered steps per stream")
+    max_inflight_per_stream: int = Field(default=1024, ge=1, description="unanswered messages per stream")
+    max_steps_per_message: int = Field(
+        default=1024, ge=1, description="most steps in one StepBatch; a larger batch is refused step by step"
+    )
     max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=1024, description="largest request message")
     shutdown_grace_s: float = Field(default=10.0, ge=0, description="time to finish in-flight steps on stop")
     model_poll_interval_s: float = Field(

@@ -14,8 +14,8 @@ from service.api.convert import array_to_tensor, tensor_to_array
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from service.api.status import classify, grpc_status, unary
-from service.api.streams import StreamGate, answer_all, failed
-from service.errors import InvalidArgument, RnnServeError, SeqOutOfOrder
+from service.api.streams import StreamGate, all_done, answer_all, failed
+from service.errors import InvalidArgument, Overloaded, RnnServeError, SeqOutOfOrder
 from service.metrics import Metrics
 from service.models import LoadedModel
 from service.sessions import SessionEngine, Step, StepResult
@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 WORKER_METADATA = (("rnnserve-worker", str(os.getpid())),)
 
 StreamContext: TypeAlias = grpc.aio.ServicerContext[pb.StepRequest, pb.StepResponse]
+BatchContext: TypeAlias = grpc.aio.ServicerContext[pb.StepBatch, pb.StepBatchResult]
 
 
 def _outputs(outputs: Tensors) -> dict[str, pb.Tensor]:
@@ -54,6 +55,11 @@ def _session_of(request: pb.StepRequest) -> tuple[str, str]:
     return request.model, request.session_id
 
 
+def _in_order(batch: pb.StepBatch) -> int:
+    """Batches are answered in the order they came."""
+    return 0
+
+
 class NativeServicer(pb_grpc.RnnServeServicer):
     def __init__(self, engine: SessionEngine, settings: Settings, metrics: Metrics, gate: StreamGate) -> None:
         self.metrics = metrics
@@ -77,6 +83,58 @@ class NativeServicer(pb_grpc.RnnServeServicer):
             self.metrics.errors.labels("Stream", refusal.code.name).inc()
             await context.abort(grpc_status(refusal.code), refusal.message)
 
+    async def StreamBatch(  # noqa: N802 - gRPC method name
+        self, request_iterator: AsyncIterable[pb.StepBatch], context: BatchContext
+    ) -> AsyncIterator[pb.StepBatchResult]:
+        try:
+            with self._gate.admit():
+                await context.send_initial_metadata(WORKER_METADATA)
+                limit = self._settings.max_inflight_per_stream
+                answers = answer_all(
+                    request_iterator, self._submit_batch, self._respond_batch, limit, self._gate, _in_order
+                )
+                async for response in answers:
+                    yield response
+        except RnnServeError as refusal:  # steps answer in-band: only the gate refuses a whole stream
+            self.metrics.errors.labels("StreamBatch", refusal.code.name).inc()
+            await context.abort(grpc_status(refusal.code), refusal.message)
+
+    def _submit_batch(self, batch: pb.StepBatch) -> asyncio.Future[list[asyncio.Future[StepResult]]]:
+        """Every step of the batch started at once (the engine batches them together); done when all are."""
+        limit = self._settings.max_steps_per_message
+        steps: list[asyncio.Future[StepResult]] = []
+        if len(batch.steps) > limit:
+            too_many = Overloaded(f"a StepBatch holds at most {limit} steps, this one {len(batch.steps)}; split it")
+            steps = [failed(too_many) for _ in batch.steps]
+        else:
+            seen: set[tuple[str, str]] = set()
+            for request in batch.steps:
+                session = (request.model, request.session_id)
+                if session in seen:
+                    steps.append(
+                        failed(
+                            InvalidArgument(
+                                f"session {request.session_id!r} has more than one step in this batch; "
+                                "send its next step in a later batch"
+                            )
+                        )
+                    )
+                    continue
+                seen.add(session)
+                steps.append(self._submit(request))
+        return all_done(steps)
+
+    def _respond_batch(
+        self, batch: pb.StepBatch, done: asyncio.Future[list[asyncio.Future[StepResult]]], taken: float
+    ) -> pb.StepBatchResult:
+        return pb.StepBatchResult(
+            id=batch.id,
+            responses=[
+                self._respond(request, step, taken, "StreamBatch")
+                for request, step in zip(batch.steps, done.result(), strict=True)
+            ],
+        )
+
     def _submit(self, request: pb.StepRequest) -> asyncio.Future[StepResult]:
         try:
             step = Step(
@@ -93,11 +151,13 @@ class NativeServicer(pb_grpc.RnnServeServicer):
             return failed(err)
         return self._engine.submit(step)
 
-    def _respond(self, request: pb.StepRequest, done: asyncio.Future[StepResult], taken: float) -> pb.StepResponse:
+    def _respond(
+        self, request: pb.StepRequest, done: asyncio.Future[StepResult], taken: float, method: str = "Stream"
+    ) -> pb.StepResponse:
         error = done.exception()
         if error is not None:  # answered in-band: the stream stays open for the other sessions
-            code, message = classify(error, "Stream")
-            self.metrics.errors.labels("Stream", code.name).inc()
+            code, message = classify(error, method)
+            self.metrics.errors.labels(method, code.name).inc()
             return pb.StepResponse(
                 session_id=request.session_id,
                 seq=request.seq,

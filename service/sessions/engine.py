@@ -49,26 +49,17 @@ class SessionEngine:
         self._turns = SessionTurns()
         self._tasks: set[asyncio.Task[None]] = set()
         self._pipeline = BatchPipeline(registry, store, self.cache, self._executor, settings, metrics)
-        self._batchers: dict[str, Batcher[Pending, StepResult]] = {}
+        # One batcher for every model: a batch of many models' steps still makes one store read and one
+        # commit (the pipeline makes one runtime call per model version and chunk length).
+        self._batcher = Batcher[Pending, StepResult]("steps", self._pipeline.run, settings.batching)
 
     async def start(self) -> None:
-        for model in self.registry.all():
-            if model.manifest.streamable:
-                self._batcher(model.name)
+        self._batcher.start()
 
     async def stop(self) -> None:
         """Finish queued and in-flight steps (their commits included), then release the runtime threads."""
-        await asyncio.gather(*(b.stop() for b in self._batchers.values()))
+        await self._batcher.stop()
         self._executor.shutdown(wait=True)
-
-    def _batcher(self, model: str) -> Batcher[Pending, StepResult]:
-        batcher = self._batchers.get(model)
-        if batcher is None:
-            batcher = self._batchers[model] = Batcher[Pending, StepResult](
-                model, self._pipeline.run, self._settings.batching
-            )
-            batcher.start()
-        return batcher
 
     # -- the public operations -----------------------------------------------------------------
 
@@ -98,7 +89,7 @@ class SessionEngine:
             self._turns.leave(pending.key)
 
         try:
-            self._batcher(pending.step.model).put(pending, landed)
+            self._batcher.put(pending, landed)
         except RnnServeError as err:  # stopping, or the queue is full
             landed(err)
 

@@ -25,6 +25,21 @@ def direct(model: str, version: int, x: np.ndarray) -> dict[str, np.ndarray]:
     return dict(zip(names, session.run(names, {manifest.input.name: x, **feeds}), strict=True))
 
 
+def streamed(model: str, version: int, x: np.ndarray) -> dict[str, np.ndarray]:
+    """The graph itself on one session's x [T, F], one step per call, states carried: outputs [T, ...]."""
+    directory = SHIPPED_REPO / model / str(version)
+    manifest = read_manifest(directory)
+    session = ort.InferenceSession(str(directory / MODEL_FILE), providers=["CPUExecutionProvider"])
+    states = {s.input: np.zeros([1, *s.shape[1:]], np.float32) for s in manifest.state}
+    names = [o.name for o in manifest.outputs] + [s.output for s in manifest.state]
+    steps: list[list[np.ndarray]] = []
+    for t in range(len(x)):
+        values = session.run(names, {manifest.input.name: x[None, t : t + 1], **states})
+        steps.append(values[: len(manifest.outputs)])
+        states = dict(zip((s.input for s in manifest.state), values[len(manifest.outputs) :], strict=True))
+    return {o.name: np.concatenate([step[i][0] for step in steps]) for i, o in enumerate(manifest.outputs)}
+
+
 @pytest.fixture
 async def shipped(start_server):
     return await start_server(SHIPPED_REPO)

@@ -62,7 +62,7 @@ def test_metadata_calls(start_server_sync):
     assert [(t.name, t.datatype, list(t.shape)) for t in metadata.inputs] == [("x", "FP32", [-1, -1, FEATURES])]
     assert [(t.name, t.datatype, list(t.shape)) for t in metadata.outputs] == [("logits", "FP32", [-1, -1, FEATURES])]
     config = client.get_model_config("charlm").config
-    assert config.max_batch_size == 64
+    assert config.max_batch_size == 256
     assert list(config.input[0].dims) == [-1, FEATURES]
     assert config.sequence_batching.max_sequence_idle_microseconds == 3600 * 1_000_000
     assert [s.input_name for s in config.sequence_batching.state] == ["h0", "h1", "c0", "c1"]

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1arnnserve/v1/rnnserve.proto\x12\x0brnnserve.v1\"2\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x03(\x02\x12\x0b\n\x03raw\x18\x03 \x01(\x0c\"\xa0\x01\n\x0bStepRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12\r\n\x05start\x18\x05 \x01(\x08\x12\x0b\n\x03\x65nd\x18\x06 \x01(\x08\x12\"\n\x05input\x18\x07 \x01(\x0b\x32\x13.rnnserve.v1.Tensor\x12\x10\n\x08start_id\x18\x08 \x01(\x04\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x99\x02\n\x0cStepResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12\x37\n\x07outputs\x18\x05 \x03(\x0b\x32&.rnnserve.v1.StepResponse.OutputsEntry\x12\x10\n\x08replayed\x18\x06 \x01(\x08\x12\"\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x13.rnnserve.v1.Status\x12\x14\n\x0c\x65xpected_seq\x18\x08 \x01(\x04\x1a\x43\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.rnnserve.v1.Tensor:\x02\x38\x01\"R\n\x0cInferRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\"\n\x05input\x18\x03 \x01(\x0b\x32\x13.rnnserve.v1.Tensor\"\xae\x01\n\rInferResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x38\n\x07outputs\x18\x03 \x03(\x0b\x32\'.rnnserve.v1.InferResponse.OutputsEntry\x1a\x43\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.rnnserve.v1.Tensor:\x02\x38\x01\"\x13\n\x11ListModelsRequest\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xec\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x0c\n\x04\x63\x65ll\x18\x04 \x01(\t\x12\x12\n\nstreamable\x18\x05 \x01(\x08\x12\x11\n\tprecision\x18\x06 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x07 \x01(\t\x12\'\n\x06inputs\x18\x08 \x03(\x0b\x32\x17.rnnserve.v1.TensorSpec\x12(\n\x07outputs\x18\t \x03(\x0b\x32\x17.rnnserve.v1.TensorSpec\x12\x15\n\rmanifest_json\x18\n \x01(\t\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.rnnserve.v1.ModelInfo\"/\n\nSessionRef\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"x\n\x0bSessionInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x10\n\x08last_seq\x18\x04 \x01(\x04\x12\x13\n\x0b\x66ingerprint\x18\x05 \x01(\t\x12\x0e\n\x06ttl_ms\x18\x06 \x01(\x03\"(\n\x15\x44\x65leteSessionResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\x32\xeb\x02\n\x08RnnServe\x12\x41\n\x06Stream\x12\x18.rnnserve.v1.StepRequest\x1a\x19.rnnserve.v1.StepResponse(\x01\x30\x01\x12>\n\x05Infer\x12\x19.rnnserve.v1.InferRequest\x1a\x1a.rnnserve.v1.InferResponse\x12M\n\nListModels\x12\x1e.rnnserve.v1.ListModelsRequest\x1a\x1f.rnnserve.v1.ListModelsResponse\x12?\n\nGetSession\x12\x17.rnnserve.v1.SessionRef\x1a\x18.rnnserve.v1.SessionInfo\x12L\n\rDeleteSession\x12\x17.rnnserve.v1.SessionRef\x1a\".rnnserve.v1.DeleteSessionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1arnnserve/v1/rnnserve.proto\x12\x0brnnserve.v1\"2\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x03(\x02\x12\x0b\n\x03raw\x18\x03 \x01(\x0c\"\xa0\x01\n\x0bStepRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x12\n\nsession_id\x18\x03 \x01(\t\x12\x0b\n\x03seq\x18\x04 \x01(\x04\x12\r\n\x05start\x18\x05 \x01(\x08\x12\x0b\n\x03\x65nd\x18\x06 \x01(\x08\x12\"\n\x05input\x18\x07 \x01(\x0b\x32\x13.rnnserve.v1.Tensor\x12\x10\n\x08start_id\x18\x08 \x01(\x04\"@\n\tStepBatch\x12\'\n\x05steps\x18\x01 \x03(\x0b\x32\x18.rnnserve.v1.StepRequest\x12\n\n\x02id\x18\x02 \x01(\x04\"K\n\x0fStepBatchResult\x12,\n\tresponses\x18\x01 \x03(\x0b\x32\x19.rnnserve.v1.StepResponse\x12\n\n\x02id\x18\x02 \x01(\x04\"\'\n\x06Status\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x99\x02\n\x0cStepResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12\x37\n\x07outputs\x18\x05 \x03(\x0b\x32&.rnnserve.v1.StepResponse.OutputsEntry\x12\x10\n\x08replayed\x18\x06 \x01(\x08\x12\"\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x13.rnnserve.v1.Status\x12\x14\n\x0c\x65xpected_seq\x18\x08 \x01(\x04\x1a\x43\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.rnnserve.v1.Tensor:\x02\x38\x01\"R\n\x0cInferRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\"\n\x05input\x18\x03 \x01(\x0b\x32\x13.rnnserve.v1.Tensor\"\xae\x01\n\rInferResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x38\n\x07outputs\x18\x03 \x03(\x0b\x32\'.rnnserve.v1.InferResponse.OutputsEntry\x1a\x43\n\x0cOutputsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.rnnserve.v1.Tensor:\x02\x38\x01\"\x13\n\x11ListModelsRequest\"8\n\nTensorSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\xec\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x0c\n\x04\x63\x65ll\x18\x04 \x01(\t\x12\x12\n\nstreamable\x18\x05 \x01(\x08\x12\x11\n\tprecision\x18\x06 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x07 \x01(\t\x12\'\n\x06inputs\x18\x08 \x03(\x0b\x32\x17.rnnserve.v1.TensorSpec\x12(\n\x07outputs\x18\t \x03(\x0b\x32\x17.rnnserve.v1.TensorSpec\x12\x15\n\rmanifest_json\x18\n \x01(\t\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.rnnserve.v1.ModelInfo\"/\n\nSessionRef\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\"x\n\x0bSessionInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x03\x12\x10\n\x08last_seq\x18\x04 \x01(\x04\x12\x13\n\x0b\x66ingerprint\x18\x05 \x01(\t\x12\x0e\n\x06ttl_ms\x18\x06 \x01(\x03\"(\n\x15\x44\x65leteSessionResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\x32\xb4\x03\n\x08RnnServe\x12\x41\n\x06Stream\x12\x18.rnnserve.v1.StepRequest\x1a\x19.rnnserve.v1.StepResponse(\x01\x30\x01\x12G\n\x0bStreamBatch\x12\x16.rnnserve.v1.StepBatch\x1a\x1c.rnnserve.v1.StepBatchResult(\x01\x30\x01\x12>\n\x05Infer\x12\x19.rnnserve.v1.InferRequest\x1a\x1a.rnnserve.v1.InferResponse\x12M\n\nListModels\x12\x1e.rnnserve.v1.ListModelsRequest\x1a\x1f.rnnserve.v1.ListModelsResponse\x12?\n\nGetSession\x12\x17.rnnserve.v1.SessionRef\x1a\x18.rnnserve.v1.SessionInfo\x12L\n\rDeleteSession\x12\x17.rnnserve.v1.SessionRef\x1a\".rnnserve.v1.DeleteSessionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,32 +39,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSOR']._serialized_end=93
   _globals['_STEPREQUEST']._serialized_start=96
   _globals['_STEPREQUEST']._serialized_end=256
-  _globals['_STATUS']._serialized_start=258
-  _globals['_STATUS']._serialized_end=297
-  _globals['_STEPRESPONSE']._serialized_start=300
-  _globals['_STEPRESPONSE']._serialized_end=581
-  _globals['_STEPRESPONSE_OUTPUTSENTRY']._serialized_start=514
-  _globals['_STEPRESPONSE_OUTPUTSENTRY']._serialized_end=581
-  _globals['_INFERREQUEST']._serialized_start=583
-  _globals['_INFERREQUEST']._serialized_end=665
-  _globals['_INFERRESPONSE']._serialized_start=668
-  _globals['_INFERRESPONSE']._serialized_end=842
-  _globals['_INFERRESPONSE_OUTPUTSENTRY']._serialized_start=514
-  _globals['_INFERRESPONSE_OUTPUTSENTRY']._serialized_end=581
-  _globals['_LISTMODELSREQUEST']._serialized_start=844
-  _globals['_LISTMODELSREQUEST']._serialized_end=863
-  _globals['_TENSORSPEC']._serialized_start=865
-  _globals['_TENSORSPEC']._serialized_end=921
-  _globals['_MODELINFO']._serialized_start=924
-  _globals['_MODELINFO']._serialized_end=1160
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1162
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1222
-  _globals['_SESSIONREF']._serialized_start=1224
-  _globals['_SESSIONREF']._serialized_end=1271
-  _globals['_SESSIONINFO']._serialized_start=1273
-  _globals['_SESSIONINFO']._serialized_end=1393
-  _globals['_DELETESESSIONRESPONSE']._serialized_start=1395
-  _globals['_DELETESESSIONRESPONSE']._serialized_end=1435
-  _globals['_RNNSERVE']._serialized_start=1438
-  _globals['_RNNSERVE']._serialized_end=1801
+  _globals['_STEPBATCH']._serialized_start=258
+  _globals['_STEPBATCH']._serialized_end=322
+  _globals['_STEPBATCHRESULT']._serialized_start=324
+  _globals['_STEPBATCHRESULT']._serialized_end=399
+  _globals['_STATUS']._serialized_start=401
+  _globals['_STATUS']._serialized_end=440
+  _globals['_STEPRESPONSE']._serialized_start=443
+  _globals['_STEPRESPONSE']._serialized_end=724
+  _globals['_STEPRESPONSE_OUTPUTSENTRY']._serialized_start=657
+  _globals['_STEPRESPONSE_OUTPUTSENTRY']._serialized_end=724
+  _globals['_INFERREQUEST']._serialized_start=726
+  _globals['_INFERREQUEST']._serialized_end=808
+  _globals['_INFERRESPONSE']._serialized_start=811
+  _globals['_INFERRESPONSE']._serialized_end=985
+  _globals['_INFERRESPONSE_OUTPUTSENTRY']._serialized_start=657
+  _globals['_INFERRESPONSE_OUTPUTSENTRY']._serialized_end=724
+  _globals['_LISTMODELSREQUEST']._serialized_start=987
+  _globals['_LISTMODELSREQUEST']._serialized_end=1006
+  _globals['_TENSORSPEC']._serialized_start=1008
+  _globals['_TENSORSPEC']._serialized_end=1064
+  _globals['_MODELINFO']._serialized_start=1067
+  _globals['_MODELINFO']._serialized_end=1303
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1305
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1365
+  _globals['_SESSIONREF']._serialized_start=1367
+  _globals['_SESSIONREF']._serialized_end=1414
+  _globals['_SESSIONINFO']._serialized_start=1416
+  _globals['_SESSIONINFO']._serialized_end=1536
+  _globals['_DELETESESSIONRESPONSE']._serialized_start=1538
+  _globals['_DELETESESSIONRESPONSE']._serialized_end=1578
+  _globals['_RNNSERVE']._serialized_start=1581
+  _globals['_RNNSERVE']._serialized_end=2017
 # @@protoc_insertion_point(module_scope)

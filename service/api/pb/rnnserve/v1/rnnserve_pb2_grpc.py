@@ -39,6 +39,11 @@ class RnnServeStub:
                 request_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.StepRequest.SerializeToString,
                 response_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.StepResponse.FromString,
                 _registered_method=True)
+        self.StreamBatch = channel.stream_stream(
+                '/rnnserve.v1.RnnServe/StreamBatch',
+                request_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.StepBatch.SerializeToString,
+                response_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.StepBatchResult.FromString,
+                _registered_method=True)
         self.Infer = channel.unary_unary(
                 '/rnnserve.v1.RnnServe/Infer',
                 request_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.InferRequest.SerializeToString,
@@ -68,6 +73,16 @@ class RnnServeServicer:
         """Steps of one or many sessions on one stream. Each request gets exactly one response; within a
         session, responses come in seq order. A step that fails answers in-band (StepResponse.error) and
         leaves the stream open, so one bad session does not tear down the others on the stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamBatch(self, request_iterator, context):
+        """Many sessions' steps per message, for gateways: each StepBatch is answered by one StepBatchResult
+        (with the batch's id), its responses in the order of its steps, sent once every step of the batch
+        is committed or has failed. Each step keeps every rule of Stream, and fails on its own, in-band;
+        at most one step per session in a batch. Results come in the order the batches were sent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -108,6 +123,11 @@ def add_RnnServeServicer_to_server(servicer, server):
                     servicer.Stream,
                     request_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.StepRequest.FromString,
                     response_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.StepResponse.SerializeToString,
+            ),
+            'StreamBatch': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamBatch,
+                    request_deserializer=rnnserve_dot_v1_dot_rnnserve__pb2.StepBatch.FromString,
+                    response_serializer=rnnserve_dot_v1_dot_rnnserve__pb2.StepBatchResult.SerializeToString,
             ),
             'Infer': grpc.unary_unary_rpc_method_handler(
                     servicer.Infer,
@@ -157,6 +177,33 @@ class RnnServe:
             '/rnnserve.v1.RnnServe/Stream',
             rnnserve_dot_v1_dot_rnnserve__pb2.StepRequest.SerializeToString,
             rnnserve_dot_v1_dot_rnnserve__pb2.StepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamBatch(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/rnnserve.v1.RnnServe/StreamBatch',
+            rnnserve_dot_v1_dot_rnnserve__pb2.StepBatch.SerializeToString,
+            rnnserve_dot_v1_dot_rnnserve__pb2.StepBatchResult.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,12 @@ class RnnServeStub:
     session, responses come in seq order. A step that fails answers in-band (StepResponse.error) and
     leaves the stream open, so one bad session does not tear down the others on the stream.
     """
+    StreamBatch: _grpc.StreamStreamMultiCallable[_rnnserve_pb2.StepBatch, _rnnserve_pb2.StepBatchResult]
+    """Many sessions' steps per message, for gateways: each StepBatch is answered by one StepBatchResult
+    (with the batch's id), its responses in the order of its steps, sent once every step of the batch
+    is committed or has failed. Each step keeps every rule of Stream, and fails on its own, in-band;
+    at most one step per session in a batch. Results come in the order the batches were sent.
+    """
     Infer: _grpc.UnaryUnaryMultiCallable[_rnnserve_pb2.InferRequest, _rnnserve_pb2.InferResponse]
     """A whole sequence through a fresh state, no session kept (the way to use bidirectional models)."""
     ListModels: _grpc.UnaryUnaryMultiCallable[_rnnserve_pb2.ListModelsRequest, _rnnserve_pb2.ListModelsResponse]
@@ -59,6 +65,12 @@ class RnnServeAsyncStub(RnnServeStub):
     """Steps of one or many sessions on one stream. Each request gets exactly one response; within a
     session, responses come in seq order. A step that fails answers in-band (StepResponse.error) and
     leaves the stream open, so one bad session does not tear down the others on the stream.
+    """
+    StreamBatch: _aio.StreamStreamMultiCallable[_rnnserve_pb2.StepBatch, _rnnserve_pb2.StepBatchResult]  # type: ignore[assignment]
+    """Many sessions' steps per message, for gateways: each StepBatch is answered by one StepBatchResult
+    (with the batch's id), its responses in the order of its steps, sent once every step of the batch
+    is committed or has failed. Each step keeps every rule of Stream, and fails on its own, in-band;
+    at most one step per session in a batch. Results come in the order the batches were sent.
     """
     Infer: _aio.UnaryUnaryMultiCallable[_rnnserve_pb2.InferRequest, _rnnserve_pb2.InferResponse]  # type: ignore[assignment]
     """A whole sequence through a fresh state, no session kept (the way to use bidirectional models)."""
@@ -79,6 +91,18 @@ class RnnServeServicer(metaclass=_abc_1.ABCMeta):
         """Steps of one or many sessions on one stream. Each request gets exactly one response; within a
         session, responses come in seq order. A step that fails answers in-band (StepResponse.error) and
         leaves the stream open, so one bad session does not tear down the others on the stream.
+        """
+
+    @_abc_1.abstractmethod
+    def StreamBatch(
+        self,
+        request_iterator: _MaybeAsyncIterator[_rnnserve_pb2.StepBatch],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_rnnserve_pb2.StepBatchResult], _abc.AsyncIterator[_rnnserve_pb2.StepBatchResult]]:
+        """Many sessions' steps per message, for gateways: each StepBatch is answered by one StepBatchResult
+        (with the batch's id), its responses in the order of its steps, sent once every step of the batch
+        is committed or has failed. Each step keeps every rule of Stream, and fails on its own, in-band;
+        at most one step per session in a batch. Results come in the order the batches were sent.
         """
 
     @_abc_1.abstractmethod

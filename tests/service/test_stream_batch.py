@@ -1,0 +1,174 @@
+"""StreamBatch: many sessions' steps per message, for gateways, with every per-session rule intact."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import numpy as np
+
+from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
+from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+from service.client import BatchClient, StepError, StepReply, step_request
+from tests.conftest import SHIPPED_REPO, TEST_REPO, logits_of, offline_logits, vocabulary
+from tests.service.test_shipped_models import streamed
+
+FEATURES = len(vocabulary())
+EYE = np.eye(FEATURES, dtype=np.float32)
+V1 = TEST_REPO / "charlm" / "1"
+
+
+def chars(i: int, steps: int) -> list[int]:
+    return [(i * 5 + t * (i % 4 + 1)) % FEATURES for t in range(steps)]
+
+
+async def exchange_batches(target: str, batches: list[pb.StepBatch]) -> list[pb.StepBatchResult]:
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = pb_grpc.RnnServeStub(channel).StreamBatch()
+        for batch in batches:
+            await call.write(batch)
+        await call.done_writing()
+        return [result async for result in call]
+
+
+async def test_1024_sessions_in_batches_of_256(start_server, redis_store_url):
+    app = await start_server(url=redis_store_url)
+    target = f"127.0.0.1:{app.port}"
+    sessions, steps = 1024, 3
+    expected = {}
+    for i in range(sessions):
+        key = tuple(chars(i, steps))
+        if key not in expected:
+            expected[key] = offline_logits(V1, EYE[list(key)])
+    async with BatchClient(target) as gateway:
+        for t in range(steps):
+            for first in range(0, sessions, 256):
+                inputs = {f"g{i}": EYE[chars(i, steps)[t : t + 1]] for i in range(first, first + 256)}
+                replies = await gateway.step("charlm", inputs)
+                assert list(replies) == list(inputs)  # in the order of the steps
+                for sid, reply in replies.items():
+                    assert isinstance(reply, StepReply), reply
+                    assert reply.seq == t + 1
+                    want = expected[tuple(chars(int(sid[1:]), steps))][t]
+                    np.testing.assert_allclose(reply.outputs["logits"][0], want, atol=1e-5, rtol=0)
+    labels = {"model": "charlm", "version": "1"}
+    assert app.metrics.registry.get_sample_value("rnnserve_batch_size_sum", labels) == sessions * steps
+    batches = app.metrics.registry.get_sample_value("rnnserve_batch_size_count", labels)
+    assert batches is not None and batches <= 2 * 4 * steps  # runtime calls by the batch, not by the step
+
+
+async def test_one_batch_may_mix_models(start_server):
+    app = await start_server(SHIPPED_REPO)
+    x_char = EYE[[3, 17, 40]]
+    x_glucose = np.array([[100.0, 0.0], [104.0, 5.0], [109.0, 5.0]], np.float32)
+    batches = [
+        pb.StepBatch(
+            id=t,
+            steps=[
+                step_request("charlm-lstm", "c", t + 1, x_char[t : t + 1], version=1),
+                step_request("charlm-gru", "c", t + 1, x_char[t : t + 1], version=1),
+                step_request("glucose-lstm", "g", t + 1, x_glucose[t : t + 1], version=1),
+            ],
+        )
+        for t in range(3)
+    ]
+    results = await exchange_batches(f"127.0.0.1:{app.port}", batches)
+    assert [r.id for r in results] == [0, 1, 2]
+    lstm = streamed("charlm-lstm", 1, x_char)["logits"]
+    gru = streamed("charlm-gru", 1, x_char)["logits"]
+    forecast = streamed("glucose-lstm", 1, x_glucose)["forecast"]
+    for t, result in enumerate(results):
+        a, b, c = result.responses
+        np.testing.assert_allclose(logits_of(a)[0], lstm[t], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(logits_of(b)[0], gru[t], atol=1e-5, rtol=0)
+        got = np.frombuffer(c.outputs["forecast"].raw, "<f4")
+        np.testing.assert_allclose(got, forecast[t].ravel(), atol=1e-4, rtol=0)
+
+
+async def test_bad_steps_fail_alone(start_server, redis_store_url):
+    app = await start_server(url=redis_store_url)
+    target = f"127.0.0.1:{app.port}"
+    x = EYE[[5]]
+    good = [step_request("charlm", f"ok{i}", 1, x) for i in range(4)]
+    bad = [
+        step_request("charlm", "nan", 1, np.full((1, FEATURES), np.nan)),
+        step_request("charlm", "gap", 3, x),
+        step_request("nope", "m", 1, x),
+        step_request("charlm", "ok0", 2, x),  # a second step of ok0 in the same batch
+    ]
+    (result,) = await exchange_batches(
+        target, [pb.StepBatch(id=7, steps=[good[0], bad[0], good[1], *bad[1:], *good[2:]])]
+    )
+    codes = [(r.session_id, r.error.code) for r in result.responses]
+    assert codes == [
+        ("ok0", 0),
+        ("nan", grpc.StatusCode.INVALID_ARGUMENT.value[0]),
+        ("ok1", 0),
+        ("gap", grpc.StatusCode.NOT_FOUND.value[0]),
+        ("m", grpc.StatusCode.NOT_FOUND.value[0]),
+        ("ok0", grpc.StatusCode.INVALID_ARGUMENT.value[0]),
+        ("ok2", 0),
+        ("ok3", 0),
+    ]
+    assert "more than one step in this batch" in result.responses[5].error.message
+    want = offline_logits(V1, x)[0]
+    for response in result.responses:
+        if not response.HasField("error"):
+            np.testing.assert_allclose(logits_of(response)[0], want, atol=1e-5, rtol=0)
+
+
+async def test_an_oversize_batch_is_refused_step_by_step(start_server):
+    app = await start_server(max_steps_per_message=4)
+    (result,) = await exchange_batches(
+        f"127.0.0.1:{app.port}",
+        [pb.StepBatch(id=1, steps=[step_request("charlm", f"s{i}", 1, EYE[[1]]) for i in range(5)])],
+    )
+    assert {r.error.code for r in result.responses} == {grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]}
+    assert "at most 4 steps" in result.responses[0].error.message
+
+
+async def test_a_resent_batch_replays_what_was_applied_and_applies_the_rest(start_server, redis_store_url):
+    app = await start_server(url=redis_store_url)
+    target = f"127.0.0.1:{app.port}"
+    x = EYE[[9]]
+    steps = [step_request("charlm", sid, 1, x, start_id=11) for sid in ("a", "b", "c")]
+    (first,) = await exchange_batches(target, [pb.StepBatch(id=1, steps=steps[:1])])  # only a's step got through
+    assert not first.responses[0].replayed
+    (resent,) = await exchange_batches(target, [pb.StepBatch(id=2, steps=steps)])  # the whole batch, again
+    assert [r.replayed for r in resent.responses] == [True, False, False]
+    np.testing.assert_array_equal(logits_of(resent.responses[0]), logits_of(first.responses[0]))
+
+
+async def test_the_batch_client_resumes_across_a_drain(start_server, redis_store_url):
+    app = await start_server(url=redis_store_url)
+    port = app.port
+    sessions = [f"s{i}" for i in range(64)]
+    expected = {sid: offline_logits(V1, EYE[chars(i, 12)]) for i, sid in enumerate(sessions)}
+    async with BatchClient(f"127.0.0.1:{port}", reconnect_timeout_s=20) as gateway:
+
+        async def run() -> None:
+            for t in range(12):
+                inputs = {sid: EYE[chars(i, 12)[t : t + 1]] for i, sid in enumerate(sessions)}
+                replies = await gateway.step("charlm", inputs)
+                for sid, reply in replies.items():
+                    assert not isinstance(reply, StepError), reply
+                    np.testing.assert_allclose(reply.outputs["logits"][0], expected[sid][t], atol=1e-5, rtol=0)
+
+        running = asyncio.create_task(run())
+        await asyncio.sleep(0.15)
+        await app.stop(grace_s=2)
+        await start_server(url=redis_store_url, port=port)
+        await running
+        assert gateway.reconnects >= 1
+        assert all(gateway.acked_seq("charlm", sid) == 12 for sid in sessions)
+
+
+async def test_a_refused_step_leaves_the_session_where_it_was(start_server):
+    app = await start_server()
+    async with BatchClient(f"127.0.0.1:{app.port}") as gateway:
+        (ok,) = (await gateway.step("charlm", {"s": EYE[[1]]})).values()
+        assert isinstance(ok, StepReply) and ok.seq == 1
+        (refused,) = (await gateway.step("charlm", {"s": np.full((1, FEATURES), np.inf)})).values()
+        assert isinstance(refused, StepError) and refused.code == grpc.StatusCode.INVALID_ARGUMENT
+        (again,) = (await gateway.step("charlm", {"s": EYE[[2]]})).values()
+        assert isinstance(again, StepReply) and again.seq == 2
