@@ -51,6 +51,11 @@ class LoadedModel:
         return self._zero_states
 
     @functools.cached_property
+    def state_layout(self) -> list[tuple[str, tuple[int, ...], np.dtype[np.generic]]]:
+        """(input name, shape without the batch axis, dtype) of each state tensor."""
+        return [(s.input, tuple(s.shape[1:]), np.dtype(s.dtype)) for s in self.manifest.state]
+
+    @functools.cached_property
     def _zero_states(self) -> dict[str, np.ndarray]:
         states = {s.input: np.zeros(s.shape[1:], dtype=s.dtype) for s in self.manifest.state}
         for array in states.values():

@@ -38,7 +38,7 @@ from service.sessions.cache import RecordCache
 from service.sessions.rules import Apply, Ask, Replay, judge
 from service.sessions.steps import Step, StepResult
 from service.settings import Settings
-from service.state.record import SessionRecord, Tensors, decode, encode
+from service.state.record import SessionRecord, Tensors, decode, encode_rows
 from service.state.store import Commit, Outcome, StateStore, Stored
 
 log = logging.getLogger(__name__)
@@ -149,11 +149,33 @@ class BatchPipeline:
             return None
         try:
             record = decode(stored.record, what=f"session {item.step.session_id!r}")
+            checked = self._check_fits(record, item)
         except RecordCorrupt as err:
             self._cache.forget(item.key)
             return err
-        self._cache.remember(item.key, record)
+        if checked:
+            self._cache.remember(item.key, record)
         return record
+
+    def _check_fits(self, record: SessionRecord, item: Pending) -> bool:
+        """A record read from the store must fit its model's state (names, shapes, dtype); records this
+        replica made itself do, so a cached one is not checked again. False: it cannot be checked (its
+        version is not loaded here), so it is not cached either."""
+        model = self._registry.by_fingerprint(record.fingerprint)
+        if model is None:
+            return False  # refused when planned: the version is not loaded
+        if record.ended:
+            return True  # a tombstone has no state
+        states = record.states
+        fits = len(states) == len(model.state_layout) and all(
+            (state := states.get(name)) is not None and state.shape == shape and state.dtype == dtype
+            for name, shape, dtype in model.state_layout
+        )
+        if not fits:
+            raise RecordCorrupt(
+                f"the stored session {item.step.session_id!r} does not fit its model's state; start it again"
+            )
+        return True
 
     def _settle(
         self,
@@ -197,21 +219,14 @@ class BatchPipeline:
                 f"session {step.session_id!r} is pinned to {model.name} version {model.version}, "
                 f"the step asked for version {step.version}; send version 0 or {model.version}"
             )
-        if not record.ended:
-            for spec in model.manifest.state:
-                state = record.states.get(spec.input)
-                if state is None or list(state.shape) != spec.shape[1:] or state.dtype != np.dtype(spec.dtype):
-                    raise RecordCorrupt(
-                        f"the stored session {step.session_id!r} does not fit its model's state; start it again"
-                    )
         return model
 
     # -- compute ---------------------------------------------------------------------------------
 
     async def _compute(
         self, plans: dict[int, _Planned], items: list[Pending], answers: list[Answer | None]
-    ) -> dict[int, SessionRecord]:
-        """New records for every plan, one runtime call per (model version, chunk length)."""
+    ) -> dict[int, tuple[SessionRecord, bytes]]:
+        """New records (and their bytes) for every plan, one runtime call per (model version, chunk length)."""
         groups: dict[tuple[bytes, int], list[int]] = {}
         for i, plan in plans.items():
             groups.setdefault((plan.model.fingerprint, plan.x.shape[0]), []).append(i)
@@ -223,7 +238,7 @@ class BatchPipeline:
             outcomes = _run_groups(work, plans, items)
         else:
             outcomes = await asyncio.get_running_loop().run_in_executor(self._executor, _run_groups, work, plans, items)
-        records: dict[int, SessionRecord] = {}
+        records: dict[int, tuple[SessionRecord, bytes]] = {}
         for (members, model), outcome in zip(work, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 log.error("runtime call failed for %s/%d", model.name, model.version, exc_info=outcome)
@@ -231,11 +246,11 @@ class BatchPipeline:
                     answers[i] = outcome
                     del plans[i]
                 continue
-            group_records, seconds = outcome
+            group_records, blobs, seconds = outcome
             series = self._metrics.model(model.name, model.version)
             series.runtime_latency.observe(seconds)
             series.batch_size.observe(len(members))
-            records.update(zip(members, group_records, strict=True))
+            records.update(zip(members, zip(group_records, blobs, strict=True), strict=True))
         return records
 
     # -- commit ----------------------------------------------------------------------------------
@@ -244,11 +259,11 @@ class BatchPipeline:
         self,
         items: list[Pending],
         plans: dict[int, _Planned],
-        records: dict[int, SessionRecord],
+        computed: dict[int, tuple[SessionRecord, bytes]],
         answers: list[Answer | None],
     ) -> list[int]:
         """Commit every computed record; answer what landed; return the steps to judge again."""
-        order = list(records)
+        order = list(computed)
         if not order:
             return []
         sessions = self._settings.sessions
@@ -256,9 +271,9 @@ class BatchPipeline:
             Commit(
                 items[i].key,
                 plans[i].apply.expected,
-                records[i].token,
-                encode(records[i]),
-                sessions.ended_ttl_s if records[i].ended else sessions.state_ttl_s,
+                computed[i][0].token,
+                computed[i][1],
+                sessions.ended_ttl_s if computed[i][0].ended else sessions.state_ttl_s,
             )
             for i in order
         ]
@@ -276,7 +291,7 @@ class BatchPipeline:
         self._metrics.store_commit_latency.observe(time.perf_counter() - started)
         again = []
         for i, outcome in zip(order, outcomes, strict=True):
-            item, record, model = items[i], records[i], plans[i].model
+            item, record, model = items[i], computed[i][0], plans[i].model
             if outcome.outcome is Outcome.OK:
                 self._cache.remember(item.key, record)
                 answers[i] = StepResult(model.name, model.version, item.step.session_id, record.seq, record.outputs)
@@ -302,11 +317,14 @@ def check_input(model: LoadedModel, x: np.ndarray, max_steps: int) -> np.ndarray
     return x.astype(np.float32, copy=False)
 
 
+Computed = tuple[list[SessionRecord], list[bytes], float]  # new records, their bytes, runtime seconds
+
+
 def _run_groups(
     work: Sequence[tuple[list[int], LoadedModel]], plans: dict[int, _Planned], items: list[Pending]
-) -> list[tuple[list[SessionRecord], float] | BaseException]:
-    """In a runtime thread: each group's runtime call, then each session's new record."""
-    out: list[tuple[list[SessionRecord], float] | BaseException] = []
+) -> list[Computed | BaseException]:
+    """Each group's runtime call, then each session's new record (on the event loop, or a runtime thread)."""
+    out: list[Computed | BaseException] = []
     for members, model in work:
         try:
             out.append(_run_group(model, [plans[i] for i in members], [items[i] for i in members]))
@@ -315,7 +333,7 @@ def _run_groups(
     return out
 
 
-def _run_group(model: LoadedModel, plans: list[_Planned], items: list[Pending]) -> tuple[list[SessionRecord], float]:
+def _run_group(model: LoadedModel, plans: list[_Planned], items: list[Pending]) -> Computed:
     started = time.perf_counter()
     zero = model.zero_states()
     x = np.stack([plan.x for plan in plans])
@@ -343,4 +361,20 @@ def _run_group(model: LoadedModel, plans: list[_Planned], items: list[Pending]) 
                 ended=end,
             )
         )
-    return records, seconds
+    blobs: list[bytes] = [b""] * len(records)
+    for ended in (False, True):  # a tombstone keeps no state: its rows are encoded apart
+        rows = [i for i, record in enumerate(records) if record.ended == ended]
+        if rows:
+            encoded = encode_rows(
+                model.fingerprint,
+                [records[i].epoch for i in rows],
+                [records[i].start_id for i in rows],
+                [records[i].seq for i in rows],
+                [records[i].digest for i in rows],
+                {} if ended else {name: value[rows] for name, value in new_states.items()},
+                {name: value[rows] for name, value in outputs.items()},
+                ended=ended,
+            )
+            for i, blob in zip(rows, encoded, strict=True):
+                blobs[i] = blob
+    return records, blobs, seconds

@@ -98,3 +98,27 @@ def test_malformed_records_are_data_loss(mangle):
         decode(mangle(encode(sample())))
     assert info.value.code is Code.DATA_LOSS
     assert "start the session again" in info.value.message
+
+
+@pytest.mark.parametrize("ended", [False, True])
+def test_records_encoded_together_equal_records_encoded_one_by_one(ended):
+    from service.state.record import encode_rows
+
+    rng = np.random.default_rng(1)
+    states = {} if ended else {"h0": rng.random((5, 8), np.float32), "c0": rng.random((5, 2, 3)).astype(np.float16)}
+    outputs = {"logits": rng.random((5, 3, 4), np.float32)}
+    epochs, start_ids, seqs = [1, 2, 3, 1 << 63, 5], [0, 7, 0, (1 << 64) - 1, 9], [1, 2, 3, 4, 1 << 40]
+    digests = [bytes([i]) * 16 for i in range(5)]
+    blobs = encode_rows(b"F" * 32, epochs, start_ids, seqs, digests, states, outputs, ended=ended)
+    for i, blob in enumerate(blobs):
+        one = SessionRecord(
+            b"F" * 32,
+            epochs[i],
+            seqs[i],
+            {name: value[i] for name, value in states.items()},
+            {name: value[i] for name, value in outputs.items()},
+            start_id=start_ids[i],
+            digest=digests[i],
+            ended=ended,
+        )
+        assert blob == encode(one)
