@@ -133,6 +133,8 @@ async def measure(scenario: Scenario, servers: Servers, echo: str, features: int
         per_message=scenario.per_message,
     )
     target, metrics_port = servers.target(scenario)
+    warm_up = replace(spec, target=target, steps=2, rate=None, sessions=min(spec.sessions, 64))
+    await run_load(warm_up)  # a server's first steps pay for lazy set-up: not what is measured
     pid = servers.pid(scenario)
     before, cpu_before = batch_totals(metrics_port), cpu_seconds(pid)
     out = {"scenario": asdict(scenario), "server": (await run_load(replace(spec, target=target))).summary()}
