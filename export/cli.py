@@ -13,48 +13,71 @@ import argparse
 import sys
 from pathlib import Path
 
-from export.config import ConfigError, GateSpec, model_spec, train_spec
+from export.config import ConfigError, GateSpec, TrainSpec, model_spec, train_spec
 from export.data import DataSetMissing
 from export.quantize import PRECISIONS
 
 
 def _train_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    train = commands.add_parser("train", help="train a model and write a safetensors checkpoint")
-    train.add_argument("--task", required=True, help="charlm | glucose | vowels")
-    train.add_argument("--cell", required=True, help="rnn | lstm | gru")
-    train.add_argument("--layers", type=int, default=2)
-    train.add_argument("--hidden-size", type=int, default=128)
-    train.add_argument("--dropout", type=float, default=0.0)
-    train.add_argument("--layer-norm", action="store_true")
-    train.add_argument("--bidirectional", action="store_true")
-    for name, kind in (
-        ("seed", int),
-        ("steps", int),
-        ("batch-size", int),
-        ("bptt", int),
-        ("learning-rate", float),
-        ("clip-norm", float),
-        ("eval-every", int),
-        ("lr-patience", int),
-        ("lr-factor", float),
-        ("early-stop-patience", int),
-        ("torch-threads", int),
-    ):
-        train.add_argument(f"--{name}", type=kind)
-    train.add_argument("--out", type=Path, required=True, help="checkpoint path (.safetensors)")
+    train = commands.add_parser(
+        "train",
+        help="train a model and write a safetensors checkpoint",
+        description="Train a recurrent model on a task's training split, early-stopped on its validation "
+        "split, and write a safetensors checkpoint for `rnnserve export`.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    suppress = argparse.SUPPRESS  # no "(default: None)" in the help, and absent when not given
+    tasks = "charlm (Shakespeare) | glucose (CGM forecast) | vowels"
+    train.add_argument("--task", required=True, default=suppress, help=tasks)
+    train.add_argument("--cell", required=True, default=suppress, help="rnn | lstm | gru")
+    train.add_argument("--layers", type=int, default=2, help="stacked recurrent layers, 1 to 4")
+    train.add_argument("--hidden-size", type=int, default=128, help="units per layer")
+    train.add_argument("--dropout", type=float, default=0.0, help="dropout between layers")
+    train.add_argument("--layer-norm", action="store_true", help="layer-normalised cells")
+    train.add_argument("--bidirectional", action="store_true", help="bidirectional (classification only)")
+    for name, info in TrainSpec.model_fields.items():
+        kind: type[int] | type[float] = float if info.annotation is float else int
+        flag = f"--{name.replace('_', '-')}"
+        train.add_argument(flag, type=kind, default=suppress, help=f"{info.description} (default: {info.default})")
+    train.add_argument("--out", type=Path, required=True, default=suppress, help="checkpoint path (.safetensors)")
 
 
 def _export_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    export = commands.add_parser("export", help="checkpoint -> ONNX variants -> validate -> publish")
-    export.add_argument("--checkpoint", type=Path, required=True)
-    export.add_argument("--name", required=True, help="model name in the repository")
-    export.add_argument("--model-repo", type=Path, default=Path("models"))
-    export.add_argument("--precisions", default=",".join(PRECISIONS))
-    export.add_argument("--parity-steps", type=int, default=10_000)
-    export.add_argument("--report-dir", type=Path, default=Path("docs/models"))
-    export.add_argument("--max-perplexity-increase-pct", type=float, default=GateSpec().max_perplexity_increase_pct)
-    export.add_argument("--max-rmse-increase-pct", type=float, default=GateSpec().max_rmse_increase_pct)
-    export.add_argument("--max-accuracy-drop-points", type=float, default=GateSpec().max_accuracy_drop_points)
+    export = commands.add_parser(
+        "export",
+        help="checkpoint -> ONNX variants -> validate -> publish",
+        description="Export a checkpoint to ONNX, check it against torch, build the other precisions, "
+        "evaluate every variant on the held-out split as it will be served, and publish those that pass "
+        "the gates as new versions.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    export.add_argument(
+        "--checkpoint", type=Path, required=True, default=argparse.SUPPRESS, help="a checkpoint from rnnserve train"
+    )
+    export.add_argument("--name", required=True, default=argparse.SUPPRESS, help="model name in the repository")
+    export.add_argument("--model-repo", type=Path, default=Path("models"), help="the model repository")
+    export.add_argument("--precisions", default=",".join(PRECISIONS), help="variants to build, fp32 included")
+    export.add_argument("--parity-steps", type=int, default=10_000, help="streamed steps of the parity check")
+    export.add_argument("--report-dir", type=Path, default=Path("docs/models"), help="where the report goes")
+    gates = GateSpec()
+    export.add_argument(
+        "--max-perplexity-increase-pct",
+        type=float,
+        default=gates.max_perplexity_increase_pct,
+        help="gate for language models: a variant's perplexity over fp32's",
+    )
+    export.add_argument(
+        "--max-rmse-increase-pct",
+        type=float,
+        default=gates.max_rmse_increase_pct,
+        help="gate for forecasters: a variant's RMSE over fp32's",
+    )
+    export.add_argument(
+        "--max-accuracy-drop-points",
+        type=float,
+        default=gates.max_accuracy_drop_points,
+        help="gate for classifiers: accuracy points below fp32's",
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -95,7 +118,7 @@ def run_train(args: argparse.Namespace) -> int:
             "early_stop_patience",
             "torch_threads",
         )
-        if getattr(args, key) is not None
+        if getattr(args, key, None) is not None
     }
     config = train_spec(**options)
     if args.out.suffix != ".safetensors":

@@ -62,17 +62,17 @@ class ModelSpec(_Spec):
 class TrainSpec(_Spec):
     """Optimisation; every field is used, every field is recorded."""
 
-    seed: int = 1234
+    seed: int = Field(default=1234, description="seed of every random draw (weights, batches, dropout)")
     steps: int = Field(default=1000, ge=1, description="optimiser updates at most")
-    batch_size: int = Field(default=64, ge=1)
+    batch_size: int = Field(default=64, ge=1, description="sequences per optimiser update")
     bptt: int = Field(default=128, ge=1, description="window of truncated backpropagation (streaming tasks)")
-    learning_rate: float = Field(default=2e-3, gt=0)
+    learning_rate: float = Field(default=2e-3, gt=0, description="Adam's initial learning rate")
     clip_norm: float = Field(default=1.0, gt=0, description="global gradient-norm clip")
-    eval_every: int = Field(default=100, ge=1)
+    eval_every: int = Field(default=100, ge=1, description="updates between evaluations on the validation split")
     lr_patience: int = Field(default=2, ge=0, description="evaluations without improvement before LR drops")
-    lr_factor: float = Field(default=0.5, gt=0, lt=1)
+    lr_factor: float = Field(default=0.5, gt=0, lt=1, description="what the learning rate is multiplied by")
     early_stop_patience: int = Field(default=4, ge=1, description="evaluations without improvement to stop")
-    torch_threads: int = Field(default=2, ge=1)
+    torch_threads: int = Field(default=2, ge=1, description="CPU threads torch trains with")
 
 
 class GateSpec(_Spec):

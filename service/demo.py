@@ -1,7 +1,8 @@
 """`rnnserve demo`: stream held-out Shakespeare to the served character model, one character per step.
 
-Without --target it starts a server in this process on embedded defaults (in-memory state), streams
-through real gRPC, and stops the server.
+Without --target it starts a server in this process on embedded defaults (in-memory state; no RNNSERVE_*
+variable changes what it runs), streams through real gRPC, and stops the server. The text is the
+held-out sample published beside the model (`<repo>/<model>/heldout_sample.txt`), never made up.
 """
 
 from __future__ import annotations
@@ -9,19 +10,24 @@ from __future__ import annotations
 import json
 import logging
 import statistics
+import sys
 import time
 from pathlib import Path
 
+import grpc
 import numpy as np
 
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.client import StreamClient
 from service.server import create_server
-from service.settings import Settings
+from service.settings import CodeSettings
 
 SAMPLE_FILE = "heldout_sample.txt"
 DEFAULT_MODEL = "charlm-lstm"
-FALLBACK_TEXT = "To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n"
+
+
+class DemoError(Exception):
+    """Why the demo cannot run, and what to do about it."""
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
@@ -37,31 +43,48 @@ async def run_demo(model_repo: Path, target: str | None, steps: int, generate: i
     app = None
     if target is None:
         logging.getLogger("service").setLevel(logging.ERROR)
-        app = await create_server(Settings(model_repo=model_repo, host="127.0.0.1", port=0, metrics_port=None))
+        settings = CodeSettings(model_repo=model_repo, host="127.0.0.1", port=0, metrics_port=None)
+        app = await create_server(settings)
         target = f"127.0.0.1:{app.port}"
-        print(f"started rnnserve on {target} (embedded defaults: in-memory state)")
+        print(f"started rnnserve on {target}: embedded defaults, in-memory state, models from {model_repo}")
     try:
-        async with StreamClient(target) as client:
+        async with StreamClient(target, reconnect_timeout_s=5) as client:
             return await _stream(client, model_repo, steps, generate, model)
+    except (ConnectionError, grpc.aio.AioRpcError) as err:
+        raise DemoError(f"no rnnserve answers at {target} ({_reason(err)}); start one with `rnnserve serve`") from err
     finally:
         if app is not None:
             await app.stop(grace_s=1.0)
 
 
+def _reason(err: BaseException) -> str:
+    if isinstance(err, grpc.aio.AioRpcError):
+        return f"{err.code().name}: {err.details()}"
+    return str(err)
+
+
 async def _stream(client: StreamClient, model_repo: Path, steps: int, generate: int, model: str) -> int:
     listing = await client.stub.ListModels(pb.ListModelsRequest())
-    models = [m for m in listing.models if m.task == "language_model" and m.streamable]
-    if not models:
-        print("no streamable language model is loaded")
-        return 1
-    # The newest version of the model asked for (int8 where it passed its gate), else any language model.
-    named = [m for m in models if m.name == model] or [m for m in models if m.name == models[0].name]
-    info = max(named, key=lambda m: m.version)
+    language = sorted({m.name for m in listing.models if m.task == "language_model" and m.streamable})
+    named = [m for m in listing.models if m.name == model]
+    if not named:
+        raise DemoError(f"the server has no model {model!r}; the demo streams text to one of: {', '.join(language)}")
+    if model not in language:
+        raise DemoError(
+            f"{model} is a {named[0].task} model; the demo streams text to a character language model: "
+            f"{', '.join(language) or 'none is loaded'}"
+        )
+    info = max(named, key=lambda m: m.version)  # the newest version: int8 where it passed its gate
     vocabulary: str = json.loads(info.manifest_json)["preprocessing"]["vocabulary"]
     index = {c: i for i, c in enumerate(vocabulary)}
     eye = np.eye(len(vocabulary), dtype=np.float32)
     sample = model_repo / info.name / SAMPLE_FILE
-    text = (sample.read_text() if sample.is_file() else FALLBACK_TEXT)[: steps + 1]
+    if not sample.is_file():
+        raise DemoError(
+            f"no held-out text for {info.name} at {sample}: run the demo from the repository, or point "
+            "--model-repo at the model repository that holds it"
+        )
+    text = sample.read_text()[: steps + 1]
     print(f"model {info.name}/{info.version} ({info.cell}, {info.precision}, fingerprint {info.fingerprint[:12]})")
     print(f"streaming {len(text) - 1} characters of held-out text, one step each\n")
     print(" seq  input  next  predicted (p)              latency")
@@ -105,6 +128,10 @@ def main_sync(model_repo: Path, target: str | None, steps: int, generate: int, m
     import asyncio
 
     started = time.perf_counter()
-    code = asyncio.run(run_demo(model_repo, target, steps, generate, model))
+    try:
+        code = asyncio.run(run_demo(model_repo, target, steps, generate, model))
+    except DemoError as err:
+        print(f"rnnserve demo: {err}", file=sys.stderr)
+        return 2
     print(f"demo finished in {time.perf_counter() - started:.1f}s")
     return code
