@@ -56,6 +56,11 @@ class SessionEngine:
     async def start(self) -> None:
         self._batcher.start()
 
+    @property
+    def sessions_in_flight(self) -> int:
+        """Sessions with a step taken and not yet landed on this replica."""
+        return len(self._turns)
+
     async def stop(self) -> None:
         """Finish queued and in-flight steps (their commits included), then release the runtime threads."""
         await self._batcher.stop()

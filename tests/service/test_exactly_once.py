@@ -204,14 +204,25 @@ async def test_sessions_resume_exactly_across_a_graceful_drain(start_server, red
     for round_ in range(3):
         got: dict[str, list[np.ndarray]] = {sid: [] for sid in texts}
         async with StreamClient(f"127.0.0.1:{port}", reconnect_timeout_s=20) as client:
+            underway = asyncio.Event()
+            drain_at = 3 + 8 * round_  # steps answered to every session's first when the drain begins
 
-            async def stream(sid: str, client: StreamClient = client, got: dict = got, round_: int = round_) -> None:
+            async def stream(
+                sid: str,
+                client: StreamClient = client,
+                got: dict = got,
+                round_: int = round_,
+                underway: asyncio.Event = underway,
+                drain_at: int = drain_at,
+            ) -> None:
                 session = client.session("charlm", f"{sid}-{round_}")
                 for t in range(30):
                     got[sid].append((await session.step(xs[sid][t : t + 1])).outputs["logits"][0])
+                    if t == drain_at:
+                        underway.set()
 
             streams = asyncio.gather(*(stream(sid) for sid in texts))
-            await asyncio.sleep(0.05 + 0.1 * round_)
+            await underway.wait()
             await app.stop(grace_s=2)
             app = await start_server(url=redis_store_url, port=port)
             await streams

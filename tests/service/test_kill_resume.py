@@ -9,12 +9,15 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
+import redis
 
 from bench.process import ServerProcess, free_port
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from service.client import StreamClient
+from service.state.store import session_key
 from tests.conftest import TEST_REPO, held_out_text, offline_logits, one_hot_text, vocabulary
+from tests.faults import RedisProxy
 
 STEPS = 120
 KILL_AFTER = 60
@@ -33,30 +36,43 @@ def servers(redis_store_url: str, server_port: int) -> Iterator[list[ServerProce
         server.stop()
 
 
-async def test_sigkill_mid_session_then_resume_on_a_new_server(servers, redis_store_url, server_port):
+async def test_sigkill_mid_session_then_resume_on_a_new_server(servers, redis_proc, redisdb, server_port):
+    """The step in flight at the kill is committed in Redis but never answered (the proxy withholds
+    Redis's reply until the server is dead): the client's resend to the new server must come back as a
+    replay, and every output must equal an uninterrupted run."""
     text = held_out_text()[:STEPS]
     x = one_hot_text(text, vocabulary())
     expected = offline_logits(TEST_REPO / "charlm" / "1", x)
-    first = ServerProcess.rnnserve(server_port, TEST_REPO, redis_store_url)
+    proxy = await RedisProxy(redis_proc.port).start()
+    first = ServerProcess.rnnserve(server_port, TEST_REPO, proxy.url, "--workers", "1")
     servers.append(first)
-    first.start()
+    await asyncio.to_thread(first.start)
 
     got: dict[int, np.ndarray] = {}
     async with StreamClient(f"127.0.0.1:{server_port}") as client:
         session = client.session("charlm", "kill-resume")
         for t in range(KILL_AFTER):
             got[t + 1] = (await session.step(x[t : t + 1])).outputs["logits"][0]
+        proxy.hold_replies()
         in_flight = asyncio.create_task(session.step(x[KILL_AFTER : KILL_AFTER + 1]))
-        await asyncio.sleep(0)  # the step is on its way; the server dies around it
-        first.kill()
-        second = ServerProcess.rnnserve(server_port, TEST_REPO, redis_store_url)
+        with redis.Redis(port=redis_proc.port) as direct:
+            while (
+                int(direct.hget(session_key("rnnserve", "charlm", "kill-resume"), "token").split(b":")[1]) <= KILL_AFTER
+            ):
+                await asyncio.sleep(0.01)  # until Redis has applied the step's commit
+        await asyncio.to_thread(first.kill)
+        proxy.release()
+        second = ServerProcess.rnnserve(server_port, TEST_REPO, proxy.url, "--workers", "1")
         servers.append(second)
         await asyncio.to_thread(second.start)
-        got[KILL_AFTER + 1] = (await in_flight).outputs["logits"][0]  # resent by the client: applied once
+        resumed = await in_flight  # resent by the client to the new server: applied once
+        assert resumed.replayed, "the resent step had been applied: it must be answered from the store"
+        got[KILL_AFTER + 1] = resumed.outputs["logits"][0]
         for t in range(KILL_AFTER + 1, STEPS):
             got[t + 1] = (await session.step(x[t : t + 1])).outputs["logits"][0]
         assert client.reconnects >= 1
         info = await client.stub.GetSession(pb.SessionRef(model="charlm", session_id="kill-resume"))
+    await proxy.close()
 
     assert info.last_seq == STEPS
     streamed = np.stack([got[seq] for seq in range(1, STEPS + 1)])

@@ -82,6 +82,10 @@ async def _is(value: Awaitable[int], expected: int) -> bool:
     return await value == expected
 
 
+async def _is_now(value: bool) -> bool:
+    return value
+
+
 async def test_a_drain_answers_probes_ends_watches_and_is_not_held_by_them(start_server):
     app = await start_server(batching={"max_batch_wait_us": 800_000})  # a step stays in flight 0.8 s
     target = f"127.0.0.1:{app.port}"
@@ -91,7 +95,7 @@ async def test_a_drain_answers_probes_ends_watches_and_is_not_held_by_them(start
         assert (await watch.read()).status == SERVING
         stream = pb_grpc.RnnServeStub(channel).Stream()
         await stream.write(steps("d", 1, 1)[0])
-        await asyncio.sleep(0.1)  # taken by the server, waiting in its batch
+        await eventually(lambda: _is_now(app.engine.sessions_in_flight == 1))  # taken, waiting in its batch
         started = time.monotonic()
         stopping = asyncio.create_task(app.stop(grace_s=5))
         assert (await watch.read()).status == NOT_SERVING

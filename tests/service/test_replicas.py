@@ -133,3 +133,15 @@ async def test_a_store_that_refuses_a_command_says_so(start_server, redis_store_
     (start,) = await exchange(target, steps("odd", 1, 1))  # a start's commit meets it too
     assert_error(start, grpc.StatusCode.UNAVAILABLE, "refused")
     assert "unreachable" not in refused.error.message + start.error.message
+
+
+async def test_a_resend_is_judged_on_the_store_not_on_a_stale_cache(start_server, redis_store_url):
+    """Replica A holds the session at seq 3; it ends at seq 4 on B. A resend of seq 3 to A is not a replay
+    any more: the session has ended (A must look, not answer from its copy)."""
+    a = await start_server(url=redis_store_url)
+    b = await start_server(url=redis_store_url)
+    await exchange(f"127.0.0.1:{a.port}", steps("s", 1, 3))
+    (ended,) = await exchange(f"127.0.0.1:{b.port}", [step_request("s", 4, X[3:4], end=True)])
+    assert not ended.HasField("error")
+    (resent,) = await exchange(f"127.0.0.1:{a.port}", steps("s", 3, 3))
+    assert_error(resent, grpc.StatusCode.NOT_FOUND, "ended at seq 4")

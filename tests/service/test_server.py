@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 import urllib.request
 
 import grpc
@@ -16,7 +17,7 @@ from service.api.convert import tensor_to_array
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from tests.conftest import ROOT, exchange, step_request
-from tests.service.test_session_contract import EXPECTED, TOLERANCE, X, steps
+from tests.service.test_session_contract import EXPECTED, TOLERANCE, X, assert_matches, steps
 
 
 def scrape(port: int) -> str:
@@ -83,20 +84,30 @@ async def test_empty_stream_closes_cleanly(start_server):
     assert await exchange(f"127.0.0.1:{app.port}", []) == []
 
 
+async def eventually(condition, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
 async def test_client_hanging_up_mid_stream_leaves_the_server_serving(start_server, redis_store_url):
     app = await start_server(url=redis_store_url)
     target = f"127.0.0.1:{app.port}"
     async with grpc.aio.insecure_channel(target) as channel:
         call = pb_grpc.RnnServeStub(channel).Stream()
-        for request in steps("h", 1, 6):
+        await call.write(steps("h", 1, 1)[0])
+        assert (await call.read()).seq == 1  # the session exists; what follows may or may not land
+        for request in steps("h", 2, 6):
             await call.write(request)
         call.cancel()
-    await asyncio.sleep(0.2)
+    await eventually(lambda: app.engine.sessions_in_flight == 0 and app.gate.open == 0)
     async with grpc.aio.insecure_channel(target) as channel:
         info = await pb_grpc.RnnServeStub(channel).GetSession(pb.SessionRef(model="charlm", session_id="h"))
     # Whatever was applied was applied in order and committed; the session continues from there.
+    assert 1 <= info.last_seq <= 6
     more = await exchange(target, steps("h", info.last_seq + 1, info.last_seq + 2))
-    assert [r.seq for r in more] == [info.last_seq + 1, info.last_seq + 2]
+    assert_matches(more, first=info.last_seq + 1)
     assert app.native.metrics.active_streams._value.get() == 0
 
 
@@ -125,7 +136,7 @@ async def test_stop_drains_open_streams_and_reports_not_serving(start_server):
         assert (await call.read()).seq == 1
         health = health_pb2_grpc.HealthStub(channel)
         await call.write(steps("d", 2, 2)[0])
-        await asyncio.sleep(0.1)  # read by the server, not yet computed
+        await eventually(lambda: app.engine.sessions_in_flight == 1)  # taken by the server, not yet computed
         stopping = asyncio.create_task(app.stop(grace_s=5.0))
         answer = await call.read()
         assert answer.seq == 2 and not answer.HasField("error")  # in flight at the drain: answered

@@ -145,9 +145,12 @@ async def test_the_batch_client_resumes_across_a_drain(start_server, redis_store
     sessions = [f"s{i}" for i in range(64)]
     expected = {sid: offline_logits(V1, EYE[chars(i, 12)]) for i, sid in enumerate(sessions)}
     async with BatchClient(f"127.0.0.1:{port}", reconnect_timeout_s=20) as gateway:
+        underway = asyncio.Event()
 
         async def run() -> None:
             for t in range(12):
+                if t == 3:
+                    underway.set()
                 inputs = {sid: EYE[chars(i, 12)[t : t + 1]] for i, sid in enumerate(sessions)}
                 replies = await gateway.step("charlm", inputs)
                 for sid, reply in replies.items():
@@ -155,7 +158,7 @@ async def test_the_batch_client_resumes_across_a_drain(start_server, redis_store
                     np.testing.assert_allclose(reply.outputs["logits"][0], expected[sid][t], atol=1e-5, rtol=0)
 
         running = asyncio.create_task(run())
-        await asyncio.sleep(0.15)
+        await underway.wait()  # three batches answered, the fourth on its way: now the drain
         await app.stop(grace_s=2)
         await start_server(url=redis_store_url, port=port)
         await running

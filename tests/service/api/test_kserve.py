@@ -74,9 +74,9 @@ def test_metadata_calls(start_server_sync):
     client.close()
 
 
-def test_fifty_sequences_interleaved_on_one_stream(start_server_sync, native_target):
+def test_fifty_sequences_interleaved_on_one_stream(start_server_sync, native_target, store_url):
     """Equal to an offline run of each sequence, and to the native API streaming the same text."""
-    url = start_server_sync()
+    url = start_server_sync(url=store_url)
     texts = {1000 + i: text_of(i, 8) for i in range(50)}
     rng = np.random.default_rng(11)
     position = dict.fromkeys(texts, 0)
@@ -116,8 +116,8 @@ def test_fifty_sequences_interleaved_on_one_stream(start_server_sync, native_tar
     np.testing.assert_allclose(np.stack([got[(sid, t)] for t in range(len(text))]), native, atol=1e-6, rtol=0)
 
 
-async def test_asyncio_client_streams_with_string_ids(start_server):
-    app = await start_server()
+async def test_asyncio_client_streams_with_string_ids(start_server, store_url):
+    app = await start_server(url=store_url)
     texts = {f"sensor/{i}": text_of(i, 6) for i in range(5)}
 
     async def requests():
@@ -143,8 +143,8 @@ async def test_asyncio_client_streams_with_string_ids(start_server):
         np.testing.assert_allclose(streamed, offline_logits(V1, one_hot_text(text, VOCAB)), atol=1e-5, rtol=0)
 
 
-async def test_unary_sequence_steps_and_whole_sequences(start_server):
-    app = await start_server()
+async def test_unary_sequence_steps_and_whole_sequences(start_server, store_url):
+    app = await start_server(url=store_url)
     text = text_of(3, 10)
     x = one_hot_text(text, VOCAB)
     expected = offline_logits(V1, x)
@@ -369,3 +369,22 @@ async def test_any_string_sequence_id_works(start_server):
             await client.infer("charlm", step_input(x[:1]), sequence_id="é" * 30, sequence_start=True)
     np.testing.assert_allclose(np.stack(got), offline_logits(V1, x), atol=1e-5, rtol=0)
     assert too_long.value.status() == "StatusCode.INVALID_ARGUMENT"
+
+
+async def test_an_in_band_error_names_the_request_it_answers(start_server):
+    """Clients pair answers with requests by id (answers of different sequences come in any order)."""
+    app = await start_server()
+    good = service_pb2.ModelInferRequest(model_name="charlm", id="good-1")
+    tensor = good.inputs.add(name="x", datatype="FP32", shape=[1, 1, FEATURES])
+    tensor.contents.fp32_contents.extend(one_hot_text("a", VOCAB).ravel().tolist())
+    bad = service_pb2.ModelInferRequest(model_name="nope", model_version="3", id="bad-7")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        call = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer()
+        for request in (bad, good):
+            await call.write(request)
+        await call.done_writing()
+        answers = {r.infer_response.id: r async for r in call}
+    assert set(answers) == {"bad-7", "good-1"}
+    assert "no model 'nope/3'" in answers["bad-7"].error_message
+    assert (answers["bad-7"].infer_response.model_name, answers["bad-7"].infer_response.model_version) == ("nope", "3")
+    assert not answers["good-1"].error_message

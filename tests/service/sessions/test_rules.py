@@ -105,6 +105,10 @@ def test_refusals_say_what_the_session_expects(ask: Ask, record: SessionRecord):
             assert ask.digest != record.digest
     if isinstance(verdict, SessionEnded):
         assert record.ended and f"ended at seq {record.seq}" in verdict.message
+    if isinstance(verdict, SeqOutOfOrder | SessionNotFound):
+        assert "session 's'" in verdict.message  # the refusal names the session it is about
+    if isinstance(verdict, SessionNotFound):
+        assert "model 'm'" in verdict.message
     if record.ended and not ask.start:
         assert isinstance(verdict, Replay | SessionEnded)
 
@@ -116,6 +120,7 @@ def test_without_a_record_only_a_start_applies(ask: Ask):
         assert verdict == Apply(1, None, ABSENT)
     else:
         assert isinstance(verdict, SessionNotFound) and not isinstance(verdict, SessionEnded)
+        assert "session 's' of model 'm'" in verdict.message and "start=true and seq=1" in verdict.message
 
 
 @given(asks())
