@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Generic, TypeVar
+from typing import Any, Generic, Self, TypeVar
 
 import grpc
 import numpy as np
@@ -79,7 +79,14 @@ class _Resumable(Generic[Req, Resp]):
     """One bidirectional stream kept open while requests wait, each request resent on a new stream until
     it is answered, or until no stream could be had for `reconnect_timeout_s`."""
 
-    def __init__(self, target: str, reconnect_timeout_s: float, max_backoff_s: float, max_message_bytes: int) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        reconnect_timeout_s: float = 30.0,
+        max_backoff_s: float = 2.0,
+        max_message_bytes: int = 4 * 1024 * 1024,
+    ) -> None:
         self.target = target
         self._reconnect_timeout_s = reconnect_timeout_s
         self._max_backoff_s = max_backoff_s
@@ -95,6 +102,15 @@ class _Resumable(Generic[Req, Resp]):
         self.attempts = 0  # streams opened
         self.reconnects = 0  # streams opened after one had broken or ended
         self.last_error: BaseException | None = None
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
 
     def _open(self) -> grpc.aio.StreamStreamCall[Req, Resp]:
         raise NotImplementedError
@@ -213,25 +229,6 @@ class _Resumable(Generic[Req, Resp]):
 class StreamClient(_Resumable[pb.StepRequest, pb.StepResponse]):
     """Sessions' steps, one message each, on one stream (`Stream`)."""
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        reconnect_timeout_s: float = 30.0,
-        max_backoff_s: float = 2.0,
-        max_message_bytes: int = 4 * 1024 * 1024,
-    ) -> None:
-        super().__init__(target, reconnect_timeout_s, max_backoff_s, max_message_bytes)
-
-    async def __aenter__(self) -> StreamClient:
-        await self.connect()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
-
     def _open(self) -> grpc.aio.StreamStreamCall[pb.StepRequest, pb.StepResponse]:
         return self.stub.Stream()
 
@@ -261,26 +258,11 @@ class BatchClient(_Resumable[pb.StepBatch, pb.StepBatchResult]):
             replies["sensor-1"].outputs["forecast"]   # or a StepError for a refused step
     """
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        reconnect_timeout_s: float = 30.0,
-        max_backoff_s: float = 2.0,
-        max_message_bytes: int = 4 * 1024 * 1024,
-    ) -> None:
-        super().__init__(target, reconnect_timeout_s, max_backoff_s, max_message_bytes)
+    def __init__(self, target: str, **options: Any) -> None:
+        """`options` as for StreamClient: reconnect_timeout_s, max_backoff_s, max_message_bytes."""
+        super().__init__(target, **options)
         self._sessions: dict[tuple[str, str], _SessionState] = {}
         self._ids = itertools.count(1)
-
-    async def __aenter__(self) -> BatchClient:
-        await self.connect()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     def _open(self) -> grpc.aio.StreamStreamCall[pb.StepBatch, pb.StepBatchResult]:
         return self.stub.StreamBatch()
