@@ -6,6 +6,7 @@ holds that record (compare-and-set), and anything but a plain next step is judge
 
 from __future__ import annotations
 
+import asyncio
 from collections import OrderedDict, deque
 from collections.abc import Callable
 
@@ -70,6 +71,8 @@ class SessionTurns:
     def leave(self, key: str) -> None:
         waiting = self._waiting[key]
         if waiting:
-            waiting.popleft()()
+            # Soon, not now: a turn that ends at once (a refused step) would otherwise start the next one
+            # inside this call, and a long queue of refusals would recurse as deep as it is long.
+            asyncio.get_running_loop().call_soon(waiting.popleft())
         else:
             del self._waiting[key]

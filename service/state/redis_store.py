@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
-from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -51,50 +50,29 @@ class _Connections:
 
     redis-py's Pipeline and BlockingConnectionPool cost more CPU per round trip than the round trip
     (a health probe of the socket on every checkout, a condition variable, command stacks): profiled
-    at about 260 us per step. This pool keeps what matters: at most `size` connections, a caller waits
-    up to `timeout_s` for one, a connection that failed mid-trip is dropped (its replies are lost).
+    at about 260 us per step. This pool keeps what matters: at most `size` connections in use, a caller
+    waits up to `timeout_s` for one (a semaphore: a waiter that gives up can never take a connection
+    with it), a connection that failed mid-trip is dropped (its replies are lost).
     """
 
     def __init__(self, factory: Callable[[], Connection], size: int, timeout_s: float) -> None:
         self._factory = factory
-        self._size = size
         self._timeout_s = timeout_s
+        self._slots = asyncio.Semaphore(size)
         self._idle: list[Connection] = []
-        self._open = 0
-        self._waiters: deque[asyncio.Future[Connection | None]] = deque()
 
     async def acquire(self) -> Connection:
-        if self._idle:
-            return self._idle.pop()
-        if self._open < self._size:
-            self._open += 1
-            return self._factory()
-        waiter: asyncio.Future[Connection | None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
         try:
             async with asyncio.timeout(self._timeout_s):
-                connection = await waiter
+                await self._slots.acquire()
         except TimeoutError:
             raise PoolExhausted from None
-        finally:
-            if waiter in self._waiters:
-                self._waiters.remove(waiter)
-        if connection is None:  # a connection was dropped: open a new one in its place
-            self._open += 1
-            return self._factory()
-        return connection
+        return self._idle.pop() if self._idle else self._factory()
 
     def release(self, connection: Connection, *, broken: bool) -> None:
-        if broken:
-            self._open -= 1
-        handed: Connection | None = None if broken else connection
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(handed)
-                return
         if not broken:
             self._idle.append(connection)
+        self._slots.release()
 
     async def close(self) -> None:
         idle, self._idle = self._idle, []

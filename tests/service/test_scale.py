@@ -8,6 +8,8 @@ import grpc
 import numpy as np
 
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+from service.errors import Overloaded, RnnServeError
+from service.sessions.steps import Step, StepResult
 from tests.conftest import TEST_REPO, logits_of, offline_logits, step_request, vocabulary
 
 SESSIONS, STREAMS, STEPS = 1024, 16, 4
@@ -58,3 +60,30 @@ async def test_1024_sessions_start_at_once_on_16_streams_then_step(start_server,
     assert [p for problems in results for p in problems] == []
     steps = app.metrics.steps.labels("charlm", 1)._value.get()
     assert steps == SESSIONS * STEPS
+
+
+async def test_a_long_queue_of_refusals_answers_every_step(start_server):
+    """A batch lands while the step queue is full: the sessions behind it are refused their next step,
+    with 1,500 more of theirs waiting. Every step is answered, and the sessions' turns are free after.
+    (A refusal used to start the session's next step inside itself: recursion as deep as the queue.)"""
+    app = await start_server(batching={"max_queue": 1, "max_concurrent_batches": 1, "max_batch_wait_us": 1000})
+    x = EYE[[3]]
+    futures: dict[str, list[asyncio.Future[StepResult]]] = {sid: [] for sid in "abc"}
+    for sid in "abc":  # one batch takes the three starts
+        futures[sid].append(app.engine.submit(Step("charlm", sid, 1, x, start=True)))
+        await asyncio.sleep(0)
+    futures["a"].append(app.engine.submit(Step("charlm", "a", 2, x)))  # a's next step fills the queue
+    for seq in range(2, 1502):
+        for sid in "bc":
+            futures[sid].append(app.engine.submit(Step("charlm", sid, seq, x)))
+    async with asyncio.timeout(60):
+        await asyncio.gather(*(f for fs in futures.values() for f in fs), return_exceptions=True)
+    assert [f.exception() for f in futures["a"]] == [None, None]
+    for sid in "bc":
+        assert futures[sid][0].exception() is None
+        assert isinstance(futures[sid][1].exception(), Overloaded)
+        # The rest: refused too, or out of order once seq 2 was refused; each with a client-facing error.
+        assert all(isinstance(f.exception(), RnnServeError) for f in futures[sid][2:])
+    assert app.engine.sessions_in_flight == 0
+    again = await app.engine.step(Step("charlm", "b", 2, x))  # b's turn is free: its next step runs
+    assert again.seq == 2

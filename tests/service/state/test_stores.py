@@ -148,3 +148,25 @@ def test_session_keys_are_injective():
 def test_unsupported_url_scheme_is_refused():
     with pytest.raises(ValueError, match="unsupported store URL scheme"):
         open_store(RedisSettings(url="memcached://localhost"))
+
+
+async def test_a_waiter_that_gives_up_as_a_connection_comes_free_does_not_take_it_along():
+    """The holder releases in the very tick the waiter is cancelled (its pool timeout): the connection
+    must go back to the pool, not vanish with the waiter (which left the pool dead for good)."""
+    from service.state.redis_store import _Connections
+
+    made: list[object] = []
+    pool = _Connections(lambda: made.append(object()) or made[-1], size=1, timeout_s=5)  # type: ignore[arg-type,return-value]
+    held = await pool.acquire()
+    waiter = asyncio.create_task(pool.acquire())
+    await asyncio.sleep(0)  # the waiter waits for the one connection
+
+    def release_and_give_up() -> None:
+        pool.release(held, broken=False)
+        waiter.cancel()
+
+    asyncio.get_running_loop().call_soon(release_and_give_up)
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    again = await asyncio.wait_for(pool.acquire(), 1)  # the pool still has its connection
+    assert again is held and len(made) == 1
