@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -62,19 +63,23 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.bench_command == "load":
         from bench.load import LoadSpec, run_load
 
-        spec = LoadSpec(
-            target=args.target,
-            sessions=args.sessions,
-            steps=args.steps,
-            streams=args.streams,
-            protocol=args.protocol,
-            model=args.model,
-            version=args.version,
-            features=args.features,
-            chunk=args.chunk,
-            rate=args.rate,
-            per_message=args.per_message,
-        )
+        try:
+            spec = LoadSpec(
+                target=args.target,
+                sessions=args.sessions,
+                steps=args.steps,
+                streams=args.streams,
+                protocol=args.protocol,
+                model=args.model,
+                version=args.version,
+                features=args.features,
+                chunk=args.chunk,
+                rate=args.rate,
+                per_message=args.per_message,
+            )
+        except ValueError as err:
+            print(f"rnnserve bench load: {err}", file=sys.stderr)
+            return 2
         summary = asyncio.run(run_load(spec)).summary()
         print(json.dumps(summary, indent=2))
         if args.json:

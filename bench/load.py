@@ -28,6 +28,7 @@ from hdrh.histogram import HdrHistogram
 from service.api import kserve_messages as kv
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+from service.client import CHANNEL_OPTIONS
 
 MAX_LATENCY_US = 120_000_000
 STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
@@ -46,6 +47,15 @@ class LoadSpec:
     chunk: int = 1  # time steps per request
     rate: float | None = None  # open loop: steps per second in all; None: ping-pong
     per_message: int = 1  # >1: fan-in, that many sessions' steps per StreamBatch message (native, ping-pong)
+
+    def __post_init__(self) -> None:
+        if self.per_message > 1 and (self.protocol != "native" or self.rate is not None):
+            raise ValueError(
+                "fan-in (--per-message > 1) sends StreamBatch messages: native protocol, ping-pong only; "
+                "drop --protocol triton and --rate, or send one step per message"
+            )
+        if self.per_message < 1 or self.sessions < 1 or self.steps < 1 or self.streams < 1 or self.chunk < 1:
+            raise ValueError("--per-message, --sessions, --steps, --streams and --chunk must be 1 or more")
 
 
 @dataclass
@@ -237,7 +247,8 @@ async def run_load(spec: LoadSpec) -> LoadResult:
     result = LoadResult(spec)
     run_id = uuid.uuid4().hex[:8]
     ids = [f"load-{run_id}-{i}" for i in range(spec.sessions)]
-    channels = [grpc.aio.insecure_channel(spec.target) for _ in range(min(spec.streams, 4))]
+    # Up to four connections (each its own: see CHANNEL_OPTIONS), spread over a server's worker processes.
+    channels = [grpc.aio.insecure_channel(spec.target, options=CHANNEL_OPTIONS) for _ in range(min(spec.streams, 4))]
     try:
         streams: list[_Stream | _BatchStream] = [
             _BatchStream(spec, channels[k % len(channels)], ids[k :: spec.streams], result)

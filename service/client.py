@@ -46,6 +46,9 @@ CHANNEL_OPTIONS = [
     ("grpc.max_reconnect_backoff_ms", 2000),
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),
+    # A connection of its own: channels to one target otherwise share one, and so one worker process of
+    # a server running several (they share the port; the kernel spreads connections, not streams).
+    ("grpc.use_local_subchannel_pool", 1),
 ]
 
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.client import StreamClient
+from service.repository import RepositoryError
 from service.server import create_server
 from service.settings import CodeSettings
 
@@ -132,6 +133,13 @@ def main_sync(model_repo: Path, target: str | None, steps: int, generate: int, m
         code = asyncio.run(run_demo(model_repo, target, steps, generate, model))
     except DemoError as err:
         print(f"rnnserve demo: {err}", file=sys.stderr)
+        return 2
+    except RepositoryError as err:
+        print(
+            f"rnnserve demo: {err}; run it from the repository's checkout (make demo) or pass --model-repo "
+            "with the path of a model repository",
+            file=sys.stderr,
+        )
         return 2
     print(f"demo finished in {time.perf_counter() - started:.1f}s")
     return code

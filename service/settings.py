@@ -28,6 +28,16 @@ class RedisSettings(BaseModel):
     )
     key_prefix: str = Field(default="rnnserve", description="prefix of every key the service writes")
 
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, url: str | None) -> str | None:
+        """Refused where settings are read (before any worker starts), not where the store opens."""
+        if url:
+            scheme = url.partition("://")[0]
+            if scheme not in ("redis", "rediss", "unix"):
+                raise ValueError(f"unsupported store URL scheme {scheme!r}: use redis://, rediss:// or unix://")
+        return url
+
 
 class BatchingSettings(BaseModel):
     """Size-or-deadline batching per loaded model version."""
@@ -37,6 +47,12 @@ class BatchingSettings(BaseModel):
         default=0, ge=0, description="how long a batch waits to fill; 0 takes whatever is queued"
     )
     max_queue: int = Field(default=16384, ge=1, description="queued steps per worker before RESOURCE_EXHAUSTED")
+    max_pending_steps: int = Field(
+        default=65536,
+        ge=1,
+        description="steps per worker taken and not yet landed (queued, or waiting for their session's "
+        "previous step) before RESOURCE_EXHAUSTED",
+    )
     max_concurrent_batches: int = Field(
         default=2, ge=1, description="batches in flight per model (one computing while one commits)"
     )
@@ -106,7 +122,12 @@ class Settings(BaseSettings):
         description="worker processes sharing the gRPC port; none: one per CPU core with a Redis URL, 1 without",
     )
     max_streams: int = Field(default=1024, ge=1, description="concurrent streams per worker before RESOURCE_EXHAUSTED")
-    max_inflight_per_stream: int = Field(default=1024, ge=1, description="unanswered messages per stream")
+    max_inflight_per_stream: int = Field(
+        default=4096,
+        ge=1,
+        description="steps per stream taken and not yet read by the client (a StepBatch counts its steps); "
+        "past it the stream stops reading until the client reads answers",
+    )
     max_steps_per_message: int = Field(
         default=1024, ge=1, description="most steps in one StepBatch; a larger batch is refused step by step"
     )

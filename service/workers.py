@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
 from wsgiref.simple_server import WSGIServer
 
@@ -36,6 +37,7 @@ SETTINGS_VARIABLE = "RNNSERVE_WORKER_SETTINGS"
 READY_FD_VARIABLE = "RNNSERVE_WORKER_READY_FD"
 METRICS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 START_TIMEOUT_S = 120.0
+METRICS_DIR_PREFIX = "rnnserve-metrics-"  # then the parent's pid: see _sweep_metrics_dirs
 
 
 def worker_count(settings: Settings) -> int:
@@ -76,7 +78,8 @@ class _Supervisor:
         self.worker_settings = settings.model_copy(update={"port": self.port, "metrics_port": None})
         self.metrics_port = settings.metrics_port
         self.grace_s = settings.shutdown_grace_s
-        self.metrics_dir = tempfile.mkdtemp(prefix="rnnserve-metrics-")
+        _sweep_metrics_dirs()
+        self.metrics_dir = tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")
         self.workers: dict[int, _Worker] = {}
         self.failures: dict[int, int] = {}
         self.stopping = False
@@ -149,7 +152,12 @@ class _Supervisor:
         os.close(worker.ready_fd)
         if message != b"ready":
             self.stopping = True
-            raise StartupError(f"worker {index} did not start (exit status {worker.process.poll()}); see its log above")
+            try:  # the pipe closes as the worker exits: give it a moment to, for its status
+                status: int | None = worker.process.wait(5)
+            except subprocess.TimeoutExpired:
+                status = None
+            said = "still running" if status is None else f"exit status {status}"
+            raise StartupError(f"worker {index} did not start ({said}); see its log above")
 
     def _reap(self) -> None:
         for index, worker in list(self.workers.items()):
@@ -206,6 +214,24 @@ def _claim_port(host: str, port: int) -> int:
                 "Pick another --port, or 0 for a free one"
             ) from err
         return int(probe.getsockname()[1])
+
+
+def _sweep_metrics_dirs() -> None:
+    """Remove the /metrics directories of parents that died without cleaning up (SIGKILL, OOM)."""
+    for path in Path(tempfile.gettempdir()).glob(f"{METRICS_DIR_PREFIX}*-*"):
+        pid = path.name.removeprefix(METRICS_DIR_PREFIX).partition("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's
+        return True
+    return True
 
 
 def _mark_dead(pid: int, metrics_dir: str) -> None:

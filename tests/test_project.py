@@ -73,6 +73,10 @@ def test_the_command_line_says_what_it_needs():
     assert rnnserve("serve", "--log-level", "WARNING", "--port", "x").returncode == 2  # parsed, then refused
     long_steps = rnnserve("bench", "--long-steps", "1000")
     assert long_steps.returncode != 0 and "at least 2000" in long_steps.stderr
+    fan_in_triton = rnnserve(
+        "bench", "load", "--target", "127.0.0.1:1", "--per-message", "4", "--protocol", "triton"
+    )  # StreamBatch is native: refused, not silently measured on the native protocol
+    assert fan_in_triton.returncode == 2 and "native protocol, ping-pong only" in fan_in_triton.stderr
 
 
 def test_every_serve_setting_is_a_flag():

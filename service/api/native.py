@@ -60,6 +60,11 @@ def _in_order(batch: pb.StepBatch) -> int:
     return 0
 
 
+def _steps(batch: pb.StepBatch) -> int:
+    """A batch counts as its steps against the stream's in-flight limit (an empty one as one)."""
+    return max(1, len(batch.steps))
+
+
 class NativeServicer(pb_grpc.RnnServeServicer):
     def __init__(self, engine: SessionEngine, settings: Settings, metrics: Metrics, gate: StreamGate) -> None:
         self.metrics = metrics
@@ -91,7 +96,7 @@ class NativeServicer(pb_grpc.RnnServeServicer):
                 await context.send_initial_metadata(WORKER_METADATA)
                 limit = self._settings.max_inflight_per_stream
                 answers = answer_all(
-                    request_iterator, self._submit_batch, self._respond_batch, limit, self._gate, _in_order
+                    request_iterator, self._submit_batch, self._respond_batch, limit, self._gate, _in_order, _steps
                 )
                 async for response in answers:
                     yield response

@@ -82,6 +82,37 @@ class _Failed:
     error: BaseException
 
 
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    response: object
+    weight: int  # the steps it answers: what its delivery gives back to the stream's budget
+
+
+class _Budget:
+    """The steps a stream may have taken and not yet delivered. Reading waits while the budget is spent;
+    a message read is charged all its steps, so one message may overshoot by its own size (a message
+    larger than the budget still goes through, alone)."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._used = 0
+        self._room = asyncio.Event()
+        self._room.set()
+
+    async def wait_room(self) -> None:
+        while self._used >= self._limit:
+            self._room.clear()
+            await self._room.wait()
+
+    def charge(self, steps: int) -> None:
+        self._used += steps
+
+    def refund(self, steps: int) -> None:
+        self._used -= steps
+        if self._used < self._limit:
+            self._room.set()
+
+
 _END = object()
 
 
@@ -94,18 +125,22 @@ class _Answers(Generic[Req, Out, Resp]):
         respond: Callable[[Req, asyncio.Future[Out], float], Resp],
         max_inflight: int,
         order_key: Callable[[Req], Hashable],
+        weight: Callable[[Req], int],
     ) -> None:
         self._submit = submit
         self._respond = respond
         self._order_key = order_key
+        self._weight = weight
         self.responses: asyncio.Queue[object] = asyncio.Queue()
-        self.slots = asyncio.Semaphore(max_inflight)
+        self.budget = _Budget(max_inflight)
         self.futures: set[asyncio.Future[Out]] = set()
         self._queued: dict[Hashable, deque[tuple[Req, asyncio.Future[Out], float]]] = {}
         self._answered = asyncio.Event()  # set whenever nothing taken is unanswered
         self._answered.set()
+        self.closed = False  # the stream has ended: no answer can be sent any more
 
     def take(self, request: Req) -> None:
+        self.budget.charge(self._weight(request))
         key = self._order_key(request)
         future = self._submit(request)
         self.futures.add(future)
@@ -118,6 +153,8 @@ class _Answers(Generic[Req, Out, Resp]):
 
     def _flush(self, key: Hashable) -> None:
         """Queue the answers of `key` that are ready, in the order their requests came."""
+        if self.closed:  # the client went away: its steps still land, their answers have nowhere to go
+            return
         waiting = self._queued.get(key)
         while waiting and waiting[0][1].done():
             request, future, taken = waiting.popleft()
@@ -126,7 +163,7 @@ class _Answers(Generic[Req, Out, Resp]):
                 response: object = self._respond(request, future, taken)
             except Exception as err:  # noqa: BLE001 - handed to the stream, which ends with it
                 response = _Failed(err)
-            self.responses.put_nowait(response)
+            self.responses.put_nowait(_Answer(response, self._weight(request)))
         if waiting is not None and not waiting:
             del self._queued[key]
         if not self.futures:
@@ -136,9 +173,9 @@ class _Answers(Generic[Req, Out, Resp]):
         iterator = aiter(requests)
         try:
             while True:
-                # The slot first: between reading a request and taking it there is no await, so a
-                # drain (which cancels this task while it waits) never drops a request it has read.
-                await self.slots.acquire()
+                # Room first: between reading a request and taking it there is no await, so a drain
+                # (which cancels this task while it waits) never drops a request it has read.
+                await self.budget.wait_room()
                 request = await anext(iterator, _END)
                 if request is _END:
                     break
@@ -164,27 +201,35 @@ async def answer_all(
     max_inflight: int,
     gate: StreamGate,
     order_key: Callable[[Req], Hashable],
+    weight: Callable[[Req], int] = lambda _: 1,
 ) -> AsyncIterator[Resp]:
     """Yield an answer for every request: `submit(request)` starts it, `respond(request, future, taken)`
     turns its finished future into the response (taken: when it was read, `time.perf_counter()`).
     Requests with the same `order_key` (a session) are answered in the order they came, the others as
     they finish; no task is made per request.
 
-    At most `max_inflight` requests are taken and not yet answered: past that, reading waits for the
-    client to read its answers. If `respond` raises, the stream ends with that exception (a handler that
-    must keep the stream open answers errors in-band). A request, once taken, is answered even when a
-    drain stops the reading.
+    At most `max_inflight` steps are taken and not yet delivered (`weight(request)`: the steps a request
+    holds; one message may overshoot by its own size): past that, reading waits for the client to read
+    its answers. Memory per stream is bounded in steps, however many each message carries.
+
+    If `respond` raises, the stream ends with that exception (a handler that must keep the stream open
+    answers errors in-band). A request, once taken, is answered even when a drain stops the reading; once
+    the stream has ended (the client went away), the steps still land and their answers are dropped.
     """
-    answers = _Answers(submit, respond, max_inflight, order_key)
+    answers = _Answers(submit, respond, max_inflight, order_key, weight)
     reader = asyncio.create_task(answers.read(requests, gate))
     gate.watch(reader)
     try:
         while (item := await answers.responses.get()) is not _END:
             if isinstance(item, _Failed):
                 raise item.error
-            yield item  # type: ignore[misc]
-            answers.slots.release()  # only once the client has taken the answer
+            assert isinstance(item, _Answer)
+            if isinstance(item.response, _Failed):
+                raise item.response.error
+            yield item.response  # type: ignore[misc]
+            answers.budget.refund(item.weight)  # only once the client has taken the answer
     finally:
+        answers.closed = True
         reader.cancel()
         for future in answers.futures:
             future.cancel()  # a step in flight still lands: the engine does not depend on its waiter

@@ -20,7 +20,14 @@ from typing import Any
 import numpy as np
 
 from service.batching import Batcher, settle
-from service.errors import FailedPrecondition, InvalidArgument, RnnServeError, SessionEnded, SessionNotFound
+from service.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    Overloaded,
+    RnnServeError,
+    SessionEnded,
+    SessionNotFound,
+)
 from service.metrics import Metrics
 from service.models import LoadedModel, ModelRegistry
 from service.sessions.batch import BatchPipeline, Pending, check_input
@@ -47,6 +54,7 @@ class SessionEngine:
         self._executor = ThreadPoolExecutor(settings.runtime.executor_threads, thread_name_prefix="runtime")
         self.cache = RecordCache(settings.sessions.cache_max_sessions)
         self._turns = SessionTurns()
+        self._pending = 0  # steps taken and not yet landed
         self._tasks: set[asyncio.Task[None]] = set()
         self._pipeline = BatchPipeline(registry, store, self.cache, self._executor, settings, metrics)
         # One batcher for every model: a batch of many models' steps still makes one store read and one
@@ -60,6 +68,11 @@ class SessionEngine:
     def sessions_in_flight(self) -> int:
         """Sessions with a step taken and not yet landed on this replica."""
         return len(self._turns)
+
+    @property
+    def steps_in_flight(self) -> int:
+        """Steps taken and not yet landed on this replica (bounded by `batching.max_pending_steps`)."""
+        return self._pending
 
     async def stop(self) -> None:
         """Finish queued and in-flight steps (their commits included), then release the runtime threads."""
@@ -81,6 +94,13 @@ class SessionEngine:
         except RnnServeError as err:
             future.set_exception(err)
             return future
+        limit = self._settings.batching.max_pending_steps
+        if self._pending >= limit:  # memory stays bounded however many steps clients pipeline
+            future.set_exception(
+                Overloaded(f"this replica has {limit} steps in flight; back off and retry, or use another replica")
+            )
+            return future
+        self._pending += 1
         self._turns.enter(pending.key, lambda: self._dispatch(pending, future))
         return future
 
@@ -89,6 +109,7 @@ class SessionEngine:
 
     def _dispatch(self, pending: Pending, future: asyncio.Future[StepResult]) -> None:
         def landed(result: StepResult | BaseException) -> None:
+            self._pending -= 1
             self._record(pending, result)
             settle(future, result)
             self._turns.leave(pending.key)

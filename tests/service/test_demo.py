@@ -67,3 +67,10 @@ def test_without_its_held_out_text_the_demo_says_where_it_looked(tmp_path):
     done = demo("--model-repo", str(repo), cwd=tmp_path)
     assert done.returncode == 2
     assert "no held-out text for charlm-lstm" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_run_away_from_a_model_repository_the_demo_says_how_to_point_it_at_one(tmp_path):
+    done = demo(cwd=tmp_path)  # the default --model-repo, models, is not there
+    assert done.returncode == 2
+    assert "model repository models is not a directory" in done.stderr and "--model-repo" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -87,3 +87,18 @@ async def test_a_long_queue_of_refusals_answers_every_step(start_server):
     assert app.engine.sessions_in_flight == 0
     again = await app.engine.step(Step("charlm", "b", 2, x))  # b's turn is free: its next step runs
     assert again.seq == 2
+
+
+async def test_steps_past_the_replica_limit_are_refused_and_the_rest_land(start_server):
+    """More steps pipelined than a worker will hold: the excess is refused (RESOURCE_EXHAUSTED, at once,
+    before it takes memory) and everything taken lands."""
+    app = await start_server(batching={"max_pending_steps": 100})
+    x = EYE[[3]]
+    futures = [app.engine.submit(Step("charlm", f"p{i}", 1, x, start=True)) for i in range(150)]
+    assert app.engine.steps_in_flight == 100
+    await asyncio.gather(*futures, return_exceptions=True)
+    assert [f.exception() is None for f in futures] == [True] * 100 + [False] * 50
+    assert all(isinstance(f.exception(), Overloaded) for f in futures[100:])
+    assert app.engine.steps_in_flight == 0
+    again = await app.engine.step(Step("charlm", "p149", 1, x, start=True))  # room again
+    assert again.seq == 1

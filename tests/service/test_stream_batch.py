@@ -175,3 +175,40 @@ async def test_a_refused_step_leaves_the_session_where_it_was(start_server):
         assert isinstance(refused, StepError) and refused.code == grpc.StatusCode.INVALID_ARGUMENT
         (again,) = (await gateway.step("charlm", {"s": EYE[[2]]})).values()
         assert isinstance(again, StepReply) and again.seq == 2
+
+
+async def test_a_client_that_does_not_read_holds_a_bounded_number_of_steps(start_server):
+    """A gateway writes 20 batches of 256 steps and reads nothing: the server takes steps up to its
+    per-stream limit (counted in steps, not messages) and no further, then answers every one once read."""
+    app = await start_server(max_inflight_per_stream=512)
+    x = EYE[[3]]
+    batches = [
+        pb.StepBatch(id=b, steps=[step_request("charlm", f"s{b}-{i}", 1, x) for i in range(256)]) for b in range(20)
+    ]
+
+    def landed() -> float:
+        return app.metrics.steps.labels("charlm", 1)._value.get()
+
+    # No window growth: the client's HTTP/2 buffers hold what it has not read, 64 KiB, about one result.
+    options = [("grpc.http2.bdp_probe", 0)]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}", options=options) as channel:
+        call = pb_grpc.RnnServeStub(channel).StreamBatch()
+
+        async def send() -> None:
+            for batch in batches:
+                await call.write(batch)
+            await call.done_writing()
+
+        sending = asyncio.create_task(send())
+        async with asyncio.timeout(10):
+            while landed() < 512:
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.5)  # time to take more, were it allowed to
+        # Two messages of 256 reach the limit, then the stream stops reading (a message of slack for
+        # what the transport may buffer); without a limit in steps it took all 20.
+        assert 512 <= landed() <= 768
+        results = [result async for result in call]
+        await sending
+    assert [r.id for r in results] == list(range(20))
+    assert all(not reply.HasField("error") for r in results for reply in r.responses)
+    assert landed() == 20 * 256

@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -18,6 +19,8 @@ import pytest
 
 from bench.process import ROOT, ServerProcess, free_port
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+from service.client import CHANNEL_OPTIONS
+from service.workers import METRICS_DIR_PREFIX, _sweep_metrics_dirs
 from tests.conftest import TEST_REPO, held_out_text, logits_of, offline_logits, one_hot_text, step_request, vocabulary
 
 X = one_hot_text(held_out_text()[:400], vocabulary())
@@ -34,6 +37,21 @@ async def one_step(target: str, seq: int) -> tuple[int, np.ndarray]:
         worker = int(dict(await call.initial_metadata())["rnnserve-worker"])
         await call.done_writing()
         return worker, logits_of(answer)[0]
+
+
+async def workers_reached(target: str, clients: int) -> set[int]:
+    """The workers that `clients` channels open at once in one process reach, with the client's options:
+    a connection each (sharing one, all would reach one worker; 12 all on one by chance: 1 in 2,048)."""
+    channels = [grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) for _ in range(clients)]
+    try:
+        calls = [pb_grpc.RnnServeStub(channel).Stream() for channel in channels]
+        metadata = await asyncio.gather(*(call.initial_metadata() for call in calls))
+        for call in calls:
+            await call.done_writing()
+        return {int(dict(m)["rnnserve-worker"]) for m in metadata}
+    finally:
+        for channel in channels:
+            await channel.close()
 
 
 def children(pid: int) -> list[int]:
@@ -72,6 +90,7 @@ async def test_two_workers_hand_one_session_back_and_forth(redis_store_url, tmp_
         assert sum(a != b for a, b in zip(workers, workers[1:], strict=False)) >= 2  # handed over, more than once
         steps = re.findall(r'^rnnserve_steps_total\{model="charlm",version="1"\} (\S+)', scrape(metrics_port), re.M)
         assert [float(v) for v in steps] == [20.0]  # one figure for both workers
+        assert len(await workers_reached(target, 12)) == 2
 
         victim = workers[-1]
         os.kill(victim, signal.SIGKILL)
@@ -94,16 +113,39 @@ async def test_two_workers_hand_one_session_back_and_forth(redis_store_url, tmp_
         assert server.stop() == 0  # SIGTERM: every worker drains and exits cleanly
 
 
-def test_more_than_one_worker_needs_a_shared_store():
+@pytest.mark.parametrize(
+    ("store", "message"),
+    [
+        ([], "needs a shared store"),
+        (["--redis-url", "memcached://127.0.0.1:11211"], "unsupported store URL scheme 'memcached'"),
+    ],
+)
+def test_settings_no_worker_can_serve_with_are_refused_before_any_starts(store, message):
     done = subprocess.run(
-        [sys.executable, "-m", "service", "serve", "--model-repo", str(TEST_REPO), "--port", "0", "--workers", "2"],
+        [sys.executable, "-m", "service", "serve", "--model-repo", str(TEST_REPO), "--port", "0", "--workers", "2"]
+        + store,
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert done.returncode == 2
-    assert "needs a shared store" in done.stderr and "--redis-url" in done.stderr
+    assert message in done.stderr and "redis" in done.stderr
+    assert "[worker" not in done.stderr  # said by the parent, not by each worker as it fails
+
+
+def test_metrics_directories_of_dead_parents_are_swept(tmp_path, monkeypatch):
+    """A parent killed with SIGKILL leaves its /metrics directory behind; the next one removes it."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = tmp_path / f"{METRICS_DIR_PREFIX}{gone.pid}-x1"
+    live = tmp_path / f"{METRICS_DIR_PREFIX}{os.getpid()}-x2"
+    other = tmp_path / "rnnserve-tests-x3"
+    for path in (dead, live, other):
+        path.mkdir()
+    _sweep_metrics_dirs()
+    assert not dead.exists() and live.exists() and other.exists()
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
