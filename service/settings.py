@@ -125,8 +125,8 @@ class Settings(BaseSettings):
     max_inflight_per_stream: int = Field(
         default=4096,
         ge=1,
-        description="steps per stream taken and not yet read by the client (a StepBatch counts its steps); "
-        "past it the stream stops reading until the client reads answers",
+        description="time steps per stream taken and not yet read by the client (a chunk counts its time "
+        "steps, a StepBatch those of all its steps); past it the stream stops reading until the client reads answers",
     )
     max_steps_per_message: int = Field(
         default=1024, ge=1, description="most steps in one StepBatch; a larger batch is refused step by step"

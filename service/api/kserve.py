@@ -35,7 +35,7 @@ from service.api.kserve_convert import (
     sequence_of,
 )
 from service.api.status import classify, grpc_status, unary
-from service.api.streams import StreamGate, answer_all, failed
+from service.api.streams import StreamGate, answer_all, failed, time_steps
 from service.errors import InvalidArgument, ModelNotFound, RnnServeError, SessionEnded, SessionNotFound
 from service.loader import ModelLoader
 from service.metrics import Metrics
@@ -228,7 +228,9 @@ class KServeServicer:
         try:
             with self._gate.admit():
                 limit = self._settings.max_inflight_per_stream
-                answers = answer_all(request_iterator, self._start, respond, limit, self._gate, _sequence_key)
+                answers = answer_all(
+                    request_iterator, self._start, respond, limit, self._gate, _sequence_key, _weight_of(limit)
+                )
                 async for response in answers:
                     yield response
         except Exception as err:  # noqa: BLE001 - refused by the gate, or (triton_grpc_error) the first error
@@ -310,6 +312,15 @@ class KServeServicer:
             end=sequence.end,
             start_id=sequence.start_id,
         )
+
+
+def _weight_of(limit: int) -> Callable[[Any], int]:
+    """A request's weight against the stream's in-flight limit: its input's rows × time steps."""
+
+    def weight(request: Any) -> int:
+        return time_steps(request.inputs[0].shape, limit) if request.inputs else 1
+
+    return weight
 
 
 def _sequence_key(request: Any) -> tuple[str, Any]:

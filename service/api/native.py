@@ -14,7 +14,7 @@ from service.api.convert import array_to_tensor, tensor_to_array
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from service.api.status import classify, grpc_status, unary
-from service.api.streams import StreamGate, all_done, answer_all, failed
+from service.api.streams import StreamGate, all_done, answer_all, failed, time_steps
 from service.errors import InvalidArgument, Overloaded, RnnServeError, SeqOutOfOrder
 from service.metrics import Metrics
 from service.models import LoadedModel
@@ -60,11 +60,6 @@ def _in_order(batch: pb.StepBatch) -> int:
     return 0
 
 
-def _steps(batch: pb.StepBatch) -> int:
-    """A batch counts as its steps against the stream's in-flight limit (an empty one as one)."""
-    return max(1, len(batch.steps))
-
-
 class NativeServicer(pb_grpc.RnnServeServicer):
     def __init__(self, engine: SessionEngine, settings: Settings, metrics: Metrics, gate: StreamGate) -> None:
         self.metrics = metrics
@@ -81,7 +76,9 @@ class NativeServicer(pb_grpc.RnnServeServicer):
             with self._gate.admit():
                 await context.send_initial_metadata(WORKER_METADATA)
                 limit = self._settings.max_inflight_per_stream
-                answers = answer_all(request_iterator, self._submit, self._respond, limit, self._gate, _session_of)
+                answers = answer_all(
+                    request_iterator, self._submit, self._respond, limit, self._gate, _session_of, self._weight
+                )
                 async for response in answers:
                     yield response
         except RnnServeError as refusal:  # steps answer in-band: only the gate refuses a whole stream
@@ -96,13 +93,26 @@ class NativeServicer(pb_grpc.RnnServeServicer):
                 await context.send_initial_metadata(WORKER_METADATA)
                 limit = self._settings.max_inflight_per_stream
                 answers = answer_all(
-                    request_iterator, self._submit_batch, self._respond_batch, limit, self._gate, _in_order, _steps
+                    request_iterator,
+                    self._submit_batch,
+                    self._respond_batch,
+                    limit,
+                    self._gate,
+                    _in_order,
+                    self._weigh_batch,
                 )
                 async for response in answers:
                     yield response
         except RnnServeError as refusal:  # steps answer in-band: only the gate refuses a whole stream
             self.metrics.errors.labels("StreamBatch", refusal.code.name).inc()
             await context.abort(grpc_status(refusal.code), refusal.message)
+
+    def _weight(self, request: pb.StepRequest) -> int:
+        return time_steps(request.input.shape, self._settings.max_inflight_per_stream)
+
+    def _weigh_batch(self, batch: pb.StepBatch) -> int:
+        """The time steps of all its steps (an empty batch weighs 1)."""
+        return max(1, sum(self._weight(request) for request in batch.steps))
 
     def _submit_batch(self, batch: pb.StepBatch) -> asyncio.Future[list[asyncio.Future[StepResult]]]:
         """Every step of the batch started at once (the engine batches them together); done when all are."""

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Hashable, Iterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -85,13 +85,13 @@ class _Failed:
 @dataclass(frozen=True, slots=True)
 class _Answer:
     response: object
-    weight: int  # the steps it answers: what its delivery gives back to the stream's budget
+    weight: int  # the time steps it answers: what its delivery gives back to the stream's budget
 
 
 class _Budget:
-    """The steps a stream may have taken and not yet delivered. Reading waits while the budget is spent;
-    a message read is charged all its steps, so one message may overshoot by its own size (a message
-    larger than the budget still goes through, alone)."""
+    """The time steps a stream may have taken and not yet delivered. Reading waits while the budget is
+    spent; a message read is charged all of its weight, so one message may overshoot by its own size (a
+    message larger than the budget still goes through, alone)."""
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
@@ -208,9 +208,10 @@ async def answer_all(
     Requests with the same `order_key` (a session) are answered in the order they came, the others as
     they finish; no task is made per request.
 
-    At most `max_inflight` steps are taken and not yet delivered (`weight(request)`: the steps a request
-    holds; one message may overshoot by its own size): past that, reading waits for the client to read
-    its answers. Memory per stream is bounded in steps, however many each message carries.
+    At most `max_inflight` time steps are taken and not yet delivered (`weight(request)`: the time steps
+    a request holds, see `time_steps`; one message may overshoot by its own size): past that, reading
+    waits for the client to read its answers. Memory per stream is bounded in time steps, however many
+    each message carries.
 
     If `respond` raises, the stream ends with that exception (a handler that must keep the stream open
     answers errors in-band). A request, once taken, is answered even when a drain stops the reading; once
@@ -235,6 +236,16 @@ async def answer_all(
             future.cancel()  # a step in flight still lands: the engine does not depend on its waiter
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(reader, return_exceptions=True)
+
+
+def time_steps(shape: Sequence[int], limit: int) -> int:
+    """What a request of `shape` ([T, F], or [B, T, F]: rows × time steps) weighs against a stream's
+    in-flight limit, between 1 and `limit`: memory follows time steps, inputs and outputs alike. A shape
+    that does not parse weighs 1 (it is refused when started)."""
+    if len(shape) not in (2, 3) or min(shape) < 1:
+        return 1
+    rows = shape[0] * shape[1] if len(shape) == 3 else shape[0]
+    return min(rows, limit)
 
 
 def failed(error: BaseException) -> asyncio.Future[Any]:

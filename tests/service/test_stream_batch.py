@@ -212,3 +212,33 @@ async def test_a_client_that_does_not_read_holds_a_bounded_number_of_steps(start
     assert [r.id for r in results] == list(range(20))
     assert all(not reply.HasField("error") for r in results for reply in r.responses)
     assert landed() == 20 * 256
+
+
+async def test_chunks_count_their_time_steps_against_the_stream_limit(start_server):
+    """One session's 40 chunks of 64 time steps written without reading: the stream holds about 512 time
+    steps (8 chunks), not 512 messages; every chunk is answered in order once the client reads."""
+    app = await start_server(max_inflight_per_stream=512)
+    chunk = EYE[[t % FEATURES for t in range(64)]]
+
+    def landed() -> float:
+        return app.metrics.steps.labels("charlm", 1)._value.get()
+
+    options = [("grpc.http2.bdp_probe", 0)]  # as above: the client buffers about 64 KiB unread
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}", options=options) as channel:
+        call = pb_grpc.RnnServeStub(channel).Stream()
+
+        async def send() -> None:
+            for seq in range(1, 41):
+                await call.write(step_request("charlm", "chunky", seq, chunk))
+            await call.done_writing()
+
+        sending = asyncio.create_task(send())
+        async with asyncio.timeout(10):
+            while landed() < 8:
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.5)  # time to take more, were it allowed to
+        assert 8 <= landed() <= 12  # 8 chunks, and what the transport buffers (21 KiB an answer)
+        answers = [answer async for answer in call]
+        await sending
+    assert [a.seq for a in answers] == list(range(1, 41))
+    assert all(not a.HasField("error") for a in answers)
