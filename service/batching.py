@@ -43,6 +43,7 @@ class Batcher(Generic[T, R]):
         self._slots: asyncio.Semaphore | None = None
         self._inflight: set[asyncio.Task[None]] = set()
         self._holding = 0  # steps the collector has taken and not yet handed to a batch
+        self._abandoned = 0  # steps given up on by a stop past its time limit
         self._closing = False
 
     def start(self) -> None:
@@ -70,55 +71,96 @@ class Batcher(Generic[T, R]):
         assert self._queue is not None and self._slots is not None
         wait_s = self._settings.max_batch_wait_us / 1e6
         limit = self._settings.max_batch_size
-        while True:
-            await self._slots.acquire()
-            batch = [await self._queue.get()]
-            self._holding = 1
-            deadline = time.perf_counter() + wait_s
-            while len(batch) < limit:
-                if not self._queue.empty():
-                    batch.append(self._queue.get_nowait())
+        batch: list[tuple[T, Done[R]]] = []
+        try:
+            while True:
+                await self._slots.acquire()
+                batch = [await self._queue.get()]
+                self._holding = 1
+                deadline = time.perf_counter() + wait_s
+                while len(batch) < limit:
+                    if not self._queue.empty():
+                        batch.append(self._queue.get_nowait())
+                        self._holding += 1
+                        continue
+                    remaining = deadline - time.perf_counter()
+                    if remaining <= 0:
+                        break
+                    try:
+                        async with asyncio.timeout(remaining):  # not wait_for: it can lose an item it got
+                            item = await self._queue.get()
+                    except TimeoutError:
+                        break
+                    batch.append(item)
                     self._holding += 1
-                    continue
-                remaining = deadline - time.perf_counter()
-                if remaining <= 0:
-                    break
-                try:
-                    async with asyncio.timeout(remaining):  # not wait_for: it can lose an item it got
-                        item = await self._queue.get()
-                except TimeoutError:
-                    break
-                batch.append(item)
-                self._holding += 1
-            task = asyncio.create_task(self._process(batch))
-            self._holding = 0
-            self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
+                task = asyncio.create_task(self._process(batch))
+                batch, self._holding = [], 0
+                self._inflight.add(task)
+                task.add_done_callback(self._inflight.discard)
+        except asyncio.CancelledError:  # stopped while collecting (only an abandoning stop holds steps)
+            self._abandon_all(batch)
+            raise
 
     async def _process(self, batch: list[tuple[T, Done[R]]]) -> None:
         assert self._slots is not None
+        cancelled = False
         try:
             results = await self._handler([item for item, _ in batch])
+        except asyncio.CancelledError:  # abandoned by `stop`: the outcome is unknown
+            cancelled = True
         except BaseException as err:  # every step must hear about a failed batch
             results = [err] * len(batch)
         finally:
             self._slots.release()
-        for (_, done), result in zip(batch, results, strict=True):
-            try:
-                done(result)
-            except Exception:  # one callback's failure must not cost the others their results
-                log.exception("delivering a result of batcher %s failed", self.name)
+        if cancelled:
+            self._abandon_all(batch)
+            raise asyncio.CancelledError
+        _deliver(self.name, batch, results)
 
-    async def stop(self) -> None:
-        """Refuse new steps, finish the batches in flight and those already queued, then stop."""
+    async def stop(self, timeout_s: float | None = None) -> int:
+        """Refuse new steps, finish the batches in flight and those already queued, then stop. Past
+        `timeout_s`, abandon what is left (each step gets UNAVAILABLE: it may or may not have landed, and
+        a resend settles it); returns how many steps were abandoned."""
         self._closing = True
-        if self._queue is not None:
-            while not self._queue.empty() or self._holding or self._inflight:
-                await asyncio.sleep(0.001)
+        abandoned = 0
+        try:
+            async with asyncio.timeout(timeout_s):
+                if self._queue is not None:
+                    while not self._queue.empty() or self._holding or self._inflight:
+                        await asyncio.sleep(0.001)
+        except TimeoutError:
+            abandoned = await self._abandon()
         if self._collector is not None:
             self._collector.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._collector
+        return abandoned
+
+    async def _abandon(self) -> int:
+        assert self._queue is not None and self._collector is not None
+        self._collector.cancel()  # it abandons the batch it is collecting
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._collector
+        self._abandon_all([self._queue.get_nowait() for _ in range(self._queue.qsize())])
+        inflight = list(self._inflight)
+        for task in inflight:
+            task.cancel()
+        await asyncio.gather(*inflight, return_exceptions=True)
+        return self._abandoned
+
+    def _abandon_all(self, items: list[tuple[T, Done[R]]]) -> None:
+        error = Unavailable("the server stopped before this step was confirmed; resend it (any replica) to settle it")
+        self._abandoned += len(items)
+        results: list[R | BaseException] = [error] * len(items)
+        _deliver(self.name, items, results)
+
+
+def _deliver(name: str, batch: list[tuple[T, Done[R]]], results: list[R | BaseException]) -> None:
+    for (_, done), result in zip(batch, results, strict=True):
+        try:
+            done(result)
+        except Exception:  # one callback's failure must not cost the others their results
+            log.exception("delivering a result of batcher %s failed", name)
 
 
 def settle(future: asyncio.Future[R], result: R | BaseException) -> None:

@@ -11,10 +11,11 @@ import asyncio
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, get_args, get_origin
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
 from service.errors import RnnServeError, StartupError
@@ -52,8 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--model-repo", type=Path, default=Path("models"), help="the model repository")
     demo.add_argument("--target", help="host:port of a running server; default: start one in this process")
-    demo.add_argument("--steps", type=int, default=160, help="held-out characters to stream")
-    demo.add_argument("--generate", type=int, default=200, help="characters the model writes afterwards")
+    demo.add_argument("--steps", type=_at_least(1), default=160, help="held-out characters to stream")
+    demo.add_argument("--generate", type=_at_least(0), default=200, help="characters the model writes afterwards")
     demo.add_argument("--model", default="charlm-lstm", help="the character language model to stream to")
 
     from bench.cli import add_bench_parser  # the bench package ships beside service
@@ -194,9 +195,23 @@ def _serve(args: argparse.Namespace) -> int:
         from service.workers import serve_workers
 
         return serve_workers(settings)
+    except ValidationError as err:  # a setting out of range, from a flag or the environment
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        log.error("cannot serve: %s", problems)
+        return 2
     except (RnnServeError, RepositoryError, StartupError, ValueError) as err:
         log.error("cannot serve: %s", err)
         return 2
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be {low} or more, got {value}")
+        return value
+
+    return parse
 
 
 def serve_in_process(settings: Settings) -> None:

@@ -49,6 +49,8 @@ CHANNEL_OPTIONS = [
     # A connection of its own: channels to one target otherwise share one, and so one worker process of
     # a server running several (they share the port; the kernel spreads connections, not streams).
     ("grpc.use_local_subchannel_pool", 1),
+    # An answer may be larger than its request (a StepBatch's outputs): gRPC's 4 MiB default would refuse it.
+    ("grpc.max_receive_message_length", -1),
 ]
 
 

@@ -85,7 +85,8 @@ class App:
             for task in self.tasks:
                 task.cancel()
             await asyncio.gather(*self.tasks, return_exceptions=True)
-            await self.engine.stop()
+            # What the streams took still lands, within the grace (at least a moment for the last batch).
+            await self.engine.stop(max(1.0, grace - (time.perf_counter() - started)))
             await self.store.close()
             _close_http(self.metrics_http)
         log.info("stopped in %.2fs", time.perf_counter() - started)
@@ -138,7 +139,9 @@ async def _serve_grpc(
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
-            ("grpc.max_send_message_length", settings.max_message_bytes),
+            # Answers are not capped: bounded by the requests taken, they can still outgrow them (a
+            # model's outputs may be larger than its inputs), and a capped answer could never be sent.
+            ("grpc.max_send_message_length", -1),
             # A port held by another server is an error, not a port to share (gRPC shares by default);
             # worker processes of one server share theirs on purpose.
             ("grpc.so_reuseport", 1 if shared_port else 0),

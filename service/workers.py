@@ -146,12 +146,13 @@ class _Supervisor:
         self.workers[index] = _Worker(index, process, time.monotonic(), read_fd)
 
     def _await_ready(self, index: int) -> None:
+        """Wait for the worker's 'ready', or its exit. A stop requested meanwhile waits too, so that the
+        worker has its signal handlers when the drain signals it (a failing one fails fast)."""
         worker = self.workers[index]
         ready, _, _ = select.select([worker.ready_fd], [], [], START_TIMEOUT_S)
         message = os.read(worker.ready_fd, 64) if ready else b""
         os.close(worker.ready_fd)
         if message != b"ready":
-            self.stopping = True
             try:  # the pipe closes as the worker exits: give it a moment to, for its status
                 status: int | None = worker.process.wait(5)
             except subprocess.TimeoutExpired:
@@ -175,13 +176,20 @@ class _Supervisor:
                 code,
                 delay,
             )
-            time.sleep(delay)
+            if not self._sleep(delay):
+                return  # asked to stop during the backoff: drain the others
             self._start(index)
             try:
                 self._await_ready(index)
-            except StartupError as err:
-                self.stopping = False  # keep serving with the others; the next pass tries again
+            except StartupError as err:  # keep serving with the others; the next pass tries again
                 log.error("%s", err)
+
+    def _sleep(self, seconds: float) -> bool:
+        """Sleep, unless asked to stop meanwhile: False then."""
+        deadline = time.monotonic() + seconds
+        while not self.stopping and time.monotonic() < deadline:
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+        return not self.stopping
 
     def _drain(self) -> int:
         log.info("stopping: every worker drains (grace %.1fs)", self.grace_s)

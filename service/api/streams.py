@@ -260,8 +260,10 @@ def all_done(futures: list[asyncio.Future[Out]]) -> asyncio.Future[list[asyncio.
     together: asyncio.Future[list[asyncio.Future[Out]]] = asyncio.get_running_loop().create_future()
     remaining = len(futures)
 
-    def one_more(_: asyncio.Future[Out]) -> None:
+    def one_more(future: asyncio.Future[Out]) -> None:
         nonlocal remaining
+        if not future.cancelled():
+            future.exception()  # read by whoever reads `together`, if anyone still does (not a hung-up stream)
         remaining -= 1
         if remaining == 0 and not together.done():
             together.set_result(futures)

@@ -74,9 +74,16 @@ class SessionEngine:
         """Steps taken and not yet landed on this replica (bounded by `batching.max_pending_steps`)."""
         return self._pending
 
-    async def stop(self) -> None:
-        """Finish queued and in-flight steps (their commits included), then release the runtime threads."""
-        await self._batcher.stop()
+    async def stop(self, timeout_s: float | None = None) -> None:
+        """Finish queued and in-flight steps (their commits included), then release the runtime threads.
+        Past `timeout_s` (a store that does not answer), the steps left are answered UNAVAILABLE."""
+        abandoned = await self._batcher.stop(timeout_s)
+        if abandoned:
+            log.warning(
+                "%d steps had not landed when the shutdown grace ran out; given up (each may or may not have "
+                "been applied: a resend settles it)",
+                abandoned,
+            )
         self._executor.shutdown(wait=True)
 
     # -- the public operations -----------------------------------------------------------------

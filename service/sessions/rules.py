@@ -111,7 +111,8 @@ def _judge_step(ask: Ask, seq: int, record: SessionRecord, model: str) -> Verdic
 
 
 def _ended(ask: Ask, record: SessionRecord, model: str) -> SessionEnded:
-    return SessionEnded(
-        f"session {ask.session_id!r} of model {model!r} ended at seq {record.seq}; "
-        "start a new session (start=true, seq 1) to continue"
-    )
+    if ask.start:  # a start named like the ended session's own: it is that start, resent
+        how = "to start the session again, send a start with a new start_id"
+    else:
+        how = "start a new session (start=true, seq 1) to continue"
+    return SessionEnded(f"session {ask.session_id!r} of model {model!r} ended at seq {record.seq}; {how}")

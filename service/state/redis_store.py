@@ -112,8 +112,9 @@ class RedisStateStore(StateStore):
             connection = await self._connections.acquire()
         except PoolExhausted:
             raise Unavailable(
-                f"session store at {self._where}: every pooled connection stayed busy for "
-                f"{self._pool_timeout_s:g}s while {what}; retry, or raise redis.max_connections"
+                f"session store at {self._where}: no pooled connection came free in {self._pool_timeout_s:g}s "
+                f"while {what} (Redis slow or not answering, or more load than redis.max_connections "
+                "allows); retry"
             ) from None
         broken = True
         try:

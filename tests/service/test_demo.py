@@ -51,6 +51,7 @@ def test_the_embedded_demo_ignores_the_environment():
         (["--model", "nope"], "the server has no model 'nope'; the demo streams text to one of: charlm-gru"),
         (["--model", "glucose-lstm"], "glucose-lstm is a forecast model; the demo streams text to a character"),
         (["--target", f"127.0.0.1:{free_port()}"], "no rnnserve answers at 127.0.0.1:"),
+        (["--steps", "0"], "argument --steps: must be 1 or more, got 0"),
     ],
 )
 def test_what_the_demo_cannot_do_is_said_plainly(args, message):

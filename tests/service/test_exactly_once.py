@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import time
 
 import grpc
@@ -353,3 +354,32 @@ async def test_stored_state_of_another_dtype_is_data_loss(start_server, redis_st
     app.engine.cache.forget(key)
     (refused,) = await exchange(target, steps("s", 3, 3))
     assert_error(refused, grpc.StatusCode.DATA_LOSS, "does not fit its model's state")
+
+
+async def test_a_stop_gives_up_within_its_grace_on_steps_the_store_does_not_confirm(proxy, caplog):
+    """Redis stops answering with steps queued: the stop ends about when its grace does (not after the
+    socket timeout of every batch left), and each step left is answered UNAVAILABLE, to be settled by a
+    resend; the steps that were answered are committed."""
+    from service.errors import Unavailable
+    from service.server import create_server
+    from service.sessions.steps import Step
+    from tests.conftest import server_settings
+
+    caplog.set_level(logging.WARNING, logger="service")
+    settings = server_settings(TEST_REPO, proxy.url, redis={"socket_timeout_s": 30}, batching={"max_batch_size": 8})
+    app = await create_server(settings, CollectorRegistry())
+    x = X[:1]
+    first = await app.engine.step(Step("charlm", "before", 1, x, start=True))
+    assert first.seq == 1
+    proxy.hold_replies()
+    futures = [app.engine.submit(Step("charlm", f"held-{i}", 1, x, start=True)) for i in range(64)]
+    await asyncio.sleep(0.2)  # the first batches wait on Redis, the rest queue
+    started = time.perf_counter()
+    await app.stop(grace_s=1.0)
+    took = time.perf_counter() - started
+    proxy.release()
+    assert took < 5, f"stop took {took:.1f}s"  # the grace and a moment; each batch would wait 30 s
+    assert all(isinstance(f.exception(), Unavailable) for f in futures)
+    assert "64 steps had not landed when the shutdown grace ran out" in caplog.text
+    stored = redis.Redis(port=proxy.upstream_port).hget(session_key("rnnserve", "charlm", "before"), "token")
+    assert stored is not None

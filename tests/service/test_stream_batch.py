@@ -9,7 +9,7 @@ import numpy as np
 
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
-from service.client import BatchClient, StepError, StepReply, step_request
+from service.client import CHANNEL_OPTIONS, BatchClient, StepError, StepReply, step_request
 from tests.conftest import SHIPPED_REPO, TEST_REPO, logits_of, offline_logits, vocabulary
 from tests.service.test_shipped_models import streamed
 
@@ -242,3 +242,24 @@ async def test_chunks_count_their_time_steps_against_the_stream_limit(start_serv
         await sending
     assert [a.seq for a in answers] == list(range(1, 41))
     assert all(not a.HasField("error") for a in answers)
+
+
+async def test_an_answer_larger_than_the_request_limit_is_sent(start_server):
+    """A StepBatch just under the request limit whose answer is over it (each answer carries a little
+    more than its step): the answer arrives instead of killing the stream, again and again on resends."""
+    limit = 64 * 1024
+    app = await start_server(max_message_bytes=limit)
+    x = EYE[[3]]
+    steps = []
+    while pb.StepBatch(steps=[*steps, step_request("charlm", f"big-{len(steps)}", 1, x)]).ByteSize() < limit - 64:
+        steps.append(step_request("charlm", f"big-{len(steps)}", 1, x))
+    batch = pb.StepBatch(id=1, steps=steps)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}", options=CHANNEL_OPTIONS) as channel:
+        for _ in range(2):  # the first applies, the resend replays: both answers are over the limit
+            call = pb_grpc.RnnServeStub(channel).StreamBatch()
+            await call.write(batch)
+            await call.done_writing()
+            (result,) = [r async for r in call]
+            assert batch.ByteSize() < limit < result.ByteSize()
+            assert len(result.responses) == len(steps)
+            assert all(not reply.HasField("error") for reply in result.responses)

@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 import pytest
 
-from bench.process import ROOT, ServerProcess, free_port
+from bench.process import ROOT, RedisProcess, ServerProcess, free_port
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from service.client import CHANNEL_OPTIONS
 from service.workers import METRICS_DIR_PREFIX, _sweep_metrics_dirs
@@ -132,6 +132,7 @@ def test_settings_no_worker_can_serve_with_are_refused_before_any_starts(store, 
     assert done.returncode == 2
     assert message in done.stderr and "redis" in done.stderr
     assert "[worker" not in done.stderr  # said by the parent, not by each worker as it fails
+    assert "errors.pydantic.dev" not in done.stderr  # one line per problem, not a validator's report
 
 
 def test_metrics_directories_of_dead_parents_are_swept(tmp_path, monkeypatch):
@@ -192,3 +193,29 @@ def test_sigterm_at_any_moment_drains_and_exits_cleanly(redis_store_url, tmp_pat
         else:
             server.start()
         assert server.stop() == 0, log.read_text()
+
+
+def test_sigterm_while_a_worker_fails_to_restart_still_stops_the_server(tmp_path):
+    """Redis is gone and a worker dies: its restarts fail, with growing backoff. A SIGTERM then (as in a
+    rollout during the outage) stops the server at once rather than being forgotten."""
+    redis = RedisProcess(tmp_path / "redis")
+    (tmp_path / "redis").mkdir()
+    redis.start()
+    log = tmp_path / "server.log"
+    server = ServerProcess.rnnserve(free_port(), TEST_REPO, redis.url, "--workers", "2", log=log)
+    server.start()
+    try:
+        assert server.process is not None
+        workers = children(server.process.pid)
+        redis.stop()
+        os.kill(workers[0], signal.SIGKILL)
+        time.sleep(1.2)  # the replacement is starting (and will fail: no store)
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        server.process.wait(20)
+        assert time.monotonic() - started < 15, log.read_text()[-2000:]
+    finally:
+        if server.process is not None and server.process.poll() is None:
+            server.process.kill()
+            server.process.wait()
+        redis.close()

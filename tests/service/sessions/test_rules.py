@@ -105,6 +105,8 @@ def test_refusals_say_what_the_session_expects(ask: Ask, record: SessionRecord):
             assert ask.digest != record.digest
     if isinstance(verdict, SessionEnded):
         assert record.ended and f"ended at seq {record.seq}" in verdict.message
+        # What to send instead: a resent start of the ended session needs a start_id of its own.
+        assert ("new start_id" in verdict.message) == ask.start
     if isinstance(verdict, SeqOutOfOrder | SessionNotFound):
         assert "session 's'" in verdict.message  # the refusal names the session it is about
     if isinstance(verdict, SessionNotFound):
