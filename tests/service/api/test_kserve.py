@@ -388,3 +388,42 @@ async def test_an_in_band_error_names_the_request_it_answers(start_server):
     assert "no model 'nope/3'" in answers["bad-7"].error_message
     assert (answers["bad-7"].infer_response.model_name, answers["bad-7"].infer_response.model_version) == ("nope", "3")
     assert not answers["good-1"].error_message
+
+
+async def test_a_triton_client_that_does_not_read_holds_a_bounded_number_of_time_steps(start_server):
+    """40 sequence requests of 64 time steps each, written and not read: the stream takes about 512 time
+    steps' worth (8 requests, each counted as rows × time steps) and waits; every one is answered, in
+    order, once the client reads."""
+    app = await start_server(max_inflight_per_stream=512)
+    chunk = np.eye(FEATURES, dtype=np.float32)[[t % FEATURES for t in range(64)]]
+
+    def request(i: int) -> service_pb2.ModelInferRequest:
+        message = service_pb2.ModelInferRequest(model_name="charlm", id=str(i))
+        message.parameters["sequence_id"].int64_param = 7
+        message.parameters["sequence_start"].bool_param = i == 0
+        message.inputs.add(name="x", datatype="FP32", shape=[1, 64, FEATURES])
+        message.raw_input_contents.append(chunk.tobytes())
+        return message
+
+    def landed() -> float:
+        return app.metrics.steps.labels("charlm", 1)._value.get()
+
+    options = [("grpc.http2.bdp_probe", 0)]  # the client buffers about 64 KiB it has not read
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}", options=options) as channel:
+        call = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer()
+
+        async def send() -> None:
+            for i in range(40):
+                await call.write(request(i))
+            await call.done_writing()
+
+        sending = asyncio.create_task(send())
+        async with asyncio.timeout(10):
+            while landed() < 8:
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.5)  # time to take more, were it allowed to
+        assert 8 <= landed() <= 12
+        answers = [answer async for answer in call]
+        await sending
+    assert [a.infer_response.id for a in answers] == [str(i) for i in range(40)]
+    assert not any(a.error_message for a in answers)
