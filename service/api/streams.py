@@ -134,13 +134,15 @@ class _Answers(Generic[Req, Out, Resp]):
         self.responses: asyncio.Queue[object] = asyncio.Queue()
         self.budget = _Budget(max_inflight)
         self.futures: set[asyncio.Future[Out]] = set()
-        self._queued: dict[Hashable, deque[tuple[Req, asyncio.Future[Out], float]]] = {}
+        # Per key: (request, its future, when it was taken, its weight), in the order they came.
+        self._queued: dict[Hashable, deque[tuple[Req, asyncio.Future[Out], float, int]]] = {}
         self._answered = asyncio.Event()  # set whenever nothing taken is unanswered
         self._answered.set()
         self.closed = False  # the stream has ended: no answer can be sent any more
 
     def take(self, request: Req) -> None:
-        self.budget.charge(self._weight(request))
+        weight = self._weight(request)
+        self.budget.charge(weight)
         key = self._order_key(request)
         future = self._submit(request)
         self.futures.add(future)
@@ -148,7 +150,7 @@ class _Answers(Generic[Req, Out, Resp]):
         waiting = self._queued.get(key)
         if waiting is None:
             waiting = self._queued[key] = deque()
-        waiting.append((request, future, time.perf_counter()))
+        waiting.append((request, future, time.perf_counter(), weight))
         future.add_done_callback(lambda _: self._flush(key))
 
     def _flush(self, key: Hashable) -> None:
@@ -157,13 +159,13 @@ class _Answers(Generic[Req, Out, Resp]):
             return
         waiting = self._queued.get(key)
         while waiting and waiting[0][1].done():
-            request, future, taken = waiting.popleft()
+            request, future, taken, weight = waiting.popleft()
             self.futures.discard(future)
             try:
-                response: object = self._respond(request, future, taken)
+                answer: object = _Answer(self._respond(request, future, taken), weight)
             except Exception as err:  # noqa: BLE001 - handed to the stream, which ends with it
-                response = _Failed(err)
-            self.responses.put_nowait(_Answer(response, self._weight(request)))
+                answer = _Failed(err)
+            self.responses.put_nowait(answer)
         if waiting is not None and not waiting:
             del self._queued[key]
         if not self.futures:
@@ -225,8 +227,6 @@ async def answer_all(
             if isinstance(item, _Failed):
                 raise item.error
             assert isinstance(item, _Answer)
-            if isinstance(item.response, _Failed):
-                raise item.response.error
             yield item.response  # type: ignore[misc]
             answers.budget.refund(item.weight)  # only once the client has taken the answer
     finally:
