@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import hashlib
 import json
@@ -103,6 +104,42 @@ async def start_server() -> AsyncIterator[ServerFactory]:
     yield start
     for app in apps:
         await app.stop(grace_s=0.5)
+
+
+async def written_unread(
+    app: App,
+    open_call: Callable[[grpc.aio.Channel], Any],
+    messages: Sequence[Any],
+    low: int,
+    high: int,
+) -> list[Any]:
+    """Write `messages` on a stream (`open_call(channel)`) and read nothing: the server must take between
+    `low` and `high` charlm/1 steps, and no more, then answer every message once the client reads.
+
+    The channel does not grow its HTTP/2 window, so the client buffers only about 64 KiB it has not
+    read: what the server takes beyond its own limit is what the transport holds."""
+
+    def landed() -> float:
+        return app.metrics.steps.labels("charlm", 1)._value.get()
+
+    options = [("grpc.http2.bdp_probe", 0)]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}", options=options) as channel:
+        call = open_call(channel)
+
+        async def send() -> None:
+            for message in messages:
+                await call.write(message)
+            await call.done_writing()
+
+        sending = asyncio.create_task(send())
+        async with asyncio.timeout(10):
+            while landed() < low:
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.5)  # time to take more, were it allowed to
+        assert low <= landed() <= high
+        answers = [answer async for answer in call]
+        await sending
+    return answers
 
 
 def one_hot_text(text: str, vocabulary: str) -> np.ndarray:

@@ -10,7 +10,7 @@ import numpy as np
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from service.client import CHANNEL_OPTIONS, BatchClient, StepError, StepReply, step_request
-from tests.conftest import SHIPPED_REPO, TEST_REPO, logits_of, offline_logits, vocabulary
+from tests.conftest import SHIPPED_REPO, TEST_REPO, logits_of, offline_logits, vocabulary, written_unread
 from tests.service.test_shipped_models import streamed
 
 FEATURES = len(vocabulary())
@@ -185,33 +185,12 @@ async def test_a_client_that_does_not_read_holds_a_bounded_number_of_steps(start
     batches = [
         pb.StepBatch(id=b, steps=[step_request("charlm", f"s{b}-{i}", 1, x) for i in range(256)]) for b in range(20)
     ]
-
-    def landed() -> float:
-        return app.metrics.steps.labels("charlm", 1)._value.get()
-
-    # No window growth: the client's HTTP/2 buffers hold what it has not read, 64 KiB, about one result.
-    options = [("grpc.http2.bdp_probe", 0)]
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}", options=options) as channel:
-        call = pb_grpc.RnnServeStub(channel).StreamBatch()
-
-        async def send() -> None:
-            for batch in batches:
-                await call.write(batch)
-            await call.done_writing()
-
-        sending = asyncio.create_task(send())
-        async with asyncio.timeout(10):
-            while landed() < 512:
-                await asyncio.sleep(0.01)
-        await asyncio.sleep(0.5)  # time to take more, were it allowed to
-        # Two messages of 256 reach the limit, then the stream stops reading (a message of slack for
-        # what the transport may buffer); without a limit in steps it took all 20.
-        assert 512 <= landed() <= 768
-        results = [result async for result in call]
-        await sending
+    # Two messages of 256 reach the limit, then the stream stops reading (a message of slack for what
+    # the transport may buffer); without a limit in steps it took all 20.
+    results = await written_unread(app, lambda channel: pb_grpc.RnnServeStub(channel).StreamBatch(), batches, 512, 768)
     assert [r.id for r in results] == list(range(20))
     assert all(not reply.HasField("error") for r in results for reply in r.responses)
-    assert landed() == 20 * 256
+    assert app.metrics.steps.labels("charlm", 1)._value.get() == 20 * 256
 
 
 async def test_chunks_count_their_time_steps_against_the_stream_limit(start_server):
@@ -219,27 +198,9 @@ async def test_chunks_count_their_time_steps_against_the_stream_limit(start_serv
     steps (8 chunks), not 512 messages; every chunk is answered in order once the client reads."""
     app = await start_server(max_inflight_per_stream=512)
     chunk = EYE[[t % FEATURES for t in range(64)]]
-
-    def landed() -> float:
-        return app.metrics.steps.labels("charlm", 1)._value.get()
-
-    options = [("grpc.http2.bdp_probe", 0)]  # as above: the client buffers about 64 KiB unread
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}", options=options) as channel:
-        call = pb_grpc.RnnServeStub(channel).Stream()
-
-        async def send() -> None:
-            for seq in range(1, 41):
-                await call.write(step_request("charlm", "chunky", seq, chunk))
-            await call.done_writing()
-
-        sending = asyncio.create_task(send())
-        async with asyncio.timeout(10):
-            while landed() < 8:
-                await asyncio.sleep(0.01)
-        await asyncio.sleep(0.5)  # time to take more, were it allowed to
-        assert 8 <= landed() <= 12  # 8 chunks, and what the transport buffers (21 KiB an answer)
-        answers = [answer async for answer in call]
-        await sending
+    requests = [step_request("charlm", "chunky", seq, chunk) for seq in range(1, 41)]
+    # 8 chunks, and what the transport buffers (21 KiB an answer)
+    answers = await written_unread(app, lambda channel: pb_grpc.RnnServeStub(channel).Stream(), requests, 8, 12)
     assert [a.seq for a in answers] == list(range(1, 41))
     assert all(not a.HasField("error") for a in answers)
 

@@ -26,6 +26,7 @@ from tests.conftest import (
     one_hot_text,
     step_request,
     vocabulary,
+    written_unread,
 )
 
 V1 = TEST_REPO / "charlm" / "1"
@@ -405,25 +406,12 @@ async def test_a_triton_client_that_does_not_read_holds_a_bounded_number_of_time
         message.raw_input_contents.append(chunk.tobytes())
         return message
 
-    def landed() -> float:
-        return app.metrics.steps.labels("charlm", 1)._value.get()
-
-    options = [("grpc.http2.bdp_probe", 0)]  # the client buffers about 64 KiB it has not read
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}", options=options) as channel:
-        call = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer()
-
-        async def send() -> None:
-            for i in range(40):
-                await call.write(request(i))
-            await call.done_writing()
-
-        sending = asyncio.create_task(send())
-        async with asyncio.timeout(10):
-            while landed() < 8:
-                await asyncio.sleep(0.01)
-        await asyncio.sleep(0.5)  # time to take more, were it allowed to
-        assert 8 <= landed() <= 12
-        answers = [answer async for answer in call]
-        await sending
+    answers = await written_unread(
+        app,
+        lambda channel: service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(),
+        [request(i) for i in range(40)],
+        8,
+        12,
+    )
     assert [a.infer_response.id for a in answers] == [str(i) for i in range(40)]
     assert not any(a.error_message for a in answers)
