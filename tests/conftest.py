@@ -106,6 +106,18 @@ async def start_server() -> AsyncIterator[ServerFactory]:
         await app.stop(grace_s=0.5)
 
 
+async def written_then_read(
+    target: str, open_call: Callable[[grpc.aio.Channel], Any], messages: Sequence[Any]
+) -> list[Any]:
+    """Write every message on one stream (`open_call(channel)`), close it, then read every answer."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = open_call(channel)
+        for message in messages:
+            await call.write(message)
+        await call.done_writing()
+        return [answer async for answer in call]
+
+
 async def written_unread(
     app: App,
     open_call: Callable[[grpc.aio.Channel], Any],

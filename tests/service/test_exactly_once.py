@@ -34,6 +34,7 @@ from tests.conftest import (
     one_hot_text,
     step_request,
     vocabulary,
+    written_then_read,
 )
 from tests.faults import RedisProxy
 from tests.service.test_session_contract import EXPECTED, TOLERANCE, X, assert_error, assert_matches, last_seq, steps
@@ -250,12 +251,7 @@ async def test_one_sessions_failure_does_not_fail_its_batch(start_server, redis_
 
 async def exchange_pipelined(target: str, requests: list[pb.StepRequest]) -> list[pb.StepResponse]:
     """All requests written at once, then every answer read (in the order they come)."""
-    async with grpc.aio.insecure_channel(target) as channel:
-        call = pb_grpc.RnnServeStub(channel).Stream()
-        for request in requests:
-            await call.write(request)
-        await call.done_writing()
-        return [response async for response in call]
+    return await written_then_read(target, lambda channel: pb_grpc.RnnServeStub(channel).Stream(), requests)
 
 
 async def test_a_start_over_a_vanished_record_is_applied(start_server, redis_store_url):

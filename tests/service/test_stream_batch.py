@@ -10,7 +10,15 @@ import numpy as np
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from service.client import CHANNEL_OPTIONS, BatchClient, StepError, StepReply, step_request
-from tests.conftest import SHIPPED_REPO, TEST_REPO, logits_of, offline_logits, vocabulary, written_unread
+from tests.conftest import (
+    SHIPPED_REPO,
+    TEST_REPO,
+    logits_of,
+    offline_logits,
+    vocabulary,
+    written_then_read,
+    written_unread,
+)
 from tests.service.test_shipped_models import streamed
 
 FEATURES = len(vocabulary())
@@ -23,12 +31,7 @@ def chars(i: int, steps: int) -> list[int]:
 
 
 async def exchange_batches(target: str, batches: list[pb.StepBatch]) -> list[pb.StepBatchResult]:
-    async with grpc.aio.insecure_channel(target) as channel:
-        call = pb_grpc.RnnServeStub(channel).StreamBatch()
-        for batch in batches:
-            await call.write(batch)
-        await call.done_writing()
-        return [result async for result in call]
+    return await written_then_read(target, lambda channel: pb_grpc.RnnServeStub(channel).StreamBatch(), batches)
 
 
 async def test_1024_sessions_in_batches_of_256(start_server, redis_store_url):
