@@ -1,4 +1,5 @@
-"""Session records in Redis: one hash per session ({token, rec}), compare-and-set in Lua, pipelined.
+"""Session records in Redis: one hash per session ({token, rec}), compare-and-set in Lua for many sessions
+per call, pipelined.
 
 Every write sets the TTL. A lost connection or a timeout becomes `Unavailable`; since a commit that
 timed out may or may not have been applied, the client's resend of the same step settles it (a resend
@@ -8,6 +9,7 @@ of an applied step returns the stored outputs).
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import math
 from collections.abc import Callable, Sequence
@@ -28,21 +30,38 @@ from service.state.store import Commit, CommitResult, Outcome, StateStore, Store
 TOKEN_FIELD = "token"
 RECORD_FIELD = "rec"
 
-# KEYS[1] session; ARGV: expected token ('' = unconditional, '!' = no record), new token, record, ttl ms.
-# Returns {0, token} applied, {1, current} conflict, {2, ''} missing.
-_COMPARE_AND_SET = """
-local current = redis.call('HGET', KEYS[1], 'token')
-if ARGV[1] == '!' then
-  if current then return {1, current} end
-elseif ARGV[1] ~= '' then
-  if not current then return {2, ''} end
-  if current ~= ARGV[1] then return {1, current} end
+# One call commits many sessions. KEYS: the sessions; ARGV, four per key: expected token ('' = unconditional,
+# '!' = no record), new token, record, ttl ms. Returns, per key: {0, token} applied, {1, current} conflict,
+# {2, ''} missing, {3, error} the write refused (OOM, READONLY). Each key is compared and set on its own;
+# a refused write refuses that key only (pcall), never the keys already written in the call.
+_COMMIT_MANY = """
+local out = {}
+for i = 1, #KEYS do
+  local a = (i - 1) * 4
+  local expected, token = ARGV[a + 1], ARGV[a + 2]
+  local current = redis.call('HGET', KEYS[i], 'token')
+  if expected == '!' and current then
+    out[i] = {1, current}
+  elseif expected ~= '' and expected ~= '!' and not current then
+    out[i] = {2, ''}
+  elseif expected ~= '' and expected ~= '!' and current ~= expected then
+    out[i] = {1, current}
+  else
+    local written = redis.pcall('HSET', KEYS[i], 'token', token, 'rec', ARGV[a + 3])
+    if type(written) == 'table' and written.err then
+      out[i] = {3, written.err}
+    else
+      redis.call('PEXPIRE', KEYS[i], ARGV[a + 4])
+      out[i] = {0, token}
+    end
+  end
 end
-redis.call('HSET', KEYS[1], 'token', ARGV[2], 'rec', ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-return {0, ARGV[2]}
+return out
 """
-_OUTCOMES = {0: Outcome.OK, 1: Outcome.CONFLICT, 2: Outcome.MISSING}
+# Keys per script call: a call holds Redis for its whole run (about 10 us a key), so a long batch is cut
+# into several calls, pipelined in one round trip.
+KEYS_PER_CALL = 256
+_OUTCOMES = {0: Outcome.OK, 1: Outcome.CONFLICT, 2: Outcome.MISSING, 3: Outcome.ERROR}
 
 
 class _Connections:
@@ -104,7 +123,7 @@ class RedisStateStore(StateStore):
         self._connections = _Connections(factory.make_connection, settings.max_connections, settings.pool_timeout_s)
         self._pool_timeout_s = settings.pool_timeout_s
         self._socket_timeout_s = settings.socket_timeout_s
-        self._cas_sha = hashlib.sha1(_COMPARE_AND_SET.encode()).hexdigest()
+        self._cas_sha = hashlib.sha1(_COMMIT_MANY.encode()).hexdigest()
 
     async def _run(self, what: str, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
         """One pipelined round trip: each command's reply, or the ResponseError Redis answered it with."""
@@ -159,32 +178,38 @@ class RedisStateStore(StateStore):
         return stored
 
     async def commit_many(self, commits: Sequence[Commit]) -> list[CommitResult]:
-        replies: list[Any] = [None] * len(commits)
-        todo = list(range(len(commits)))
+        """One round trip: the commits in calls of the batch script (`KEYS_PER_CALL` keys each). A call's
+        reply is a list of per-key results, or one error for the whole call (NOSCRIPT: Redis lost its
+        script cache, and none of the call was applied: loaded again and resent once)."""
+        calls = [commits[i : i + KEYS_PER_CALL] for i in range(0, len(commits), KEYS_PER_CALL)]
+        replies: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
         for attempt in range(2):
-            commands = []
-            for i in todo:
-                c = commits[i]
-                ttl_ms = max(1, int(c.ttl_s * 1000))
-                commands.append(("EVALSHA", self._cas_sha, 1, c.key, c.expected or "", c.token, c.record, ttl_ms))
-            answers = await self._run("committing sessions", commands)
+            answers = await self._run("committing sessions", [self._commit_call(calls[i]) for i in todo])
             for i, reply in zip(todo, answers, strict=True):
                 replies[i] = reply
-            # NOSCRIPT: Redis restarted or flushed its script cache; those commits were not applied.
             todo = [i for i in todo if isinstance(replies[i], NoScriptError)]
             if not todo:
                 break
             if attempt == 0:
                 await self._load_script()
-        return [
-            CommitResult(Outcome.ERROR, str(reply))
-            if isinstance(reply, RedisError)
-            else CommitResult(_OUTCOMES[int(reply[0])], reply[1].decode() or None)
-            for reply in replies
-        ]
+        results: list[CommitResult] = []
+        for call, reply in zip(calls, replies, strict=True):
+            if isinstance(reply, RedisError):
+                results += [CommitResult(Outcome.ERROR, str(reply))] * len(call)
+            else:
+                results += [CommitResult(_OUTCOMES[code], current.decode() or None) for code, current in reply]
+        return results
+
+    def _commit_call(self, commits: Sequence[Commit]) -> tuple[Any, ...]:
+        args: list[Any] = ["EVALSHA", self._cas_sha, len(commits)]
+        args += [c.key for c in commits]
+        for c in commits:
+            args += (c.expected or "", c.token, c.record, max(1, int(c.ttl_s * 1000)))
+        return tuple(args)
 
     async def _load_script(self) -> None:
-        sha = await self._one("loading the commit script", "SCRIPT", "LOAD", _COMPARE_AND_SET)
+        sha = await self._one("loading the commit script", "SCRIPT", "LOAD", _COMMIT_MANY)
         self._cas_sha = sha.decode() if isinstance(sha, bytes) else str(sha)
 
     async def delete(self, key: str) -> bool:
@@ -205,14 +230,21 @@ class RedisStateStore(StateStore):
 
 def _pack(commands: Sequence[tuple[Any, ...]]) -> bytes:
     """Commands in the Redis protocol (RESP arrays of bulk strings), for one write. Ours take bytes,
-    str and int arguments only; redis-py's general packer cost several times more per command."""
-    out: list[bytes] = []
+    str and int arguments only; one format per command (cached by its length) instead of redis-py's
+    general packer, which cost several times more per command."""
+    out = []
     for command in commands:
-        out.append(b"*%d\r\n" % len(command))
+        args: list[int | bytes] = []
         for arg in command:
-            data = arg if isinstance(arg, bytes) else str(arg).encode()
-            out += (b"$%d\r\n" % len(data), data, b"\r\n")  # the data is not copied until the join
+            data = arg if type(arg) is bytes else arg.encode() if type(arg) is str else b"%d" % arg
+            args += (len(data), data)
+        out.append(_resp_format(len(command)) % tuple(args))
     return b"".join(out)
+
+
+@functools.cache
+def _resp_format(arguments: int) -> bytes:
+    return b"*%d\r\n" % arguments + b"$%d\r\n%b\r\n" * arguments
 
 
 def _redacted(url: str) -> str:

@@ -6,11 +6,14 @@ import asyncio
 import time
 
 import pytest
+import redis
 
+from bench.process import RedisProcess
 from service.errors import Unavailable
 from service.server import open_store
 from service.settings import RedisSettings
 from service.state.memory_store import MemoryStateStore
+from service.state.redis_store import KEYS_PER_CALL
 from service.state.store import ABSENT, Commit, Outcome, StateStore, Stored, session_key
 from tests.faults import RedisProxy
 
@@ -170,3 +173,52 @@ async def test_a_waiter_that_gives_up_as_a_connection_comes_free_does_not_take_i
         await waiter
     again = await asyncio.wait_for(pool.acquire(), 1)  # the pool still has its connection
     assert again is held and len(made) == 1
+
+
+async def test_a_batch_longer_than_one_script_call_commits_every_key(redis_store_url):
+    """A batch goes to Redis in script calls of KEYS_PER_CALL keys, pipelined: every key gets its own result."""
+    store = open_store(RedisSettings(url=redis_store_url))
+    keys = [f"k{i}" for i in range(2 * KEYS_PER_CALL + 3)]
+    await store.commit_many([Commit(key, None, "e:1", b"one", 60) for key in keys[::2]])  # every other key
+    results = await store.commit_many([Commit(key, "e:1", "e:2", key.encode(), 60) for key in keys])
+    assert [r.outcome for r in results] == [Outcome.OK if i % 2 == 0 else Outcome.MISSING for i in range(len(keys))]
+    assert await records(store, *keys) == [key.encode() if i % 2 == 0 else None for i, key in enumerate(keys)]
+    await store.close()
+
+
+def _redis_client(server: RedisProcess) -> redis.Redis:
+    return redis.Redis(port=server.port)
+
+
+async def test_a_write_redis_refuses_is_an_error_for_its_key_and_changes_nothing(tmp_path):
+    """Out of memory (noeviction) or a read-only replica: each write is refused with Redis's message; a
+    stale commit in the same batch is still a conflict, and nothing is written."""
+    primary = RedisProcess(tmp_path / "primary")
+    replica = RedisProcess(tmp_path / "replica")
+    for server in (primary, replica):
+        server.directory.mkdir()
+        server.start()
+    try:
+        store = open_store(RedisSettings(url=primary.url))
+        await store.commit_many([Commit("held", None, "e:1", b"one", 60)])
+        with _redis_client(primary) as client:
+            client.config_set("maxmemory-policy", "noeviction")
+            client.config_set("maxmemory", 1)  # far below what is used: every write is refused
+        stale, fresh = Commit("held", "e:0", "e:2", b"x", 60), Commit("new", None, "f:1", b"y", 60)
+        conflict, refused = await store.commit_many([stale, fresh])
+        assert (conflict.outcome, conflict.current) == (Outcome.CONFLICT, "e:1")
+        assert refused.outcome is Outcome.ERROR and "OOM" in (refused.current or "")
+        with _redis_client(primary) as client:
+            client.config_set("maxmemory", 0)
+        assert await records(store, "held", "new") == [b"one", None]
+        await store.close()
+
+        with _redis_client(replica) as client:
+            client.replicaof("127.0.0.1", primary.port)
+        on_replica = open_store(RedisSettings(url=replica.url))
+        (refused,) = await on_replica.commit_many([Commit("other", None, "f:1", b"y", 60)])
+        assert refused.outcome is Outcome.ERROR and "READONLY" in (refused.current or "")
+        await on_replica.close()
+    finally:
+        replica.close()
+        primary.close()
