@@ -6,8 +6,10 @@ Session ids are never labels.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Sub-millisecond resolution: a CPU step is tens of microseconds of compute.
@@ -127,3 +129,20 @@ class Metrics:
                 self.replays.labels(*labels),
             )
         return series
+
+
+def observe_many(histogram: Histogram, values: Sequence[float]) -> None:
+    """`histogram.observe(v)` for every v, at one write per bucket touched instead of two per value.
+
+    With several worker processes every write goes to a shared file under a lock; a batch of 256 steps
+    observed one by one cost about a tenth of a worker's event loop. Uses the histogram's own bounds and
+    values (prometheus_client keeps them as `_upper_bounds`, `_buckets`, `_sum`); a test compares the
+    result with `observe`."""
+    if not values:
+        return
+    bounds = histogram._upper_bounds  # noqa: SLF001 - see above
+    buckets = histogram._buckets  # noqa: SLF001
+    counts = np.bincount(np.searchsorted(bounds, values, side="left"), minlength=len(bounds))
+    histogram._sum.inc(float(sum(values)))  # noqa: SLF001
+    for i in np.flatnonzero(counts):
+        buckets[i].inc(int(counts[i]))
