@@ -10,17 +10,16 @@ from typing import TypeAlias
 
 import grpc
 
-from service.api.convert import array_to_tensor, tensor_to_array
+from service.api.convert import fill_tensors, tensor_to_array
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from service.api.status import classify, grpc_status, unary
-from service.api.streams import StreamGate, all_done, answer_all, failed, time_steps
+from service.api.streams import StreamGate, answer_all, failed, time_steps
 from service.errors import InvalidArgument, Overloaded, RnnServeError, SeqOutOfOrder
 from service.metrics import Metrics
 from service.models import LoadedModel
-from service.sessions import SessionEngine, Step, StepResult
+from service.sessions import Answer, SessionEngine, Step, StepResult
 from service.settings import Settings
-from service.state.record import Tensors
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +28,6 @@ WORKER_METADATA = (("rnnserve-worker", str(os.getpid())),)
 
 StreamContext: TypeAlias = grpc.aio.ServicerContext[pb.StepRequest, pb.StepResponse]
 BatchContext: TypeAlias = grpc.aio.ServicerContext[pb.StepBatch, pb.StepBatchResult]
-
-
-def _outputs(outputs: Tensors) -> dict[str, pb.Tensor]:
-    return {name: array_to_tensor(value) for name, value in outputs.items()}
 
 
 def _model_info(model: LoadedModel) -> pb.ModelInfo:
@@ -48,6 +43,19 @@ def _model_info(model: LoadedModel) -> pb.ModelInfo:
         inputs=[pb.TensorSpec(name=t.name, dtype=t.dtype, shape=t.shape) for t in model.inputs],
         outputs=[pb.TensorSpec(name=t.name, dtype=t.dtype, shape=t.shape) for t in model.outputs],
         manifest_json=manifest.model_dump_json(),
+    )
+
+
+def _step(request: pb.StepRequest) -> Step:
+    return Step(
+        model=request.model,
+        version=request.version,
+        session_id=request.session_id,
+        seq=request.seq,
+        start=request.start,
+        end=request.end,
+        start_id=request.start_id,
+        x=tensor_to_array(request.input),
     )
 
 
@@ -114,82 +122,72 @@ class NativeServicer(pb_grpc.RnnServeServicer):
         """The time steps of all its steps (an empty batch weighs 1)."""
         return max(1, sum(self._weight(request) for request in batch.steps))
 
-    def _submit_batch(self, batch: pb.StepBatch) -> asyncio.Future[list[asyncio.Future[StepResult]]]:
+    def _submit_batch(self, batch: pb.StepBatch) -> asyncio.Future[list[Answer]]:
         """Every step of the batch started at once (the engine batches them together); done when all are."""
         limit = self._settings.max_steps_per_message
-        steps: list[asyncio.Future[StepResult]] = []
         if len(batch.steps) > limit:
             too_many = Overloaded(f"a StepBatch holds at most {limit} steps, this one {len(batch.steps)}; split it")
-            steps = [failed(too_many) for _ in batch.steps]
-        else:
-            seen: set[tuple[str, str]] = set()
-            for request in batch.steps:
-                session = (request.model, request.session_id)
-                if session in seen:
-                    steps.append(
-                        failed(
-                            InvalidArgument(
-                                f"session {request.session_id!r} has more than one step in this batch; "
-                                "send its next step in a later batch"
-                            )
-                        )
+            return self._engine.submit_many([too_many] * len(batch.steps))
+        steps: list[Step | BaseException] = []
+        seen: set[tuple[str, str]] = set()
+        for request in batch.steps:
+            session = (request.model, request.session_id)
+            if session in seen:
+                steps.append(
+                    InvalidArgument(
+                        f"session {request.session_id!r} has more than one step in this batch; "
+                        "send its next step in a later batch"
                     )
-                    continue
-                seen.add(session)
-                steps.append(self._submit(request))
-        return all_done(steps)
+                )
+                continue
+            seen.add(session)
+            try:
+                steps.append(_step(request))
+            except RnnServeError as err:
+                steps.append(err)
+        return self._engine.submit_many(steps)
 
     def _respond_batch(
-        self, batch: pb.StepBatch, done: asyncio.Future[list[asyncio.Future[StepResult]]], taken: float
+        self, batch: pb.StepBatch, done: asyncio.Future[list[Answer]], taken: float
     ) -> pb.StepBatchResult:
-        return pb.StepBatchResult(
-            id=batch.id,
-            responses=[
-                self._respond(request, step, taken, "StreamBatch")
-                for request, step in zip(batch.steps, done.result(), strict=True)
-            ],
-        )
+        result = pb.StepBatchResult(id=batch.id)
+        add = result.responses.add  # filled in place: a message built apart is copied when appended
+        for request, answer in zip(batch.steps, done.result(), strict=True):
+            self._fill(add(), request, answer, "StreamBatch")
+        return result
 
     def _submit(self, request: pb.StepRequest) -> asyncio.Future[StepResult]:
         try:
-            step = Step(
-                model=request.model,
-                version=request.version,
-                session_id=request.session_id,
-                seq=request.seq,
-                start=request.start,
-                end=request.end,
-                start_id=request.start_id,
-                x=tensor_to_array(request.input),
-            )
+            step = _step(request)
         except RnnServeError as err:
             return failed(err)
         return self._engine.submit(step)
 
-    def _respond(
-        self, request: pb.StepRequest, done: asyncio.Future[StepResult], taken: float, method: str = "Stream"
-    ) -> pb.StepResponse:
-        error = done.exception()
-        if error is not None:  # answered in-band: the stream stays open for the other sessions
-            code, message = classify(error, method)
+    def _respond(self, request: pb.StepRequest, done: asyncio.Future[StepResult], taken: float) -> pb.StepResponse:
+        response = pb.StepResponse()
+        self._fill(response, request, done.exception() or done.result(), "Stream")
+        return response
+
+    def _fill(self, response: pb.StepResponse, request: pb.StepRequest, answer: Answer, method: str) -> None:
+        """`response`, an empty message, made the answer to `request`."""
+        if isinstance(answer, BaseException):  # answered in-band: the stream stays open for the other sessions
+            code, message = classify(answer, method)
             self.metrics.errors.labels(method, code.name).inc()
-            return pb.StepResponse(
-                session_id=request.session_id,
-                seq=request.seq,
-                model=request.model,
-                version=request.version,
-                error=pb.Status(code=int(code), message=message),
-                expected_seq=error.expected_seq if isinstance(error, SeqOutOfOrder) else 0,
-            )
-        result = done.result()
-        return pb.StepResponse(
-            session_id=result.session_id,
-            seq=result.seq,
-            model=result.model,
-            version=result.version,
-            outputs=_outputs(result.outputs),
-            replayed=result.replayed,
-        )
+            response.session_id = request.session_id
+            response.seq = request.seq
+            response.model = request.model
+            response.version = request.version
+            response.error.code = int(code)
+            response.error.message = message
+            if isinstance(answer, SeqOutOfOrder):
+                response.expected_seq = answer.expected_seq
+            return
+        response.session_id = answer.session_id
+        response.seq = answer.seq
+        response.model = answer.model
+        response.version = answer.version
+        response.replayed = answer.replayed
+        fill_tensors(response.outputs, answer.outputs)
 
     # -- unary calls ---------------------------------------------------------------------------
 
@@ -201,8 +199,9 @@ class NativeServicer(pb_grpc.RnnServeServicer):
         if x.ndim != 2:
             raise InvalidArgument(f"input must be [T, F], got {list(x.shape)}")
         model, outputs = await self._engine.infer(request.model, request.version, x[None])
-        first = {name: value[0] for name, value in outputs.items()}
-        return pb.InferResponse(model=model.name, version=model.version, outputs=_outputs(first))
+        response = pb.InferResponse(model=model.name, version=model.version)
+        fill_tensors(response.outputs, {name: value[0] for name, value in outputs.items()})
+        return response
 
     @unary
     async def ListModels(  # noqa: N802

@@ -253,23 +253,3 @@ def failed(error: BaseException) -> asyncio.Future[Any]:
     future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
     future.set_exception(error)
     return future
-
-
-def all_done(futures: list[asyncio.Future[Out]]) -> asyncio.Future[list[asyncio.Future[Out]]]:
-    """A future that is done, holding `futures`, once every one of them is done (no task involved)."""
-    together: asyncio.Future[list[asyncio.Future[Out]]] = asyncio.get_running_loop().create_future()
-    remaining = len(futures)
-
-    def one_more(future: asyncio.Future[Out]) -> None:
-        nonlocal remaining
-        if not future.cancelled():
-            future.exception()  # read by whoever reads `together`, if anyone still does (not a hung-up stream)
-        remaining -= 1
-        if remaining == 0 and not together.done():
-            together.set_result(futures)
-
-    if not futures:
-        together.set_result(futures)
-    for future in futures:
-        future.add_done_callback(one_more)
-    return together

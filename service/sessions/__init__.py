@@ -1,6 +1,6 @@
 """The session engine: the contract (rules), the batch path, the replica's cache, the public operations."""
 
 from service.sessions.engine import SessionEngine
-from service.sessions.steps import SessionInfo, Step, StepResult
+from service.sessions.steps import Answer, SessionInfo, Step, StepResult
 
-__all__ = ["SessionEngine", "SessionInfo", "Step", "StepResult"]
+__all__ = ["Answer", "SessionEngine", "SessionInfo", "Step", "StepResult"]

@@ -28,15 +28,17 @@ from service.errors import (
     InvalidArgument,
     RecordCorrupt,
     RnnServeError,
+    SessionEnded,
+    SessionNotFound,
     StoreRefused,
     Unavailable,
     WriteConflict,
 )
-from service.metrics import Metrics
+from service.metrics import Metrics, observe_many
 from service.models import LoadedModel, ModelRegistry
 from service.sessions.cache import RecordCache
 from service.sessions.rules import Apply, Ask, Replay, judge
-from service.sessions.steps import Step, StepResult
+from service.sessions.steps import Answer, Step, StepResult
 from service.settings import Settings
 from service.state.record import SessionRecord, Tensors, decode, encode_rows
 from service.state.store import Commit, Outcome, StateStore, Stored
@@ -46,8 +48,6 @@ log = logging.getLogger(__name__)
 # Rounds of judge -> compute -> commit a step gets before it is refused as ABORTED (another writer keeps
 # moving its session on).
 MAX_ROUNDS = 3
-
-Answer = StepResult | BaseException
 
 
 @dataclass(slots=True)
@@ -89,8 +89,11 @@ class BatchPipeline:
 
     async def run(self, items: list[Pending]) -> list[Answer]:
         now = time.perf_counter()
+        waits: dict[tuple[str, int], list[float]] = {}
         for item in items:
-            self._metrics.model(item.admitted.name, item.admitted.version).queue_wait.observe(now - item.enqueued)
+            waits.setdefault((item.admitted.name, item.admitted.version), []).append(now - item.enqueued)
+        for (name, version), seconds in waits.items():
+            observe_many(self._metrics.model(name, version).queue_wait, seconds)
         answers: list[Answer | None] = [None] * len(items)
         todo = list(range(len(items)))
         for _ in range(MAX_ROUNDS):
@@ -107,7 +110,31 @@ class BatchPipeline:
             )
         self._metrics.active_sessions.set(len(self._cache))
         assert all(a is not None for a in answers)
+        self._record(items, answers)  # type: ignore[arg-type]
         return answers  # type: ignore[return-value]
+
+    def _record(self, items: list[Pending], answers: list[Answer]) -> None:
+        """The batch's steps in the metrics: a few writes per model version, not several per step."""
+        now = time.perf_counter()
+        landed: dict[tuple[str, int], tuple[list[float], list[bool]]] = {}
+        expired = 0
+        for item, answer in zip(items, answers, strict=True):
+            if isinstance(answer, StepResult):
+                seconds, replays = landed.setdefault((answer.model, answer.version), ([], []))
+                seconds.append(now - item.enqueued)
+                replays.append(answer.replayed)
+            elif isinstance(answer, SessionNotFound) and not isinstance(answer, SessionEnded):
+                expired += 1
+        for (name, version), (seconds, replays) in landed.items():
+            series = self._metrics.model(name, version)
+            observe_many(series.step_latency, seconds)
+            replayed = sum(replays)
+            if replayed:
+                series.replays.inc(replayed)
+            if replayed < len(replays):
+                series.steps.inc(len(replays) - replayed)
+        if expired:
+            self._metrics.expired.inc(expired)
 
     # -- plan ------------------------------------------------------------------------------------
 
@@ -364,17 +391,20 @@ def _run_group(model: LoadedModel, plans: list[_Planned], items: list[Pending]) 
     blobs: list[bytes] = [b""] * len(records)
     for ended in (False, True):  # a tombstone keeps no state: its rows are encoded apart
         rows = [i for i, record in enumerate(records) if record.ended == ended]
-        if rows:
-            encoded = encode_rows(
-                model.fingerprint,
-                [records[i].epoch for i in rows],
-                [records[i].start_id for i in rows],
-                [records[i].seq for i in rows],
-                [records[i].digest for i in rows],
-                {} if ended else {name: value[rows] for name, value in new_states.items()},
-                {name: value[rows] for name, value in outputs.items()},
-                ended=ended,
-            )
-            for i, blob in zip(rows, encoded, strict=True):
-                blobs[i] = blob
+        if not rows:
+            continue
+        # Usually every row: then the arrays as they are (indexing by a list of rows copies them all).
+        every = len(rows) == len(records)
+        encoded = encode_rows(
+            model.fingerprint,
+            [records[i].epoch for i in rows],
+            [records[i].start_id for i in rows],
+            [records[i].seq for i in rows],
+            [records[i].digest for i in rows],
+            {} if ended else {name: value if every else value[rows] for name, value in new_states.items()},
+            {name: value if every else value[rows] for name, value in outputs.items()},
+            ended=ended,
+        )
+        for i, blob in zip(rows, encoded, strict=True):
+            blobs[i] = blob
     return records, blobs, seconds

@@ -13,8 +13,9 @@ import random
 import re
 import secrets
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -27,13 +28,14 @@ from service.errors import (
     RnnServeError,
     SessionEnded,
     SessionNotFound,
+    Unavailable,
 )
 from service.metrics import Metrics
 from service.models import LoadedModel, ModelRegistry
 from service.sessions.batch import BatchPipeline, Pending, check_input
 from service.sessions.cache import RecordCache, SessionTurns
 from service.sessions.rules import Ask, input_digest
-from service.sessions.steps import SessionInfo, Step, StepResult
+from service.sessions.steps import Answer, SessionInfo, Step, StepResult
 from service.settings import Settings
 from service.state.record import Tensors, decode
 from service.state.store import StateStore, session_key
@@ -49,7 +51,6 @@ class SessionEngine:
         self.registry = registry
         self._store = store
         self._settings = settings
-        self._metrics = metrics
         self._prefix = settings.redis.key_prefix
         self._executor = ThreadPoolExecutor(settings.runtime.executor_threads, thread_name_prefix="runtime")
         self.cache = RecordCache(settings.sessions.cache_max_sessions)
@@ -96,43 +97,65 @@ class SessionEngine:
         stream cancelled mid-step): a resend then finds the step applied instead of racing it.
         """
         future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
-        try:
-            pending = self._admit(step)
-        except RnnServeError as err:
-            future.set_exception(err)
-            return future
-        limit = self._settings.batching.max_pending_steps
-        if self._pending >= limit:  # memory stays bounded however many steps clients pipeline
-            future.set_exception(
-                Overloaded(f"this replica has {limit} steps in flight; back off and retry, or use another replica")
-            )
-            return future
-        self._pending += 1
-        self._turns.enter(pending.key, lambda: self._dispatch(pending, future))
+        self._start(step, lambda result: settle(future, result))
         return future
+
+    def submit_many(self, steps: Sequence[Step | BaseException]) -> asyncio.Future[list[Answer]]:
+        """Start every step at once, as `submit` does each (they join the same batches); one future, done
+        once every step has landed, holding each step's result or error in the order given. An item that
+        is an exception (a request that did not parse) is answered with itself.
+
+        One future and one callback per call, not per step: what a message of many sessions' steps costs
+        on the event loop is mostly per-step objects."""
+        together: asyncio.Future[list[Answer]] = asyncio.get_running_loop().create_future()
+        answers: list[Answer] = [Unavailable("not landed")] * len(steps)  # each replaced as its step lands
+        remaining = len(answers)
+
+        def land(i: int, answer: Answer) -> None:
+            nonlocal remaining
+            answers[i] = answer
+            remaining -= 1
+            if remaining == 0 and not together.done():
+                together.set_result(answers)
+
+        if not answers:
+            together.set_result(answers)
+        for i, step in enumerate(steps):
+            if isinstance(step, BaseException):
+                land(i, step)
+            else:
+                self._start(step, partial(land, i))
+        return together
 
     async def step(self, step: Step) -> StepResult:
         return await self.submit(step)
 
-    def _dispatch(self, pending: Pending, future: asyncio.Future[StepResult]) -> None:
-        def landed(result: StepResult | BaseException) -> None:
+    def _start(self, step: Step, done: Callable[[Answer], None]) -> None:
+        """Admit `step` and give it its session's turn; `done` gets its answer once it has landed."""
+        try:
+            pending = self._admit(step)
+        except RnnServeError as err:
+            done(err)
+            return
+        limit = self._settings.batching.max_pending_steps
+        if self._pending >= limit:  # memory stays bounded however many steps clients pipeline
+            done(Overloaded(f"this replica has {limit} steps in flight; back off and retry, or use another replica"))
+            return
+        self._pending += 1
+        self._turns.enter(pending.key, lambda: self._dispatch(pending, done))
+
+    def _dispatch(self, pending: Pending, done: Callable[[Answer], None]) -> None:
+        def landed(answer: Answer) -> None:
             self._pending -= 1
-            self._record(pending, result)
-            settle(future, result)
-            self._turns.leave(pending.key)
+            try:
+                done(answer)
+            finally:  # the session's next step must get its turn whatever happened to this answer
+                self._turns.leave(pending.key)
 
         try:
             self._batcher.put(pending, landed)
         except RnnServeError as err:  # stopping, or the queue is full
             landed(err)
-
-    def _record(self, pending: Pending, result: StepResult | BaseException) -> None:
-        if isinstance(result, StepResult):
-            series = self._metrics.model(result.model, result.version)
-            (series.replays if result.replayed else series.steps).inc()
-            series.step_latency.observe(time.perf_counter() - pending.enqueued)
-        elif isinstance(result, SessionNotFound) and not isinstance(result, SessionEnded):
-            self._metrics.expired.inc()
 
     def _admit(self, step: Step) -> Pending:
         """Everything that can be checked without the store; raises for a malformed step."""

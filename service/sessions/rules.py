@@ -18,6 +18,7 @@ top of what), answer it from the stored record (a resend), or refuse it:
 from __future__ import annotations
 
 import hashlib
+import struct
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,7 +35,8 @@ from service.state.record import DIGEST_BYTES, SessionRecord
 from service.state.store import ABSENT
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, as the step path's other dataclasses (see steps.py): values all the same.
+@dataclass(slots=True)
 class Ask:
     """What the contract needs to know of a step."""
 
@@ -46,7 +48,7 @@ class Ask:
     digest: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Apply:
     """Apply the step as `seq`, on `base` (None: fresh state), if the store still holds `expected`."""
 
@@ -55,7 +57,7 @@ class Apply:
     expected: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Replay:
     """A resend of the stored last step: answer with its outputs, change nothing."""
 
@@ -65,13 +67,16 @@ class Replay:
 Verdict = Apply | Replay | RnnServeError
 
 
+_SHAPE_2D = struct.Struct("<2q")
+
+
 def input_digest(x: np.ndarray, end: bool) -> bytes:
     """Identifies a step's input: its float32 values, shape and end flag."""
     data = np.ascontiguousarray(x, dtype="<f4")
-    digest = hashlib.blake2b(digest_size=DIGEST_BYTES)
-    digest.update(np.asarray(data.shape, dtype="<i8").tobytes())
+    shape = _SHAPE_2D.pack(*data.shape) if data.ndim == 2 else struct.pack(f"<{data.ndim}q", *data.shape)
+    digest = hashlib.blake2b(shape, digest_size=DIGEST_BYTES)
     digest.update(b"E" if end else b"-")
-    digest.update(data.tobytes())
+    digest.update(data.data)  # the array's own buffer, not a copy
     return digest.digest()
 
 

@@ -8,8 +8,11 @@ import numpy as np
 
 from service.state.record import Tensors
 
+# The step path's dataclasses are not frozen: a frozen dataclass's __init__ costs five times a plain one's,
+# and several are made per step. Treat them as values all the same.
 
-@dataclass(frozen=True, slots=True)
+
+@dataclass(slots=True)
 class Step:
     """One request: T >= 1 time steps for one session."""
 
@@ -27,7 +30,7 @@ class Step:
     start_id: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StepResult:
     model: str
     version: int
@@ -45,3 +48,6 @@ class SessionInfo:
     last_seq: int
     fingerprint: str
     ttl_ms: int | None
+
+
+Answer = StepResult | BaseException  # what a step gets: its result, or the error that refused it

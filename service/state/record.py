@@ -39,9 +39,10 @@ _CODES = {dtype: code for code, dtype in _DTYPES.items()}
 Tensors = dict[str, np.ndarray]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SessionRecord:
-    """One session after its last applied step (or, `ended`, the tombstone of a finished session)."""
+    """One session after its last applied step (or, `ended`, the tombstone of a finished session). A value:
+    never changed once made (not frozen only because one is made per step, and frozen ones cost more)."""
 
     fingerprint: bytes
     epoch: int

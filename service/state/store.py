@@ -40,7 +40,8 @@ class Stored:
     record: bytes
 
 
-@dataclass(frozen=True, slots=True)
+# Values, though not frozen: one of each is made per step, and a frozen dataclass costs more to make.
+@dataclass(slots=True)
 class Commit:
     """Write `record` under `key`, to live `ttl_s`, if the stored token equals `expected` (ABSENT: if there
     is no record; None: unconditionally)."""
@@ -52,7 +53,7 @@ class Commit:
     ttl_s: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class CommitResult:
     outcome: Outcome
     # The token found in the store: on conflict, whoever wrote last.
