@@ -46,6 +46,17 @@ def add_bench_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     load.add_argument("--features", type=int, default=84, help="the model's input features")
     load.add_argument("--json", type=Path, help="also write the figures here")
 
+    ab = kinds.add_parser(
+        "ab",
+        parents=[common],
+        help="this checkout against an earlier commit: servers from both take turns under the same loads",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ab.add_argument("--base", required=True, help="the commit (or any git revision) to compare against")
+    ab.add_argument("--rounds", type=int, default=3, help="turns each; the figures are their medians")
+    ab.add_argument("--workers", type=int, default=1, help="worker processes of each server")
+    ab.add_argument("--model-repo", type=Path, default=Path("models"), help="the model repository (both use it)")
+
     suite = kinds.add_parser(
         "suite",
         parents=[common],
@@ -85,6 +96,10 @@ def run_bench(args: argparse.Namespace) -> int:
         if args.json:
             args.json.write_text(json.dumps(summary, indent=2) + "\n")
         return 0 if not summary["errors"] else 1
+    if args.bench_command == "ab":
+        from bench.ab import main as ab_main
+
+        return ab_main(args.base, args.rounds, args.workers, args.model_repo)
     if args.bench_command == "suite":
         from bench.suite import main as suite_main
 

@@ -27,11 +27,14 @@ def free_port() -> int:
 class ServerProcess:
     """`rnnserve serve` (or another module's `main`) in its own process, on a fixed port."""
 
-    def __init__(self, port: int, args: list[str], module: str = "service", log: Path | None = None) -> None:
+    def __init__(
+        self, port: int, args: list[str], module: str = "service", log: Path | None = None, source: Path = ROOT
+    ) -> None:
         self.port = port
         self.args = args
         self.module = module
         self.log = log  # where its output goes (default: this process's)
+        self.source = source  # the checkout it runs from (`python -m` imports from its working directory)
         self.process: subprocess.Popen[bytes] | None = None
 
     @classmethod
@@ -43,6 +46,7 @@ class ServerProcess:
         *extra: str,
         metrics_port: int = 0,
         log: Path | None = None,
+        source: Path = ROOT,
     ) -> ServerProcess:
         args = [
             "--log-level",
@@ -60,7 +64,7 @@ class ServerProcess:
         ]
         if redis_url:
             args += ["--redis-url", redis_url]
-        return cls(port, args, log=log)
+        return cls(port, args, log=log, source=source)
 
     def start(self, timeout_s: float = 60, *, wait: bool = True) -> None:
         """Start it; with `wait`, return once its health check says SERVING."""
@@ -69,7 +73,7 @@ class ServerProcess:
             [sys.executable, "-m", self.module, *self.args],
             stdout=output,
             stderr=output,
-            cwd=ROOT,
+            cwd=self.source,
             env={**os.environ, "PYTHONWARNINGS": "ignore"},
             start_new_session=True,  # its own process group: kill() takes its worker processes too
         )
