@@ -310,10 +310,7 @@ class BatchPipeline:
         except RnnServeError as err:  # the outcome is unknown: a resend of the step settles it
             for i in order:
                 self._cache.forget(items[i].key)
-                answers[i] = Unavailable(
-                    f"the session store did not confirm the commit ({err.message}); the step may or may not "
-                    "have been applied: send it again (a resend of an applied step is answered as a replay)"
-                )
+                answers[i] = _unconfirmed(err.message)
             return []
         self._metrics.store_commit_latency.observe(time.perf_counter() - started)
         again = []
@@ -325,12 +322,22 @@ class BatchPipeline:
             elif outcome.outcome is Outcome.ERROR:
                 self._cache.forget(item.key)
                 answers[i] = StoreRefused(f"the session store refused the commit ({outcome.current}); not applied")
+            elif outcome.outcome is Outcome.UNKNOWN:
+                self._cache.forget(item.key)
+                answers[i] = _unconfirmed(outcome.current or "no reason given")
             else:  # another writer got there first, or the record is gone: judge the step again
                 self._cache.forget(item.key)
                 self._metrics.conflicts.inc()
                 item.fresh = True
                 again.append(i)
         return again
+
+
+def _unconfirmed(why: str) -> Unavailable:
+    return Unavailable(
+        f"the session store did not confirm the commit ({why}); the step may or may not have been applied: "
+        "send it again (a resend of an applied step is answered as a replay)"
+    )
 
 
 def check_input(model: LoadedModel, x: np.ndarray, max_steps: int) -> np.ndarray:

@@ -32,15 +32,18 @@ RECORD_FIELD = "rec"
 
 # One call commits many sessions. KEYS: the sessions; ARGV, four per key: expected token ('' = unconditional,
 # '!' = no record), new token, record, ttl ms. Returns, per key: {0, token} applied, {1, current} conflict,
-# {2, ''} missing, {3, error} the write refused (OOM, READONLY). Each key is compared and set on its own;
-# a refused write refuses that key only (pcall), never the keys already written in the call.
+# {2, ''} missing, {3, error} refused (OOM, READONLY, a key of another type). Every Redis call is a pcall:
+# each key is compared and set on its own, and one key's error never stops the keys after it (a script
+# that stopped half way would leave the keys before it applied and the whole call answered as an error).
 _COMMIT_MANY = """
 local out = {}
 for i = 1, #KEYS do
   local a = (i - 1) * 4
   local expected, token = ARGV[a + 1], ARGV[a + 2]
-  local current = redis.call('HGET', KEYS[i], 'token')
-  if expected == '!' and current then
+  local current = redis.pcall('HGET', KEYS[i], 'token')
+  if type(current) == 'table' and current.err then
+    out[i] = {3, current.err}
+  elseif expected == '!' and current then
     out[i] = {1, current}
   elseif expected ~= '' and expected ~= '!' and not current then
     out[i] = {2, ''}
@@ -51,7 +54,7 @@ for i = 1, #KEYS do
     if type(written) == 'table' and written.err then
       out[i] = {3, written.err}
     else
-      redis.call('PEXPIRE', KEYS[i], ARGV[a + 4])
+      redis.pcall('PEXPIRE', KEYS[i], ARGV[a + 4])
       out[i] = {0, token}
     end
   end
@@ -179,8 +182,9 @@ class RedisStateStore(StateStore):
 
     async def commit_many(self, commits: Sequence[Commit]) -> list[CommitResult]:
         """One round trip: the commits in calls of the batch script (`KEYS_PER_CALL` keys each). A call's
-        reply is a list of per-key results, or one error for the whole call (NOSCRIPT: Redis lost its
-        script cache, and none of the call was applied: loaded again and resent once)."""
+        reply is a list of per-key results, or one error for the whole call: NOSCRIPT (Redis lost its
+        script cache, and none of the call ran: loaded again and resent once), or any other, after which
+        each of its commits may or may not have been applied (UNKNOWN)."""
         calls = [commits[i : i + KEYS_PER_CALL] for i in range(0, len(commits), KEYS_PER_CALL)]
         replies: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
@@ -195,8 +199,8 @@ class RedisStateStore(StateStore):
                 await self._load_script()
         results: list[CommitResult] = []
         for call, reply in zip(calls, replies, strict=True):
-            if isinstance(reply, RedisError):
-                results += [CommitResult(Outcome.ERROR, str(reply))] * len(call)
+            if isinstance(reply, RedisError):  # BUSY, a script error: whether any key was written is unknown
+                results += [CommitResult(Outcome.UNKNOWN, str(reply))] * len(call)
             else:
                 results += [CommitResult(_OUTCOMES[code], current.decode() or None) for code, current in reply]
         return results

@@ -29,7 +29,8 @@ class Outcome(enum.Enum):
     OK = "ok"
     CONFLICT = "conflict"
     MISSING = "missing"
-    ERROR = "error"  # the store refused this one command; the others in the batch stand
+    ERROR = "error"  # the store refused this one commit (not applied); the others in the batch stand
+    UNKNOWN = "unknown"  # the store failed while committing it: it may or may not have been applied
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,10 +6,12 @@ import asyncio
 
 import grpc
 import numpy as np
+import redis
 
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from service.client import CHANNEL_OPTIONS, BatchClient, StepError, StepReply, step_request
+from service.state.store import session_key
 from tests.conftest import (
     SHIPPED_REPO,
     TEST_REPO,
@@ -227,3 +229,24 @@ async def test_an_answer_larger_than_the_request_limit_is_sent(start_server):
             assert batch.ByteSize() < limit < result.ByteSize()
             assert len(result.responses) == len(steps)
             assert all(not reply.HasField("error") for reply in result.responses)
+
+
+async def test_a_key_redis_cannot_read_fails_its_own_step_only(start_server, redis_store_url):
+    """A session key turned into another Redis type between steps: that step is refused, every other step
+    of the same message (the same store call) is applied and answered as applied."""
+    app = await start_server(url=redis_store_url)
+    target = f"127.0.0.1:{app.port}"
+    names = [f"w{i}" for i in range(5)]
+    async with BatchClient(target) as gateway:
+        first = await gateway.step("charlm", {sid: EYE[[i]] for i, sid in enumerate(names)})
+        assert all(isinstance(reply, StepReply) for reply in first.values())
+        with redis.Redis.from_url(redis_store_url) as client:
+            client.delete(session_key("rnnserve", "charlm", "w2"))
+            client.set(session_key("rnnserve", "charlm", "w2"), "not a session")
+        second = await gateway.step("charlm", {sid: EYE[[i + 1]] for i, sid in enumerate(names)})
+    refused = second.pop("w2")
+    assert isinstance(refused, StepError) and "WRONGTYPE" in refused.message, refused
+    assert all(isinstance(reply, StepReply) and reply.seq == 2 for reply in second.values()), second
+    for sid in second:
+        info = await app.engine.get_session("charlm", sid)
+        assert info.last_seq == 2

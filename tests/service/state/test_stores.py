@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import pytest
@@ -222,3 +223,44 @@ async def test_a_write_redis_refuses_is_an_error_for_its_key_and_changes_nothing
     finally:
         replica.close()
         primary.close()
+
+
+async def test_a_key_of_another_type_refuses_its_own_commit_only(redis_store_url):
+    """Each key is compared and set on its own: a key Redis cannot read as a session (another type) is
+    an error for its commit, and the commits before and after it in the same call are applied."""
+    store = open_store(RedisSettings(url=redis_store_url))
+    with redis.Redis.from_url(redis_store_url) as client:
+        client.set("b", "a string, not a session")
+    results = await store.commit_many([Commit(key, None, "e:1", key.encode(), 60) for key in ("a", "b", "c")])
+    assert [r.outcome for r in results] == [Outcome.OK, Outcome.ERROR, Outcome.OK]
+    assert "WRONGTYPE" in (results[1].current or "")
+    assert await records(store, "a", "c") == [b"a", b"c"]
+    await store.close()
+
+
+async def test_a_call_redis_answers_with_one_error_is_of_unknown_outcome(tmp_path):
+    """A whole call refused (here BUSY: another script holds Redis) may or may not have written its keys:
+    its commits are UNKNOWN, which the engine answers as UNAVAILABLE "may or may not have been applied"."""
+    server = RedisProcess(tmp_path)
+    server.start()
+    try:
+        with _redis_client(server) as client:
+            client.config_set("busy-reply-threshold", 10)  # ms before other clients are told BUSY
+        store = open_store(RedisSettings(url=server.url))
+        await store.ping()
+        spinning = asyncio.create_task(asyncio.to_thread(_spin_a_script, server))
+        await asyncio.sleep(0.3)
+        results = await store.commit_many([Commit("k", None, "e:1", b"x", 60)])
+        assert [r.outcome for r in results] == [Outcome.UNKNOWN]
+        assert "BUSY" in (results[0].current or "")
+        with _redis_client(server) as client:
+            client.script_kill()
+        await spinning
+        await store.close()
+    finally:
+        server.close()
+
+
+def _spin_a_script(server: RedisProcess) -> None:
+    with _redis_client(server) as client, contextlib.suppress(redis.ResponseError):
+        client.eval("while true do end", 0)  # until SCRIPT KILL
