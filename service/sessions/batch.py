@@ -166,14 +166,15 @@ class BatchPipeline:
         for i, stored in zip(to_load, loaded, strict=True):
             item = items[i]
             record = self._read(item, stored)
-            verdict = judge(item.ask, stored.token if stored else None, record, item.step.model)
+            token = stored.token if isinstance(stored, Stored) else None
+            verdict = judge(item.ask, token, record, item.step.model)
             self._settle(i, item, verdict, plans, answers)
         return plans
 
-    def _read(self, item: Pending, stored: Stored | None) -> SessionRecord | RecordCorrupt | None:
-        if stored is None:
+    def _read(self, item: Pending, stored: Stored | None | RecordCorrupt) -> SessionRecord | RecordCorrupt | None:
+        if not isinstance(stored, Stored):
             self._cache.forget(item.key)
-            return None
+            return stored
         try:
             record = decode(stored.record, what=f"session {item.step.session_id!r}")
             checked = self._check_fits(record, item)

@@ -25,6 +25,7 @@ from service.errors import (
     FailedPrecondition,
     InvalidArgument,
     Overloaded,
+    RecordCorrupt,
     RnnServeError,
     SessionEnded,
     SessionNotFound,
@@ -199,6 +200,8 @@ class SessionEngine:
     async def get_session(self, model_name: str, session_id: str) -> SessionInfo:
         key = self._session_key(model_name, session_id)
         (stored,) = await self._store.load_many([key])
+        if isinstance(stored, RecordCorrupt):
+            raise stored
         ttl_ms = await self._store.ttl_ms(key)
         if stored is None or ttl_ms is None:
             raise SessionNotFound(f"session {session_id!r} of model {model_name!r} has expired or was never started")

@@ -7,6 +7,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from service.errors import RecordCorrupt
 from service.state.store import ABSENT, Commit, CommitResult, Outcome, StateStore, Stored
 
 
@@ -48,7 +49,7 @@ class MemoryStateStore(StateStore):
             self._deadlines = [(e.expires, k) for k, e in self._entries.items()]
             heapq.heapify(self._deadlines)
 
-    async def load_many(self, keys: Sequence[str]) -> list[Stored | None]:
+    async def load_many(self, keys: Sequence[str]) -> list[Stored | None | RecordCorrupt]:
         return [Stored(entry.token, entry.record) if (entry := self._live(key)) else None for key in keys]
 
     async def commit_many(self, commits: Sequence[Commit]) -> list[CommitResult]:

@@ -23,7 +23,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service.errors import StoreRefused, Unavailable
+from service.errors import RecordCorrupt, StoreRefused, Unavailable
 from service.settings import RedisSettings
 from service.state.store import Commit, CommitResult, Outcome, StateStore, Stored
 
@@ -168,14 +168,15 @@ class RedisStateStore(StateStore):
             raise StoreRefused(f"session store {self._where} refused {what}: {reply}")
         return reply
 
-    async def load_many(self, keys: Sequence[str]) -> list[Stored | None]:
+    async def load_many(self, keys: Sequence[str]) -> list[Stored | None | RecordCorrupt]:
         if not keys:
             return []
         replies = await self._run("loading sessions", [("HMGET", key, TOKEN_FIELD, RECORD_FIELD) for key in keys])
-        stored: list[Stored | None] = []
-        for reply in replies:
-            if isinstance(reply, ResponseError):
-                raise StoreRefused(f"session store {self._where} refused loading sessions: {reply}")
+        stored: list[Stored | None | RecordCorrupt] = []
+        for key, reply in zip(keys, replies, strict=True):
+            if isinstance(reply, ResponseError):  # another type under the key (WRONGTYPE): that session only
+                stored.append(RecordCorrupt(f"the store holds something else than a session under {key!r} ({reply})"))
+                continue
             token, record = reply
             stored.append(None if token is None or record is None else Stored(token.decode(), record))
         return stored

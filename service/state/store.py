@@ -7,6 +7,7 @@ import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from service.errors import RecordCorrupt
 from service.repository import MODEL_NAME_PATTERN
 
 # Key layout, in one place. The braces are a Redis Cluster hash tag: a session's keys share a slot.
@@ -68,8 +69,9 @@ class StateStore(abc.ABC):
     durable: bool = True
 
     @abc.abstractmethod
-    async def load_many(self, keys: Sequence[str]) -> list[Stored | None]:
-        """The stored token and record of each key, or None where there is none; one round trip."""
+    async def load_many(self, keys: Sequence[str]) -> list[Stored | None | RecordCorrupt]:
+        """The stored token and record of each key, None where there is none, or RecordCorrupt where the
+        store holds something under the key that is not a session (that session only); one round trip."""
 
     @abc.abstractmethod
     async def commit_many(self, commits: Sequence[Commit]) -> list[CommitResult]:

@@ -250,3 +250,10 @@ async def test_a_key_redis_cannot_read_fails_its_own_step_only(start_server, red
     for sid in second:
         info = await app.engine.get_session("charlm", sid)
         assert info.last_seq == 2
+    # Read from the store, not this replica's cache: the key of another type is DATA_LOSS for its session only.
+    app.engine.cache.forget(session_key("rnnserve", "charlm", "w0"))
+    steps = [step_request("charlm", "w0", 3, EYE[[3]]), step_request("charlm", "w2", 2, EYE[[3]])]
+    (result,) = await exchange_batches(target, [pb.StepBatch(steps=steps)])
+    w0, w2 = result.responses
+    assert not w0.HasField("error") and w0.seq == 3
+    assert w2.error.code == grpc.StatusCode.DATA_LOSS.value[0] and "WRONGTYPE" in w2.error.message, w2

@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from bench.process import RedisProcess
-from service.errors import Unavailable
+from service.errors import RecordCorrupt, Unavailable
 from service.server import open_store
 from service.settings import RedisSettings
 from service.state.memory_store import MemoryStateStore
@@ -264,3 +264,14 @@ async def test_a_call_redis_answers_with_one_error_is_of_unknown_outcome(tmp_pat
 def _spin_a_script(server: RedisProcess) -> None:
     with _redis_client(server) as client, contextlib.suppress(redis.ResponseError):
         client.eval("while true do end", 0)  # until SCRIPT KILL
+
+
+async def test_a_key_of_another_type_loads_as_corrupt_for_that_key_only(redis_store_url):
+    store = open_store(RedisSettings(url=redis_store_url))
+    await store.commit_many([Commit("a", None, "e:1", b"one", 60)])
+    with redis.Redis.from_url(redis_store_url) as client:
+        client.set("b", "a string, not a session")
+    a, b, c = await store.load_many(["a", "b", "c"])
+    assert a == Stored("e:1", b"one") and c is None
+    assert isinstance(b, RecordCorrupt) and "WRONGTYPE" in b.message
+    await store.close()
