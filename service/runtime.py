@@ -6,7 +6,9 @@ event loop and with each other.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import logging
 from pathlib import Path
 
@@ -38,6 +40,7 @@ def cuda_usable(device_id: int) -> bool:
     """Whether the CUDA provider really runs here: listed providers only say what the wheel was built with."""
     if CUDA not in ort.get_available_providers():
         return False
+    _preload_cuda_libraries()
     graph = onnx_identity_graph()
     options = ort.SessionOptions()
     options.log_severity_level = 4
@@ -49,6 +52,24 @@ def cuda_usable(device_id: int) -> bool:
     finally:
         ort.set_default_logger_severity(2)  # the runtime's default: warnings and worse
     return CUDA in session.get_providers()
+
+
+def _preload_cuda_libraries() -> None:
+    """Load CUDA and cuDNN from the nvidia-* pip packages when that is where they are installed (ONNX
+    Runtime finds them only after `onnxruntime.preload_dlls`); libraries on the system's search path need
+    none of this. What it reports of libraries it did not find goes to the debug log: the probe that
+    follows says, once, whether CUDA runs."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said):
+        try:
+            preload()
+        except Exception as err:  # noqa: BLE001 - the probe decides; this only helps it
+            log.debug("onnxruntime.preload_dlls failed: %s", err)
+    if said.getvalue().strip():
+        log.debug("onnxruntime.preload_dlls: %s", said.getvalue().strip())
 
 
 def onnx_identity_graph() -> bytes:
