@@ -43,6 +43,7 @@ def _model_info(model: LoadedModel) -> pb.ModelInfo:
         inputs=[pb.TensorSpec(name=t.name, dtype=t.dtype, shape=t.shape) for t in model.inputs],
         outputs=[pb.TensorSpec(name=t.name, dtype=t.dtype, shape=t.shape) for t in model.outputs],
         manifest_json=manifest.model_dump_json(),
+        provider=model.runtime.providers[0],
     )
 
 

@@ -7,10 +7,13 @@ import json
 import logging
 import shutil
 
+import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
 from export.quantize import to_fp16
+from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
+from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from service.models import ModelRegistry
 from service.repository import MANIFEST_FILE, MODEL_FILE, RepositoryError
 from service.runtime import cuda_usable
@@ -47,6 +50,9 @@ async def test_cuda_asked_for_without_a_gpu_falls_back_to_cpu_and_says_so_once(t
         assert warnings == ["CUDA was asked for but does not run here; models run on the CPU"]
         labels = app.metrics.model_info.collect()[0].samples
         assert {s.labels["provider"] for s in labels} == {"CPUExecutionProvider"}
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+            listing = await pb_grpc.RnnServeStub(channel).ListModels(pb.ListModelsRequest())
+        assert [m.provider for m in listing.models] == ["CPUExecutionProvider"] * 2  # the models API says so too
     finally:
         await app.stop(grace_s=0.1)
 

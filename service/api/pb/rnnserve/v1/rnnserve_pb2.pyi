@@ -387,6 +387,7 @@ class ModelInfo(_message.Message):
     INPUTS_FIELD_NUMBER: _builtins.int
     OUTPUTS_FIELD_NUMBER: _builtins.int
     MANIFEST_JSON_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.int
     task: _builtins.str
@@ -397,6 +398,10 @@ class ModelInfo(_message.Message):
     """sha256 of model.onnx"""
     manifest_json: _builtins.str
     """The manifest as JSON (preprocessing, vocabulary, validation figures, provenance)."""
+    provider: _builtins.str
+    """The execution provider this server runs the version on (e.g. CUDAExecutionProvider); a server asked
+    for CUDA where it does not run falls back to CPUExecutionProvider and says so here.
+    """
     @_builtins.property
     def inputs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TensorSpec]: ...
     @_builtins.property
@@ -414,10 +419,11 @@ class ModelInfo(_message.Message):
         inputs: _abc.Iterable[Global___TensorSpec] | None = ...,
         outputs: _abc.Iterable[Global___TensorSpec] | None = ...,
         manifest_json: _builtins.str = ...,
+        provider: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cell", b"cell", "fingerprint", b"fingerprint", "inputs", b"inputs", "manifest_json", b"manifest_json", "name", b"name", "outputs", b"outputs", "precision", b"precision", "streamable", b"streamable", "task", b"task", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cell", b"cell", "fingerprint", b"fingerprint", "inputs", b"inputs", "manifest_json", b"manifest_json", "name", b"name", "outputs", b"outputs", "precision", b"precision", "provider", b"provider", "streamable", b"streamable", "task", b"task", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
