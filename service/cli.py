@@ -1,4 +1,4 @@
-"""`rnnserve`: serve | demo | bench | train | export.
+"""`rnnserve`: serve | demo | health | bench | train | export.
 
 Every `serve` setting is a flag, generated from `service/settings.py` (`--redis-url`, `--batching-max-batch-size`,
 ...), and an environment variable (`RNNSERVE_REDIS__URL`, `RNNSERVE_BATCHING__MAX_BATCH_SIZE`, ...); flags win.
@@ -56,6 +56,16 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=_at_least(1), default=160, help="held-out characters to stream")
     demo.add_argument("--generate", type=_at_least(0), default=200, help="characters the model writes afterwards")
     demo.add_argument("--model", default="charlm-lstm", help="the character language model to stream to")
+
+    health = commands.add_parser(
+        "health",
+        parents=[common],
+        help="ask a server's gRPC health service; exit 0 if it is SERVING (container health checks)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    health.add_argument("--target", default="127.0.0.1:8500", help="host:port of the server")
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
+    health.add_argument("--service", default="", help="the health service name ('' is the whole server)")
 
     from bench.cli import add_bench_parser  # the bench package ships beside service
 
@@ -151,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format=os.environ.get("RNNSERVE_LOG_FORMAT", LOG_FORMAT))
     if args.command == "serve":
         return _serve(args)
+    if args.command == "health":
+        return _health(args.target, args.service, args.timeout)
     if args.command == "bench":
         from bench.cli import run_bench
 
@@ -158,6 +170,25 @@ def main(argv: list[str] | None = None) -> int:
     from service.demo import main_sync
 
     return main_sync(args.model_repo, args.target, args.steps, args.generate, args.model)
+
+
+def _health(target: str, service: str, timeout_s: float) -> int:
+    """0 if the server answers SERVING, 1 otherwise (NOT_SERVING while draining or while the session
+    store is unreachable), 2 if it cannot be reached; the status goes to stdout."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=timeout_s
+            )
+        except grpc.RpcError as err:
+            print(f"{target}: {err.code().name}: {err.details()}")
+            return 2
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{target}: {status}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
 def _offline_command(argv: list[str]) -> tuple[str, str, list[str]] | None:

@@ -23,6 +23,7 @@ from tritonclient.utils import InferenceServerException
 
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+from service.cli import main as cli_main
 from service.errors import StartupError
 from service.repository import MANIFEST_FILE
 from service.server import create_server
@@ -61,6 +62,7 @@ async def test_readiness_follows_the_store(start_server, persistent_redis):
     target = f"127.0.0.1:{app.port}"
     for service in SERVICES:
         assert await health_of(target, service) == SERVING
+    assert await asyncio.to_thread(cli_main, ["health", "--target", target]) == 0  # the image's HEALTHCHECK
     persistent_redis.stop()
     started = time.monotonic()
     await eventually(lambda: _is(health_of(target), NOT_SERVING))
@@ -68,6 +70,8 @@ async def test_readiness_follows_the_store(start_server, persistent_redis):
     for service in SERVICES:
         assert await health_of(target, service) == NOT_SERVING
     assert await health_of(target, "liveness") == SERVING  # alive: not a reason to restart the pod
+    assert await asyncio.to_thread(cli_main, ["health", "--target", target]) == 1
+    assert await asyncio.to_thread(cli_main, ["health", "--target", target, "--service", "liveness"]) == 0
     async with triton_aio.InferenceServerClient(target) as client:
         assert not await client.is_server_ready() and not await client.is_model_ready("charlm")
         assert await client.is_server_live()
@@ -76,6 +80,14 @@ async def test_readiness_follows_the_store(start_server, persistent_redis):
     async with triton_aio.InferenceServerClient(target) as client:
         assert await client.is_server_ready() and await client.is_model_ready("charlm")
     assert_matches(await exchange(target, steps("after", 1, 2)), first=1)
+
+
+def test_the_health_command_fails_for_a_server_it_cannot_reach(capsys):
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    assert cli_main(["health", "--target", f"127.0.0.1:{port}", "--timeout", "0.5"]) == 2
+    assert "UNAVAILABLE" in capsys.readouterr().out
 
 
 async def _is(value: Awaitable[int], expected: int) -> bool:
