@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 MODEL_REPO ?= models
 PB := service/api/pb
+TOOLS := .tools
 # Every install takes its versions from the lock, so a fresh clone lints and tests as yesterday.
 LOCK := requirements/lock.txt
 
@@ -40,8 +41,17 @@ lock:
 demo: $(VENV)/.runtime
 	$(PY) -m service demo --model-repo $(MODEL_REPO)
 
-test: $(VENV)/.dev
+test: $(VENV)/.dev $(TOOLS)/.deploy
 	$(PY) -m pytest -q
+
+# The deployment checks run Debian's promtool and prometheus (and kubectl where the machine has none),
+# unpacked here from the packages: nothing is installed system-wide and no service is started.
+$(TOOLS)/.deploy:
+	rm -rf $(TOOLS) && mkdir -p $(TOOLS)/debs
+	cd $(TOOLS)/debs && apt-get download -q prometheus $$(command -v kubectl >/dev/null || echo kubernetes-client)
+	for deb in $(TOOLS)/debs/*.deb; do dpkg -x $$deb $(TOOLS)/root; done
+	rm -rf $(TOOLS)/debs
+	touch $@
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .
