@@ -32,17 +32,27 @@ class TrainResult:
     seconds: float = 0.0
 
 
+def plateau_schedule(
+    optimiser: torch.optim.Optimizer, task: Task, config: TrainSpec
+) -> torch.optim.lr_scheduler.ReduceLROnPlateau:
+    """Lower the learning rate when the validation metric stops improving, in the metric's own direction.
+    (A maximised metric negated for a minimising schedule is wrong: the schedule's relative threshold then
+    counts a tie as an improvement, and the rate never drops on a plateau of accuracy.)"""
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimiser,
+        mode="min" if task.lower_is_better else "max",
+        factor=config.lr_factor,
+        patience=config.lr_patience,
+    )
+
+
 def train(task: Task, spec: ModelSpec, config: TrainSpec, *, progress: bool = True) -> TrainResult:
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     torch.set_num_threads(config.torch_threads)
     net = task.build_net(spec)
     optimiser = torch.optim.Adam(net.parameters(), lr=config.learning_rate)
-    # The schedule minimises; a metric where higher is better is negated for it.
-    sign = 1.0 if task.lower_is_better else -1.0
-    schedule = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimiser, factor=config.lr_factor, patience=config.lr_patience
-    )
+    schedule = plateau_schedule(optimiser, task, config)
     result = TrainResult(net, spec, config)
     best_weights: dict[str, torch.Tensor] | None = None
     stale = 0
@@ -61,7 +71,7 @@ def train(task: Task, spec: ModelSpec, config: TrainSpec, *, progress: bool = Tr
             continue
         net.eval()
         metric = task.validate(net)
-        schedule.step(sign * metric)
+        schedule.step(metric)
         result.history.append(
             {
                 "step": step,
