@@ -44,11 +44,12 @@ demo: $(VENV)/.runtime
 test: $(VENV)/.dev $(TOOLS)/.deploy
 	$(PY) -m pytest -q
 
-# The deployment checks run Debian's promtool and prometheus (and kubectl where the machine has none),
-# unpacked here from the packages: nothing is installed system-wide and no service is started.
+# The deployment checks run Debian's promtool and prometheus, unpacked here from the package: nothing is
+# installed system-wide and no service is started. They also need kubectl 1.27 or newer (its kustomize):
+# machines of this kind have it; Debian's kubernetes-client is too old.
 $(TOOLS)/.deploy:
 	rm -rf $(TOOLS) && mkdir -p $(TOOLS)/debs
-	cd $(TOOLS)/debs && apt-get download -q prometheus $$(command -v kubectl >/dev/null || echo kubernetes-client)
+	cd $(TOOLS)/debs && apt-get download -q prometheus
 	for deb in $(TOOLS)/debs/*.deb; do dpkg -x $$deb $(TOOLS)/root; done
 	rm -rf $(TOOLS)/debs
 	touch $@

@@ -1,6 +1,5 @@
 """The deployment checks' tools: Debian's promtool and prometheus unpacked under .tools by `make test`,
-kubectl from the machine (or from .tools where it has none), hadolint and kubernetes-validate from the
-dev dependencies."""
+kubectl 1.27 or newer from the machine, hadolint and kubernetes-validate from the dev dependencies."""
 
 from __future__ import annotations
 
@@ -22,5 +21,5 @@ def tool(name: str) -> str:
             return str(candidate)
     found = shutil.which(name)
     if found is None:
-        pytest.fail(f"{name} not found: `make test` unpacks Debian's prometheus (and kubectl) under .tools")
+        pytest.fail(f"{name} not found: `make test` unpacks Debian's prometheus under .tools; kubectl is the machine's")
     return found
