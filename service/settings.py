@@ -119,7 +119,8 @@ class Settings(BaseSettings):
     workers: int | None = Field(
         default=None,
         ge=1,
-        description="worker processes sharing the gRPC port; none: one per CPU core with a Redis URL, 1 without",
+        description="worker processes sharing the gRPC port; none: one per usable CPU (a container's CPU limit "
+        "counts) with a Redis URL, 1 without",
     )
     max_streams: int = Field(default=1024, ge=1, description="concurrent streams per worker before RESOURCE_EXHAUSTED")
     max_inflight_per_stream: int = Field(

@@ -14,6 +14,7 @@ worker drain, then exits.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import select
 import shutil
@@ -38,11 +39,26 @@ READY_FD_VARIABLE = "RNNSERVE_WORKER_READY_FD"
 METRICS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 START_TIMEOUT_S = 120.0
 METRICS_DIR_PREFIX = "rnnserve-metrics-"  # then the parent's pid: see _sweep_metrics_dirs
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def usable_cpus(cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """The CPUs this process may use: those it is pinned to, capped by its cgroup's CPU quota (a
+    container's CPU limit). `os.cpu_count()` counts every core of the machine, which in a container
+    limited to 2 CPUs on a 64-core node would start 64 workers."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, _, period = cpu_max.read_text().strip().partition(" ")
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period or 100_000))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota to read: the affinity mask stands
+    return max(1, cpus)
 
 
 def worker_count(settings: Settings) -> int:
     if settings.workers is None:
-        return (os.cpu_count() or 1) if settings.redis.url else 1
+        return usable_cpus() if settings.redis.url else 1
     if settings.workers > 1 and not settings.redis.url:
         raise StartupError(
             f"--workers {settings.workers} needs a shared store: the in-memory store lives in one process. "

@@ -20,7 +20,7 @@ import pytest
 from bench.process import ROOT, RedisProcess, ServerProcess, free_port
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from service.client import CHANNEL_OPTIONS
-from service.workers import METRICS_DIR_PREFIX, _sweep_metrics_dirs
+from service.workers import METRICS_DIR_PREFIX, _sweep_metrics_dirs, usable_cpus
 from tests.conftest import TEST_REPO, held_out_text, logits_of, offline_logits, one_hot_text, step_request, vocabulary
 
 X = one_hot_text(held_out_text()[:400], vocabulary())
@@ -219,3 +219,21 @@ def test_sigterm_while_a_worker_fails_to_restart_still_stops_the_server(tmp_path
             server.process.kill()
             server.process.wait()
         redis.close()
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "expected"),
+    [
+        ("max 100000\n", None),  # no quota: the CPUs the process may run on
+        ("200000 100000\n", 2),  # a container limited to 2 CPUs
+        ("150000 100000\n", 2),  # 1.5 CPUs: rounded up, a worker does not need a whole CPU busy
+        ("50000 100000\n", 1),
+        ("garbage", None),
+    ],
+)
+def test_the_default_worker_count_follows_the_containers_cpu_limit(tmp_path, cpu_max, expected):
+    path = tmp_path / "cpu.max"
+    path.write_text(cpu_max)
+    visible = len(os.sched_getaffinity(0))
+    assert usable_cpus(path) == (visible if expected is None else min(visible, expected))
+    assert usable_cpus(tmp_path / "absent") == visible
