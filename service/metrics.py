@@ -108,6 +108,20 @@ class Metrics:
         self.active_streams = Gauge(
             "rnnserve_active_streams", "Open streams (both APIs).", registry=registry, multiprocess_mode="livesum"
         )
+        # The limits those two run into, summed over a pod's workers like the gauges above, so an alert
+        # can compare the two whatever the worker count (each worker sets its own).
+        self.stream_limit = Gauge(
+            "rnnserve_stream_limit",
+            "Streams this replica accepts before RESOURCE_EXHAUSTED (max_streams per worker).",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.session_cache_limit = Gauge(
+            "rnnserve_session_cache_limit",
+            "Sessions this replica keeps in its cache before evicting (sessions.cache_max_sessions per worker).",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
         self.model_info = Gauge(
             "rnnserve_model_info",
             "Loaded model versions (value 1).",

@@ -161,6 +161,8 @@ async def _serve_grpc(
         on_change=lambda: readiness.update(models_ok=len(models) > 0),
     )
     gate = StreamGate(settings.max_streams, metrics)
+    metrics.stream_limit.set(settings.max_streams)
+    metrics.session_cache_limit.set(settings.sessions.cache_max_sessions)
     native = NativeServicer(engine, settings, metrics, gate)
     pb_grpc.add_RnnServeServicer_to_server(native, server)
     kserve = KServeServicer(engine, settings, metrics, gate, readiness, loader)

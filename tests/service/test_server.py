@@ -57,13 +57,16 @@ async def test_every_metric_used_in_deploy_exists_on_the_live_endpoint(start_ser
     app = await start_server(url=redis_store_url, metrics_port=0)
     await exchange(f"127.0.0.1:{app.port}", steps("m", 1, 2))
     live = set(re.findall(r"^# TYPE (rnnserve_\w+) ", scrape(app.metrics_port), re.M))
-    used = set()
+    used: dict[str, set[str]] = {}  # file -> the metrics it names
     for path in (ROOT / "deploy").rglob("*"):
         if path.is_file():
-            used |= set(re.findall(r"rnnserve_[a-z_]+", path.read_text()))
-    used = {re.sub(r"_(bucket|count|sum)$", "", name) for name in used}
-    assert used, "deploy/ should reference the service's metrics"
-    assert used <= live, f"used in deploy/ but not exported: {sorted(used - live)}"
+            names = re.findall(r"rnnserve_[a-z_]+", path.read_text())
+            used[str(path.relative_to(ROOT))] = {re.sub(r"_(bucket|count|sum)$", "", name) for name in names}
+    # The alert rules and the Grafana dashboard's queries, at least, are checked here.
+    for consumer in ("deploy/prometheus/alerts.yml", "deploy/grafana/dashboards/rnnserve.json"):
+        assert used.get(consumer), f"{consumer} should reference the service's metrics"
+    for path, names in used.items():
+        assert names <= live, f"used in {path} but not exported: {sorted(names - live)}"
 
 
 async def test_infer_runs_a_whole_sequence(start_server):
