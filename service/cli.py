@@ -18,6 +18,7 @@ from typing import Any, get_args, get_origin
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
+from service.client import ClientTls
 from service.errors import RnnServeError, StartupError
 from service.repository import RepositoryError
 from service.settings import Settings
@@ -56,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=_at_least(1), default=160, help="held-out characters to stream")
     demo.add_argument("--generate", type=_at_least(0), default=200, help="characters the model writes afterwards")
     demo.add_argument("--model", default="charlm-lstm", help="the character language model to stream to")
+    _add_client_tls_flags(demo)
 
     health = commands.add_parser(
         "health",
@@ -66,11 +68,29 @@ def _parser() -> argparse.ArgumentParser:
     health.add_argument("--target", default="127.0.0.1:8500", help="host:port of the server")
     health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
     health.add_argument("--service", default="", help="the health service name ('' is the whole server)")
+    _add_client_tls_flags(health)
 
     from bench.cli import add_bench_parser  # the bench package ships beside service
 
     add_bench_parser(commands, common)
     return parser
+
+
+def _add_client_tls_flags(parser: argparse.ArgumentParser) -> None:
+    """How a client command reaches a server that speaks TLS (`--tls-cert`/`--tls-key` on serve)."""
+    tls = parser.add_argument_group("TLS, for a server that speaks it")
+    tls.add_argument("--tls", action="store_true", help="TLS, checking the server against the system's CAs")
+    tls.add_argument("--tls-ca", type=Path, help="the CA certificate(s) that signed the server's (PEM); implies --tls")
+    tls.add_argument("--tls-cert", type=Path, help="this client's certificate (PEM), for mutual TLS")
+    tls.add_argument("--tls-key", type=Path, help="this client's private key (PEM), for mutual TLS")
+    tls.add_argument("--tls-server-name", help="the name to check in the server's certificate, if not the target's")
+
+
+def _client_tls(args: argparse.Namespace) -> ClientTls | None:
+    wanted = args.tls or args.tls_ca or args.tls_cert or args.tls_key or args.tls_server_name
+    if not wanted:
+        return None
+    return ClientTls(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
 
 
 def add_settings_flags(parser: argparse.ArgumentParser, model: type[BaseModel], prefix: str = "") -> None:
@@ -123,7 +143,7 @@ def _metavar(annotation: Any) -> str:
         return "A,B"
     args = [a for a in get_args(annotation) if a is not type(None)]
     base = args[0] if args else annotation
-    name = {int: "N", float: "X", Path: "DIR", str: "TEXT"}.get(base, "VALUE")
+    name = {int: "N", float: "X", Path: "PATH", str: "TEXT"}.get(base, "VALUE")
     return f"{name}|none" if type(None) in get_args(annotation) else name
 
 
@@ -161,24 +181,33 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, format=os.environ.get("RNNSERVE_LOG_FORMAT", LOG_FORMAT))
     if args.command == "serve":
         return _serve(args)
+    try:
+        tls = _client_tls(args) if args.command in ("health", "demo") else None
+    except ValueError as err:  # a certificate without its key
+        print(f"rnnserve {args.command}: {err}", file=sys.stderr)
+        return 2
     if args.command == "health":
-        return _health(args.target, args.service, args.timeout)
+        return _health(args.target, args.service, args.timeout, tls)
     if args.command == "bench":
         from bench.cli import run_bench
 
         return run_bench(args)
     from service.demo import main_sync
 
-    return main_sync(args.model_repo, args.target, args.steps, args.generate, args.model)
+    return main_sync(args.model_repo, args.target, args.steps, args.generate, args.model, tls)
 
 
-def _health(target: str, service: str, timeout_s: float) -> int:
+def _health(target: str, service: str, timeout_s: float, tls: ClientTls | None = None) -> int:
     """0 if the server answers SERVING, 1 otherwise (NOT_SERVING while draining or while the session
     store is unreachable), 2 if it cannot be reached; the status goes to stdout."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(target) as channel:
+    if tls is None:
+        channel = grpc.insecure_channel(target)
+    else:
+        channel = grpc.secure_channel(target, tls.credentials(), options=tls.options())
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout_s

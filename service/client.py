@@ -23,8 +23,9 @@ import random
 import secrets
 import time
 import uuid
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, Self, TypeVar
 
@@ -52,6 +53,42 @@ CHANNEL_OPTIONS = [
     # An answer may be larger than its request (a StepBatch's outputs): gRPC's 4 MiB default would refuse it.
     ("grpc.max_receive_message_length", -1),
 ]
+
+
+@dataclass(frozen=True)
+class ClientTls:
+    """What a client needs to reach a server that speaks TLS (PEM files): the CA that signed the server's
+    certificate (None: the system's roots) and, for mutual TLS, the client's own certificate and key.
+    `server_name` overrides the name checked against the server's certificate (reaching a server by an
+    address its certificate does not name)."""
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    server_name: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("a client certificate and its key go together: give both, or neither")
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(path: Path | None) -> bytes | None:
+            return path.read_bytes() if path is not None else None
+
+        return grpc.ssl_channel_credentials(read(self.ca), read(self.key), read(self.cert))
+
+    def options(self) -> list[tuple[str, Any]]:
+        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+
+
+def open_channel(
+    target: str, tls: ClientTls | None = None, options: Sequence[tuple[str, Any]] = ()
+) -> grpc.aio.Channel:
+    """An asyncio channel to `target`, over TLS when `tls` is given, with CHANNEL_OPTIONS."""
+    chosen = [*CHANNEL_OPTIONS, *options]
+    if tls is None:
+        return grpc.aio.insecure_channel(target, options=chosen)
+    return grpc.aio.secure_channel(target, tls.credentials(), options=[*chosen, *tls.options()])
 
 
 class StepError(Exception):
@@ -91,12 +128,13 @@ class _Resumable(Generic[Req, Resp]):
         reconnect_timeout_s: float = 30.0,
         max_backoff_s: float = 2.0,
         max_message_bytes: int = 4 * 1024 * 1024,
+        tls: ClientTls | None = None,
     ) -> None:
         self.target = target
         self._reconnect_timeout_s = reconnect_timeout_s
         self._max_backoff_s = max_backoff_s
         self._max_message_bytes = max_message_bytes
-        self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._channel = open_channel(target, tls)
         self.stub = pb_grpc.RnnServeStub(self._channel)
         self._call: grpc.aio.StreamStreamCall[Req, Resp] | None = None
         self._pending: dict[Hashable, tuple[Req, asyncio.Future[Resp]]] = {}
@@ -264,7 +302,7 @@ class BatchClient(_Resumable[pb.StepBatch, pb.StepBatchResult]):
     """
 
     def __init__(self, target: str, **options: Any) -> None:
-        """`options` as for StreamClient: reconnect_timeout_s, max_backoff_s, max_message_bytes."""
+        """`options` as for StreamClient: reconnect_timeout_s, max_backoff_s, max_message_bytes, tls."""
         super().__init__(target, **options)
         self._sessions: dict[tuple[str, str], _SessionState] = {}
         self._ids = itertools.count(1)

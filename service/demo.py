@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
-from service.client import StreamClient
+from service.client import ClientTls, StreamClient
 from service.repository import RepositoryError
 from service.server import create_server
 from service.settings import CodeSettings
@@ -40,7 +40,14 @@ def _show(char: str) -> str:
     return {"\n": "\\n", " ": "␠"}.get(char, char)
 
 
-async def run_demo(model_repo: Path, target: str | None, steps: int, generate: int, model: str = DEFAULT_MODEL) -> int:
+async def run_demo(
+    model_repo: Path,
+    target: str | None,
+    steps: int,
+    generate: int,
+    model: str = DEFAULT_MODEL,
+    tls: ClientTls | None = None,
+) -> int:
     app = None
     if target is None:
         logging.getLogger("service").setLevel(logging.ERROR)
@@ -49,7 +56,7 @@ async def run_demo(model_repo: Path, target: str | None, steps: int, generate: i
         target = f"127.0.0.1:{app.port}"
         print(f"started rnnserve on {target}: embedded defaults, in-memory state, models from {model_repo}")
     try:
-        async with StreamClient(target, reconnect_timeout_s=5) as client:
+        async with StreamClient(target, reconnect_timeout_s=5, tls=tls) as client:
             return await _stream(client, model_repo, steps, generate, model)
     except (ConnectionError, grpc.aio.AioRpcError) as err:
         raise DemoError(f"no rnnserve answers at {target} ({_reason(err)}); start one with `rnnserve serve`") from err
@@ -125,12 +132,14 @@ async def _stream(client: StreamClient, model_repo: Path, steps: int, generate: 
     return 0
 
 
-def main_sync(model_repo: Path, target: str | None, steps: int, generate: int, model: str) -> int:
+def main_sync(
+    model_repo: Path, target: str | None, steps: int, generate: int, model: str, tls: ClientTls | None = None
+) -> int:
     import asyncio
 
     started = time.perf_counter()
     try:
-        code = asyncio.run(run_demo(model_repo, target, steps, generate, model))
+        code = asyncio.run(run_demo(model_repo, target, steps, generate, model, tls))
     except DemoError as err:
         print(f"rnnserve demo: {err}", file=sys.stderr)
         return 2

@@ -35,7 +35,7 @@ from service.loader import ModelLoader
 from service.metrics import Metrics
 from service.models import ModelRegistry
 from service.sessions import SessionEngine
-from service.settings import RedisSettings, Settings
+from service.settings import RedisSettings, Settings, TlsSettings
 from service.state.memory_store import MemoryStateStore
 from service.state.store import StateStore
 
@@ -173,8 +173,10 @@ async def _serve_grpc(
         server,
         pool=_reflection_pool(),
     )
+    credentials = server_credentials(settings.tls)
+    address = f"{settings.host}:{settings.port}"
     try:
-        port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     except RuntimeError as err:
         raise StartupError(
             f"cannot listen on {settings.host}:{settings.port} for gRPC ({err}); is another server using it? "
@@ -200,6 +202,24 @@ async def _serve_grpc(
     if settings.model_poll_interval_s > 0:
         app.tasks.append(asyncio.create_task(loader.run()))
     return app
+
+
+def server_credentials(tls: TlsSettings) -> grpc.ServerCredentials | None:
+    """TLS (and with a client CA, mutual TLS) for the gRPC port; None: plaintext."""
+    if tls.cert is None or tls.key is None:
+        return None
+    try:
+        chain, key = tls.cert.read_bytes(), tls.key.read_bytes()
+        client_ca = tls.client_ca.read_bytes() if tls.client_ca else None
+    except OSError as err:
+        raise StartupError(f"cannot read a TLS file ({err}); check --tls-cert, --tls-key and --tls-client-ca") from err
+    if (
+        b"-----BEGIN" not in chain
+        or b"-----BEGIN" not in key
+        or (client_ca is not None and b"-----BEGIN" not in client_ca)
+    ):
+        raise StartupError("the TLS certificate, key and client CA must be PEM files (-----BEGIN ...)")
+    return grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca, require_client_auth=bool(client_ca))
 
 
 def _start_metrics(settings: Settings, metrics: Metrics) -> tuple[WSGIServer | None, int | None]:

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 
@@ -105,6 +105,28 @@ class SessionSettings(BaseModel):
     max_chunk_steps: int = Field(default=1024, ge=1, description="most time steps in one request")
 
 
+class TlsSettings(BaseModel):
+    """TLS on the gRPC port. With a certificate and its key the server speaks TLS only; with a client CA
+    as well, it requires a client certificate signed by that CA (mutual TLS). Files are PEM."""
+
+    cert: Path | None = Field(
+        default=None, description="the certificate chain the server presents (PEM); with key: TLS only"
+    )
+    key: Path | None = Field(default=None, description="the private key of that certificate (PEM)")
+    client_ca: Path | None = Field(
+        default=None,
+        description="CA certificates client certificates must chain to (PEM): mutual TLS; needs cert and key",
+    )
+
+    @model_validator(mode="after")
+    def _complete(self) -> TlsSettings:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("tls.cert and tls.key go together: give both (TLS), or neither (plaintext)")
+        if self.client_ca is not None and self.cert is None:
+            raise ValueError("tls.client_ca (mutual TLS) needs the server's own tls.cert and tls.key too")
+        return self
+
+
 class Settings(BaseSettings):
     """Everything `rnnserve serve` needs."""
 
@@ -143,6 +165,7 @@ class Settings(BaseSettings):
         default=1.0, gt=0, description="how often readiness checks the session store (NOT_SERVING while it fails)"
     )
     redis: RedisSettings = Field(default_factory=RedisSettings)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
     sessions: SessionSettings = Field(default_factory=SessionSettings)
