@@ -123,13 +123,14 @@ async def test_a_resend_applied_elsewhere_is_answered_as_a_replay(start_server, 
 
 
 async def test_a_store_that_refuses_a_command_says_so(start_server, redis_store_url):
-    """A key of the wrong type is not an outage: the answer names what Redis said, for an operator."""
+    """A key of the wrong type is not an outage: that session's record is unreadable (DATA_LOSS, that
+    session only), and the answer names what Redis said, for an operator."""
     app = await start_server(url=redis_store_url)
     target = f"127.0.0.1:{app.port}"
     with redis.Redis.from_url(redis_store_url) as client:
         client.set(session_key("rnnserve", "charlm", "odd"), b"not a hash")
     (refused,) = await exchange(target, steps("odd", 2, 2))
-    assert_error(refused, grpc.StatusCode.UNAVAILABLE, "refused loading sessions", "WRONGTYPE")
+    assert_error(refused, grpc.StatusCode.DATA_LOSS, "something else than a session", "WRONGTYPE")
     (start,) = await exchange(target, steps("odd", 1, 1))  # a start's commit meets it too
     assert_error(start, grpc.StatusCode.UNAVAILABLE, "refused")
     assert "unreachable" not in refused.error.message + start.error.message
