@@ -30,7 +30,7 @@ from service.api.native import NativeServicer
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from service.api.streams import StreamGate
-from service.errors import RnnServeError, StartupError
+from service.errors import RnnServeError, StartupError, Unavailable
 from service.loader import ModelLoader
 from service.metrics import Metrics
 from service.models import ModelRegistry
@@ -106,7 +106,7 @@ async def create_server(
     try:
         models = await asyncio.to_thread(ModelRegistry.from_repository, settings.model_repo, settings.runtime)
         store = open_store(settings.redis)
-        await store.ping()
+        store_ok = await _first_ping(store)
         if not store.durable:
             log.warning(
                 "session state is kept in this process's memory: it is neither shared between replicas nor "
@@ -115,6 +115,7 @@ async def create_server(
         engine = SessionEngine(models, store, settings, metrics)
         await engine.start()
         app = await _serve_grpc(settings, metrics, models, store, engine, metrics_http, metrics_port, shared_port)
+        app.readiness.update(store_ok=store_ok)
     except BaseException:
         if engine is not None:
             await engine.stop()
@@ -239,6 +240,19 @@ def _close_http(http: WSGIServer | None) -> None:
     if http is not None:
         http.shutdown()
         http.server_close()
+
+
+async def _first_ping(store: StateStore) -> bool:
+    """Whether the store answers at start-up. One that cannot be reached (down, or not up yet: a pod
+    started beside its Redis, or during an outage) is not a reason not to start: the server starts
+    not ready (NOT_SERVING) and turns ready when the store answers. One that answers and refuses (a wrong
+    password, say) is a configuration error: StoreRefused stops the start."""
+    try:
+        await store.ping()
+    except Unavailable as err:
+        log.error("session store unreachable at start-up (%s): not ready (NOT_SERVING) until it answers", err)
+        return False
+    return True
 
 
 async def _probe_store(store: StateStore, readiness: Readiness, interval_s: float) -> None:

@@ -82,6 +82,24 @@ async def test_readiness_follows_the_store(start_server, persistent_redis):
     assert_matches(await exchange(target, steps("after", 1, 2)), first=1)
 
 
+async def test_a_server_started_while_redis_is_down_waits_unready_and_serves_once_it_answers(
+    start_server, persistent_redis
+):
+    """A pod started beside its Redis, or during an outage, must not crash-loop: it starts NOT_SERVING."""
+    persistent_redis.stop()
+    app = await start_server(
+        url=persistent_redis.url,
+        health_probe_interval_s=0.2,
+        redis={"socket_timeout_s": 0.3, "connect_timeout_s": 0.3},
+    )
+    target = f"127.0.0.1:{app.port}"
+    assert await health_of(target) == NOT_SERVING
+    assert await health_of(target, "liveness") == SERVING
+    persistent_redis.start()
+    await eventually(lambda: _is(health_of(target), SERVING))
+    assert_matches(await exchange(target, steps("late", 1, 2)), first=1)
+
+
 def test_the_health_command_fails_for_a_server_it_cannot_reach(capsys):
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
