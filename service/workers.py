@@ -241,10 +241,12 @@ def _claim_port(host: str, port: int) -> int:
 
 
 def _sweep_metrics_dirs() -> None:
-    """Remove the /metrics directories of parents that died without cleaning up (SIGKILL, OOM)."""
+    """Remove the /metrics directories of parents that died without cleaning up (SIGKILL, OOM). Called
+    before this process makes its own, so one named after this very pid is a predecessor's: in a
+    container the supervisor is pid 1 every time, and /tmp may outlive a restart."""
     for path in Path(tempfile.gettempdir()).glob(f"{METRICS_DIR_PREFIX}*-*"):
         pid = path.name.removeprefix(METRICS_DIR_PREFIX).partition("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and (int(pid) == os.getpid() or not _alive(int(pid))):
             shutil.rmtree(path, ignore_errors=True)
 
 

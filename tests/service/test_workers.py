@@ -141,12 +141,14 @@ def test_metrics_directories_of_dead_parents_are_swept(tmp_path, monkeypatch):
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
     dead = tmp_path / f"{METRICS_DIR_PREFIX}{gone.pid}-x1"
-    live = tmp_path / f"{METRICS_DIR_PREFIX}{os.getpid()}-x2"
+    live = tmp_path / f"{METRICS_DIR_PREFIX}{os.getppid()}-x2"  # another process, alive
+    # Named after this process, which has made none yet: a predecessor's (pid 1 in a container, every time).
+    own = tmp_path / f"{METRICS_DIR_PREFIX}{os.getpid()}-x4"
     other = tmp_path / "rnnserve-tests-x3"
-    for path in (dead, live, other):
+    for path in (dead, live, own, other):
         path.mkdir()
     _sweep_metrics_dirs()
-    assert not dead.exists() and live.exists() and other.exists()
+    assert not dead.exists() and not own.exists() and live.exists() and other.exists()
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
