@@ -108,6 +108,13 @@ class Metrics:
         self.active_streams = Gauge(
             "rnnserve_active_streams", "Open streams (both APIs).", registry=registry, multiprocess_mode="livesum"
         )
+        # A pod is ready only while every one of its workers is (livemin).
+        self.ready = Gauge(
+            "rnnserve_ready",
+            "1 while this replica takes traffic (the store answers, a model is loaded, no drain), else 0.",
+            registry=registry,
+            multiprocess_mode="livemin",
+        )
         # The limits those two run into, summed over a pod's workers like the gauges above, so an alert
         # can compare the two whatever the worker count (each worker sets its own).
         self.stream_limit = Gauge(

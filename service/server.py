@@ -153,7 +153,10 @@ async def _serve_grpc(
             ("grpc.http2.max_ping_strikes", 0),
         ]
     )
-    readiness = Readiness([NATIVE_SERVICE, kserve_messages.SERVICE])
+    readiness = Readiness(
+        [NATIVE_SERVICE, kserve_messages.SERVICE], on_change=lambda ready: metrics.ready.set(int(ready))
+    )
+    metrics.ready.set(1)
     loader = ModelLoader(
         models,
         settings,

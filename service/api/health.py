@@ -12,7 +12,7 @@ its grace period.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -27,8 +27,9 @@ UNKNOWN: int = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 class Readiness:
     """Whether this replica should get traffic, from what is known: the store, the models, the drain."""
 
-    def __init__(self, services: Iterable[str]) -> None:
+    def __init__(self, services: Iterable[str], on_change: Callable[[bool], None] | None = None) -> None:
         self._services = ["", *services]
+        self._on_change = on_change  # told whether the replica is ready, at every change (for /metrics)
         self.store_ok = True
         self.models_ok = True
         self.draining = False
@@ -61,6 +62,8 @@ class Readiness:
         self._notify()
 
     def _notify(self) -> None:
+        if self._on_change is not None:
+            self._on_change(self.ready)
         self._version += 1
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()

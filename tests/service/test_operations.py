@@ -95,8 +95,10 @@ async def test_a_server_started_while_redis_is_down_waits_unready_and_serves_onc
     target = f"127.0.0.1:{app.port}"
     assert await health_of(target) == NOT_SERVING
     assert await health_of(target, "liveness") == SERVING
+    assert app.metrics.registry.get_sample_value("rnnserve_ready") == 0  # what the NotReady alert reads
     persistent_redis.start()
     await eventually(lambda: _is(health_of(target), SERVING))
+    assert app.metrics.registry.get_sample_value("rnnserve_ready") == 1
     assert_matches(await exchange(target, steps("late", 1, 2)), first=1)
 
 
