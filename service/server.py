@@ -30,7 +30,7 @@ from service.api.native import NativeServicer
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from service.api.streams import StreamGate
-from service.errors import RnnServeError, StartupError, Unavailable
+from service.errors import RnnServeError, StartupError, StoreRefused, Unavailable
 from service.loader import ModelLoader
 from service.metrics import Metrics
 from service.models import ModelRegistry
@@ -252,6 +252,8 @@ async def _first_ping(store: StateStore) -> bool:
     password, say) is a configuration error: StoreRefused stops the start."""
     try:
         await store.ping()
+    except StoreRefused:  # answered, and refused (a subclass of Unavailable: see service/errors.py)
+        raise
     except Unavailable as err:
         log.error("session store unreachable at start-up (%s): not ready (NOT_SERVING) until it answers", err)
         return False

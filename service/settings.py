@@ -27,6 +27,22 @@ class RedisSettings(BaseModel):
         default=5.0, gt=0, description="how long a store call waits for a free pooled connection before UNAVAILABLE"
     )
     key_prefix: str = Field(default="rnnserve", description="prefix of every key the service writes")
+    tls_ca: Path | None = Field(
+        default=None,
+        description="for rediss://: the CA certificates Redis's certificate must chain to (PEM); unset: the system's",
+    )
+    tls_cert: Path | None = Field(
+        default=None, description="for rediss:// with client certificates: this server's certificate (PEM)"
+    )
+    tls_key: Path | None = Field(default=None, description="the private key of redis.tls_cert (PEM)")
+
+    @model_validator(mode="after")
+    def _tls_needs_rediss(self) -> RedisSettings:
+        if (self.tls_ca or self.tls_cert or self.tls_key) and not (self.url or "").startswith("rediss://"):
+            raise ValueError("redis.tls_ca, tls_cert and tls_key apply to a rediss:// URL only")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("redis.tls_cert and redis.tls_key go together: give both, or neither")
+        return self
 
     @field_validator("url")
     @classmethod

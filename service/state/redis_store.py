@@ -19,8 +19,8 @@ import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection as Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import AuthenticationError, NoScriptError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.errors import RecordCorrupt, StoreRefused, Unavailable
@@ -112,8 +112,16 @@ class RedisStateStore(StateStore):
             raise ValueError("RedisStateStore needs a redis:// or rediss:// URL")
         self._where = _redacted(settings.url)
         # redis-py parses the URL (TLS, auth, database, unix sockets) and makes the connections.
+        tls: dict[str, Any] = {}
+        if settings.url.startswith("rediss://"):
+            tls = {
+                "ssl_ca_certs": str(settings.tls_ca) if settings.tls_ca else None,
+                "ssl_certfile": str(settings.tls_cert) if settings.tls_cert else None,
+                "ssl_keyfile": str(settings.tls_key) if settings.tls_key else None,
+            }
         factory = aioredis.ConnectionPool.from_url(
             settings.url,
+            **tls,
             socket_timeout=settings.socket_timeout_s,
             socket_connect_timeout=settings.connect_timeout_s,
             decode_responses=False,
@@ -151,6 +159,11 @@ class RedisStateStore(StateStore):
                         replies.append(refused)
             broken = False
             return replies
+        except AuthenticationError as err:  # a ConnectionError to redis-py, but retrying will not help
+            raise StoreRefused(
+                f"session store {self._where} refused the credentials while {what} ({err}); check the user and "
+                "password in the Redis URL"
+            ) from err
         except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError) as err:
             raise Unavailable(
                 f"session store unreachable at {self._where} while {what} ({type(err).__name__}); retry"

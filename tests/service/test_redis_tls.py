@@ -1,0 +1,134 @@
+"""Redis over TLS (rediss://) with a password, the server's certificate checked against a CA of our own:
+a redis-server started with --tls-port and --requirepass, certificates from trustme."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydantic
+import pytest
+import trustme
+
+from bench.process import free_port
+from service.errors import StoreRefused, Unavailable
+from service.server import open_store
+from service.settings import RedisSettings
+from service.state.store import Commit, Outcome
+from tests.conftest import exchange
+from tests.service.test_session_contract import assert_matches, steps
+
+PASSWORD = "s3cret-for-tests"
+
+
+@pytest.fixture(scope="module")
+def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path, Path]]:
+    """(port, the CA that signed Redis's certificate, another CA)."""
+    folder = tmp_path_factory.mktemp("redis-tls")
+    ca, other = trustme.CA(), trustme.CA()
+    ca.cert_pem.write_to_path(str(folder / "ca.pem"))
+    other.cert_pem.write_to_path(str(folder / "other.pem"))
+    issued = ca.issue_cert("localhost", "127.0.0.1")
+    issued.cert_chain_pems[0].write_to_path(str(folder / "redis.pem"))
+    issued.private_key_pem.write_to_path(str(folder / "redis.key"))
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            "redis-server",
+            "--port",
+            "0",
+            "--tls-port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(folder),
+            "--tls-cert-file",
+            str(folder / "redis.pem"),
+            "--tls-key-file",
+            str(folder / "redis.key"),
+            "--tls-ca-cert-file",
+            str(folder / "ca.pem"),
+            "--tls-auth-clients",
+            "no",
+            "--requirepass",
+            PASSWORD,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while (
+        subprocess.run(
+            [
+                "redis-cli",
+                "--tls",
+                "--cacert",
+                str(folder / "ca.pem"),
+                "-p",
+                str(port),
+                "-a",
+                PASSWORD,
+                "--no-auth-warning",
+                "ping",
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+        != "PONG"
+    ):
+        assert time.monotonic() < deadline, "the TLS redis-server did not start"
+        time.sleep(0.05)
+    yield port, folder / "ca.pem", folder / "other.pem"
+    server.terminate()
+    server.wait(10)
+
+
+async def test_the_store_speaks_tls_with_a_password(tls_redis):
+    port, ca, _ = tls_redis
+    store = open_store(RedisSettings(url=f"rediss://:{PASSWORD}@localhost:{port}/0", tls_ca=ca))
+    await store.ping()
+    (result,) = await store.commit_many([Commit("k", None, "e:1", b"over tls", 60)])
+    assert result.outcome is Outcome.OK
+    (stored,) = await store.load_many(["k"])
+    assert stored is not None and stored.record == b"over tls"  # type: ignore[union-attr]
+    await store.close()
+
+
+async def test_a_server_streams_through_a_tls_redis(start_server, tls_redis):
+    port, ca, _ = tls_redis
+    app = await start_server(url=f"rediss://:{PASSWORD}@localhost:{port}/0", redis={"tls_ca": ca})
+    assert_matches(await exchange(f"127.0.0.1:{app.port}", steps("tls", 1, 3)), first=1)
+
+
+async def test_a_wrong_password_is_refused_and_an_untrusted_redis_unreachable(tls_redis):
+    port, ca, other = tls_redis
+    wrong = open_store(RedisSettings(url=f"rediss://:wrong@localhost:{port}/0", tls_ca=ca))
+    with pytest.raises(StoreRefused):  # a configuration error: the server does not start on it
+        await wrong.ping()
+    await wrong.close()
+    untrusted = open_store(RedisSettings(url=f"rediss://:{PASSWORD}@localhost:{port}/0", tls_ca=other))
+    with pytest.raises(Unavailable, match="session store unreachable") as refused:
+        await untrusted.ping()
+    assert PASSWORD not in refused.value.message  # the URL is redacted in messages
+    await untrusted.close()
+
+
+def test_redis_tls_settings_need_a_rediss_url(tmp_path):
+    with pytest.raises(pydantic.ValidationError, match="rediss:// URL only"):
+        RedisSettings(url="redis://localhost:6379/0", tls_ca=tmp_path / "ca.pem")
+    with pytest.raises(pydantic.ValidationError, match="go together"):
+        RedisSettings(url="rediss://localhost:6379/0", tls_cert=tmp_path / "c.pem")
+
+
+async def test_a_server_does_not_start_on_credentials_redis_refuses(start_server, tls_redis):
+    """Unlike a Redis that is not up yet (the server starts unready), a refusal is a configuration error."""
+    port, ca, _ = tls_redis
+    with pytest.raises(StoreRefused, match="refused the credentials"):
+        await start_server(url=f"rediss://:wrong@localhost:{port}/0", redis={"tls_ca": ca})
