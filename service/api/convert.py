@@ -47,7 +47,9 @@ def checked_count(shape: list[int], what: str) -> int:
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"{what} shape {shape} has a negative dimension")
     count = math.prod(shape)
-    if count > MAX_ELEMENTS or max(shape) > MAX_ELEMENTS:  # [0, 2**62] has no elements and no real shape
+    # [0, 2**62] has no elements and no real shape, and numpy refuses [0, 2**31, 2**31] outright: the
+    # product of the non-zero dimensions is bounded too.
+    if count > MAX_ELEMENTS or math.prod(d for d in shape if d) > MAX_ELEMENTS:
         raise InvalidArgument(f"{what} shape {shape} is far larger than any message the server accepts")
     return count
 

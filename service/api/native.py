@@ -144,7 +144,7 @@ class NativeServicer(pb_grpc.RnnServeServicer):
             seen.add(session)
             try:
                 steps.append(_step(request))
-            except RnnServeError as err:
+            except Exception as err:  # noqa: BLE001 - answered in-band (a fault as INTERNAL, logged): the others go on
                 steps.append(err)
         return self._engine.submit_many(steps)
 
@@ -160,7 +160,7 @@ class NativeServicer(pb_grpc.RnnServeServicer):
     def _submit(self, request: pb.StepRequest) -> asyncio.Future[StepResult]:
         try:
             step = _step(request)
-        except RnnServeError as err:
+        except Exception as err:  # noqa: BLE001 - answered in-band (a fault as INTERNAL, logged): the stream goes on
             return failed(err)
         return self._engine.submit(step)
 

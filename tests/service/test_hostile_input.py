@@ -17,8 +17,10 @@ from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from bench.process import ServerProcess, free_port
+from service.api.convert import tensor_to_array
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+from service.errors import InvalidArgument
 from tests.conftest import TEST_REPO
 
 FEATURES = 84
@@ -58,8 +60,8 @@ def _tensor(draw: st.DrawFn) -> pb.Tensor:
     tensor = pb.Tensor(shape=shape)
     kind = draw(st.sampled_from(["raw", "data", "both", "none", "fitting raw"]))
     count = draw(st.integers(0, 3 * FEATURES))
-    if kind == "fitting raw" and shape and all(0 <= d <= 4 * FEATURES for d in shape):
-        count = math.prod(shape)
+    if kind == "fitting raw" and shape and all(d >= 0 for d in shape) and math.prod(shape) <= 4 * FEATURES:
+        count = math.prod(shape)  # small enough for one message: oversize ones are tested apart
     values = [draw(_FLOATS) for _ in range(min(count, 8))] + [0.5] * max(0, count - 8)
     if kind in ("raw", "both", "fitting raw"):
         tensor.raw = struct.pack(f"<{len(values)}f", *values) + draw(st.sampled_from([b"", b"\x00"]))
@@ -176,7 +178,8 @@ def _infer_request(draw: st.DrawFn) -> service_pb2.ModelInferRequest:
         )
         values = [draw(_FLOATS) for _ in range(draw(st.integers(0, 4)))]
         if draw(st.booleans()):
-            count = math.prod(tensor.shape) if all(0 <= d <= 4 * FEATURES for d in tensor.shape) else 3
+            shape = tensor.shape
+            count = math.prod(shape) if all(d >= 0 for d in shape) and math.prod(shape) <= 4 * FEATURES else 3
             message.raw_input_contents.append(
                 struct.pack(f"<{count}f", *([0.25] * count)) + draw(st.binary(max_size=3))
             )
@@ -194,6 +197,17 @@ def test_every_triton_request_is_answered_on_the_stream(target: str, requests) -
     assert len(responses) == len(requests)  # in-band errors: the stream stays open for the rest
     for response in responses:
         assert response.error_message or response.HasField("infer_response"), response
+
+
+def test_a_message_over_the_size_limit_ends_its_stream_with_resource_exhausted(target: str) -> None:
+    """The one refusal that is not in-band: gRPC refuses a message over max_message_bytes (4 MiB) before
+    the server sees it."""
+    huge = pb.StepRequest(model="charlm", session_id="big", seq=1, start=True)
+    huge.input.shape.extend([12_500, FEATURES])
+    huge.input.raw = bytes(4 * 12_500 * FEATURES)  # 4.2 MB
+    with grpc.insecure_channel(target) as channel, pytest.raises(grpc.RpcError) as refused:
+        list(pb_grpc.RnnServeStub(channel).Stream(iter([huge]), timeout=30))
+    assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
 
 
 def test_after_the_fuzzing_no_request_was_a_server_error(target: str) -> None:
@@ -214,3 +228,10 @@ def test_after_the_fuzzing_the_server_still_serves(target: str) -> None:
         )
         (response,) = list(stub.Stream(iter([request]), timeout=30))
     assert not response.HasField("error") and response.seq == 1
+
+
+@pytest.mark.parametrize("shape", [[0, 2**31, 2**31], [0, 2**62], [2**31, 0, 4], [-1, -84]])
+def test_shapes_no_array_can_have_are_refused_as_invalid(shape: list[int]) -> None:
+    """Found by the fuzzing: numpy refused [0, 2**31, 2**31] with a ValueError that ended the stream."""
+    with pytest.raises(InvalidArgument):
+        tensor_to_array(pb.Tensor(shape=shape))
