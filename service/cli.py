@@ -87,9 +87,16 @@ def _add_client_tls_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def _client_tls(args: argparse.Namespace) -> ClientTls | None:
+    """ValueError for an incomplete pair or a file that cannot be read (said before any connection)."""
     wanted = args.tls or args.tls_ca or args.tls_cert or args.tls_key or args.tls_server_name
     if not wanted:
         return None
+    for path in (args.tls_ca, args.tls_cert, args.tls_key):
+        if path is not None:
+            try:
+                path.read_bytes()
+            except OSError as err:
+                raise ValueError(f"cannot read {path}: {err.strerror or err}") from err
     return ClientTls(args.tls_ca, args.tls_cert, args.tls_key, args.tls_server_name)
 
 
@@ -183,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args)
     try:
         tls = _client_tls(args) if args.command in ("health", "demo") else None
-    except ValueError as err:  # a certificate without its key
+    except ValueError as err:  # a certificate without its key, a file that cannot be read
         print(f"rnnserve {args.command}: {err}", file=sys.stderr)
         return 2
     if args.command == "health":
@@ -199,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _health(target: str, service: str, timeout_s: float, tls: ClientTls | None = None) -> int:
     """0 if the server answers SERVING, 1 otherwise (NOT_SERVING while draining or while the session
-    store is unreachable), 2 if it cannot be reached; the status goes to stdout."""
+    store is unreachable), 2 if it cannot be reached or does not know the service; the status goes to
+    stdout."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 

@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
-from service.client import ClientTls, StreamClient
+from service.client import ClientTls, StepError, StreamClient
 from service.repository import RepositoryError
 from service.server import create_server
 from service.settings import CodeSettings
@@ -60,6 +60,8 @@ async def run_demo(
             return await _stream(client, model_repo, steps, generate, model)
     except (ConnectionError, grpc.aio.AioRpcError) as err:
         raise DemoError(f"no rnnserve answers at {target} ({_reason(err)}); start one with `rnnserve serve`") from err
+    except StepError as err:  # a server that answers but refuses (its store unavailable, say)
+        raise DemoError(f"rnnserve at {target} refused a step ({err}); retry once it is ready") from err
     finally:
         if app is not None:
             await app.stop(grace_s=1.0)

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -223,7 +224,25 @@ def server_credentials(tls: TlsSettings) -> grpc.ServerCredentials | None:
         or (client_ca is not None and b"-----BEGIN" not in client_ca)
     ):
         raise StartupError("the TLS certificate, key and client CA must be PEM files (-----BEGIN ...)")
+    # gRPC would only say that it cannot bind the port: check the files with Python's ssl first.
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(str(tls.cert), str(tls.key), password=_refuse_password)
+    except (ssl.SSLError, ValueError) as err:
+        raise StartupError(
+            f"--tls-cert {tls.cert} and --tls-key {tls.key} are not a certificate and its (unencrypted) private "
+            f"key: {err}"
+        ) from err
+    if client_ca is not None:
+        try:
+            context.load_verify_locations(cadata=client_ca.decode("ascii", "replace"))
+        except (ssl.SSLError, ValueError) as err:
+            raise StartupError(f"--tls-client-ca {tls.client_ca} holds no CA certificate: {err}") from err
     return grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca, require_client_auth=bool(client_ca))
+
+
+def _refuse_password() -> str:
+    raise ValueError("the private key is encrypted; give an unencrypted one")
 
 
 def _start_metrics(settings: Settings, metrics: Metrics) -> tuple[WSGIServer | None, int | None]:

@@ -9,12 +9,15 @@ import json
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 
 class RedisSettings(BaseModel):
     """Where session state lives. Without a URL the server keeps state in process memory."""
+
+    # A refused URL may hold a password: validation errors never quote the input.
+    model_config = ConfigDict(hide_input_in_errors=True)
 
     url: str | None = Field(
         default=None,
@@ -48,10 +51,9 @@ class RedisSettings(BaseModel):
     @classmethod
     def _known_scheme(cls, url: str | None) -> str | None:
         """Refused where settings are read (before any worker starts), not where the store opens."""
-        if url:
-            scheme = url.partition("://")[0]
-            if scheme not in ("redis", "rediss", "unix"):
-                raise ValueError(f"unsupported store URL scheme {scheme!r}: use redis://, rediss:// or unix://")
+        if url and not url.startswith(("redis://", "rediss://", "unix://")):
+            # Not the URL itself in the message: it may hold a password.
+            raise ValueError("unsupported store URL scheme: the URL must start with redis://, rediss:// or unix://")
         return url
 
 
@@ -146,7 +148,9 @@ class TlsSettings(BaseModel):
 class Settings(BaseSettings):
     """Everything `rnnserve serve` needs."""
 
-    model_config = SettingsConfigDict(env_prefix="RNNSERVE_", env_nested_delimiter="__", env_parse_none_str="none")
+    model_config = SettingsConfigDict(
+        env_prefix="RNNSERVE_", env_nested_delimiter="__", env_parse_none_str="none", hide_input_in_errors=True
+    )
 
     model_repo: Path = Field(default=Path("models"), description="the model repository to serve")
     host: str = Field(default="[::]", description="address to listen on")

@@ -43,7 +43,7 @@ from service.state.store import StateStore, session_key
 
 log = logging.getLogger(__name__)
 
-SESSION_ID_PATTERN = re.compile(r"^[A-Za-z0-9._\-:@/%~]{1,128}$")
+SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9._\-:@/%~]{1,128}")  # the whole id: fullmatch
 SESSION_ID_CHARACTERS = "letters, digits or . _ - ~ : @ / %"
 
 
@@ -257,7 +257,7 @@ def _new_epoch() -> int:
 
 
 def _check_session_id(session_id: str) -> None:
-    if not SESSION_ID_PATTERN.match(session_id):
+    if not SESSION_ID_PATTERN.fullmatch(session_id):
         raise InvalidArgument(f"session id {session_id[:140]!r} is invalid: use 1 to 128 {SESSION_ID_CHARACTERS}")
 
 

@@ -12,6 +12,8 @@ import asyncio
 import functools
 import hashlib
 import math
+import re
+import ssl
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,7 +25,7 @@ from redis.exceptions import AuthenticationError, NoScriptError, RedisError, Res
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from service.errors import RecordCorrupt, StoreRefused, Unavailable
+from service.errors import RecordCorrupt, StartupError, StoreRefused, Unavailable
 from service.settings import RedisSettings
 from service.state.store import Commit, CommitResult, Outcome, StateStore, Stored
 
@@ -114,22 +116,29 @@ class RedisStateStore(StateStore):
         # redis-py parses the URL (TLS, auth, database, unix sockets) and makes the connections.
         tls: dict[str, Any] = {}
         if settings.url.startswith("rediss://"):
+            _tls_context_check(settings)
             tls = {
                 "ssl_ca_certs": str(settings.tls_ca) if settings.tls_ca else None,
                 "ssl_certfile": str(settings.tls_cert) if settings.tls_cert else None,
                 "ssl_keyfile": str(settings.tls_key) if settings.tls_key else None,
             }
-        factory = aioredis.ConnectionPool.from_url(
-            settings.url,
-            **tls,
-            socket_timeout=settings.socket_timeout_s,
-            socket_connect_timeout=settings.connect_timeout_s,
-            decode_responses=False,
-            # No silent re-sends: a commit that timed out may have been applied, and sending it again
-            # would report a conflict with itself. Failures surface as UNAVAILABLE; the client's resend
-            # of the same step is what settles them.
-            retry=Retry(NoBackoff(), 0),
-        )
+        try:
+            factory = aioredis.ConnectionPool.from_url(
+                settings.url,
+                **tls,
+                socket_timeout=settings.socket_timeout_s,
+                socket_connect_timeout=settings.connect_timeout_s,
+                decode_responses=False,
+                # No silent re-sends: a commit that timed out may have been applied, and sending it again
+                # would report a conflict with itself. Failures surface as UNAVAILABLE; the client's resend
+                # of the same step is what settles them.
+                retry=Retry(NoBackoff(), 0),
+            )
+        except ValueError:  # its message may quote the password: not passed on
+            raise StartupError(
+                f"cannot parse the Redis URL {self._where}: percent-encode characters such as / # ? @ in the "
+                "user and password (e.g. / as %2F)"
+            ) from None
         self._factory = factory
         self._connections = _Connections(factory.make_connection, settings.max_connections, settings.pool_timeout_s)
         self._pool_timeout_s = settings.pool_timeout_s
@@ -165,8 +174,15 @@ class RedisStateStore(StateStore):
                 "password in the Redis URL"
             ) from err
         except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError) as err:
+            failure = _tls_failure(err)
+            if failure is not None:  # a certificate that does not verify: retrying will not help
+                raise StoreRefused(
+                    f"TLS with the session store at {self._where} failed while {what} ({failure}); check "
+                    "--redis-tls-ca (and --redis-tls-cert/--redis-tls-key where Redis asks for a client certificate)"
+                ) from err
+            reason = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
             raise Unavailable(
-                f"session store unreachable at {self._where} while {what} ({type(err).__name__}); retry"
+                f"session store unreachable at {self._where} while {what} ({reason[:300]}); retry"
             ) from err
         except RedisError as err:  # Redis answered, and refused: retrying will not help
             raise StoreRefused(f"session store {self._where} refused {what}: {err}") from err
@@ -266,10 +282,40 @@ def _resp_format(arguments: int) -> bytes:
 
 
 def _redacted(url: str) -> str:
-    """The URL without its password, for messages and logs."""
+    """The URL without its password (in the user part, or a `password=` query parameter), for messages
+    and logs."""
     scheme, _, rest = url.partition("://")
     credentials, at, host = rest.rpartition("@")
-    if not at:
-        return url
-    user = credentials.partition(":")[0]
-    return f"{scheme}://{user + ':***@' if user else '***@'}{host}"
+    if at:
+        user = credentials.partition(":")[0]
+        rest = f"{user + ':***@' if user else '***@'}{host}"
+    rest = re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", rest)
+    return f"{scheme}://{rest}"
+
+
+def _tls_context_check(settings: RedisSettings) -> None:
+    """Read the rediss:// CA and client certificate now, so a wrong file stops the start with its name
+    (the connection would only ever say that it failed)."""
+    try:
+        context = ssl.create_default_context(cafile=str(settings.tls_ca) if settings.tls_ca else None)
+        if settings.tls_cert and settings.tls_key:
+            context.load_cert_chain(str(settings.tls_cert), str(settings.tls_key), password=_no_password)
+    except (OSError, ssl.SSLError, ValueError) as err:
+        raise StartupError(
+            f"cannot use the Redis TLS files (--redis-tls-ca, --redis-tls-cert, --redis-tls-key): {err}"
+        ) from err
+
+
+def _no_password() -> str:
+    raise ValueError("the private key is encrypted: give an unencrypted key")
+
+
+def _tls_failure(err: BaseException) -> ssl.SSLError | None:
+    """The TLS error behind a failed connection, if any (a certificate that does not verify: retrying
+    cannot help)."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None

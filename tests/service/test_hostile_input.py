@@ -235,3 +235,16 @@ def test_shapes_no_array_can_have_are_refused_as_invalid(shape: list[int]) -> No
     """Found by the fuzzing: numpy refused [0, 2**31, 2**31] with a ValueError that ended the stream."""
     with pytest.raises(InvalidArgument):
         tensor_to_array(pb.Tensor(shape=shape))
+
+
+def test_a_session_id_ending_in_a_newline_is_refused(target: str) -> None:
+    """The id check covers the whole id (a `$` in a pattern matches before a final newline)."""
+    x = struct.pack(f"<{FEATURES}f", *([1.0] + [0.0] * (FEATURES - 1)))
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.RnnServeStub(channel)
+        for session_id in ("trail\n", "x" * 128 + "\n"):
+            request = pb.StepRequest(
+                model="charlm", session_id=session_id, seq=1, start=True, input=pb.Tensor(shape=[1, FEATURES], raw=x)
+            )
+            (response,) = list(stub.Stream(iter([request]), timeout=30))
+            assert _refusal(response) is grpc.StatusCode.INVALID_ARGUMENT, response

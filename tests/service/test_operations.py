@@ -96,6 +96,8 @@ async def test_a_server_started_while_redis_is_down_waits_unready_and_serves_onc
     assert await health_of(target) == NOT_SERVING
     assert await health_of(target, "liveness") == SERVING
     assert app.metrics.registry.get_sample_value("rnnserve_ready") == 0  # what the NotReady alert reads
+    demo = ["demo", "--target", target, "--steps", "2", "--generate", "0"]
+    assert await asyncio.to_thread(cli_main, demo) == 2  # refused steps: a message, not a traceback
     persistent_redis.start()
     await eventually(lambda: _is(health_of(target), SERVING))
     assert app.metrics.registry.get_sample_value("rnnserve_ready") == 1

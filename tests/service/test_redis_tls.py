@@ -13,9 +13,10 @@ import pytest
 import trustme
 
 from bench.process import free_port
-from service.errors import StoreRefused, Unavailable
+from service.errors import StartupError, StoreRefused
 from service.server import open_store
 from service.settings import RedisSettings
+from service.state.redis_store import _redacted
 from service.state.store import Commit, Outcome
 from tests.conftest import exchange
 from tests.service.test_session_contract import assert_matches, steps
@@ -114,10 +115,43 @@ async def test_a_wrong_password_is_refused_and_an_untrusted_redis_unreachable(tl
         await wrong.ping()
     await wrong.close()
     untrusted = open_store(RedisSettings(url=f"rediss://:{PASSWORD}@localhost:{port}/0", tls_ca=other))
-    with pytest.raises(Unavailable, match="session store unreachable") as refused:
+    # A certificate that does not verify is not an outage: retrying cannot help, and the message says why.
+    with pytest.raises(
+        StoreRefused, match="TLS with the session store .* failed .*certificate verify failed"
+    ) as refused:
         await untrusted.ping()
     assert PASSWORD not in refused.value.message  # the URL is redacted in messages
     await untrusted.close()
+
+
+def test_redis_tls_files_that_cannot_be_used_stop_the_start_naming_them(tls_redis, tmp_path):
+    port, ca, _ = tls_redis
+    url = f"rediss://:{PASSWORD}@localhost:{port}/0"
+    with pytest.raises(StartupError, match="cannot use the Redis TLS files"):
+        open_store(RedisSettings(url=url, tls_ca=tmp_path / "absent.pem"))
+    with pytest.raises(StartupError, match="cannot use the Redis TLS files"):
+        open_store(RedisSettings(url=url, tls_ca=ca, tls_cert=ca, tls_key=ca))  # a CA is no client key pair
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "rediss//:Sekrit-1@localhost:6379/0",  # a typo in the scheme
+        "rediss://:Ab/Sekrit-1@localhost:6379/0",  # a / in the password, not percent-encoded
+    ],
+)
+def test_a_redis_url_that_does_not_parse_never_shows_its_password(url):
+    try:
+        open_store(RedisSettings(url=url))
+    except (pydantic.ValidationError, StartupError, ValueError) as err:
+        assert "Sekrit" not in str(err) and "Ab" not in str(err).replace("Able", ""), str(err)
+    else:
+        pytest.fail("the URL was taken")
+
+
+def test_a_password_in_the_query_string_is_redacted_too():
+    assert _redacted("rediss://host:6379/0?password=Sekrit-1&db=1") == "rediss://host:6379/0?password=***&db=1"
+    assert _redacted("redis://user:Sekrit-1@host/0") == "redis://user:***@host/0"
 
 
 def test_redis_tls_settings_need_a_rediss_url(tmp_path):

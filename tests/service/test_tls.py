@@ -99,3 +99,14 @@ async def test_unreadable_or_foreign_tls_files_stop_the_start_with_a_clear_messa
     der.write_bytes(b"\x30\x82\x01\x0a")
     with pytest.raises(StartupError, match="must be PEM"):
         await start_server(tls={"cert": der, "key": pki["server_key"]})
+    # PEM, but not a pair (the client's key with the server's certificate): named, not "cannot listen".
+    with pytest.raises(StartupError, match="are not a certificate and its .*private key"):
+        await start_server(tls={"cert": pki["server_cert"], "key": pki["client_key"]})
+    with pytest.raises(StartupError, match="--tls-client-ca .* holds no CA certificate"):
+        await start_server(tls={"cert": pki["server_cert"], "key": pki["server_key"], "client_ca": pki["server_key"]})
+
+
+def test_the_client_commands_say_which_tls_file_they_cannot_read(tmp_path, capsys):
+    missing = str(tmp_path / "absent.pem")
+    assert cli_main(["health", "--target", "127.0.0.1:1", "--tls-ca", missing]) == 2
+    assert "cannot read" in capsys.readouterr().err
