@@ -117,7 +117,10 @@ async def test_two_workers_hand_one_session_back_and_forth(redis_store_url, tmp_
     ("store", "message"),
     [
         ([], "needs a shared store"),
-        (["--redis-url", "memcached://127.0.0.1:11211"], "unsupported store URL scheme 'memcached'"),
+        (
+            ["--redis-url", "memcached://127.0.0.1:11211"],
+            "unsupported store URL scheme: the URL must start with redis://",
+        ),
     ],
 )
 def test_settings_no_worker_can_serve_with_are_refused_before_any_starts(store, message):
