@@ -225,6 +225,17 @@ class _Resumable(Generic[Req, Resp]):
             if not self._pending:
                 self._work.clear()
 
+    async def _why(self) -> str:
+        """What gRPC knows of the failed connection (refused, a TLS handshake or certificate that failed),
+        from one call that does not wait for a connection."""
+        try:
+            await self.stub.ListModels(pb.ListModelsRequest(), timeout=1.0, wait_for_ready=False)
+        except grpc.aio.AioRpcError as err:
+            return f": {err.details()}"
+        except Exception:  # noqa: BLE001 - only an explanation: none, then
+            return ""
+        return ""
+
     async def _one_stream(self, connect_within_s: float) -> bool:
         """One stream: open, resend the unanswered requests, read answers until it ends. Whether any
         answer came back on it."""
@@ -232,7 +243,7 @@ class _Resumable(Generic[Req, Resp]):
             async with asyncio.timeout(connect_within_s):
                 await self._channel.channel_ready()
         except TimeoutError:
-            self.last_error = TimeoutError(f"{self.target} did not accept a connection")
+            self.last_error = TimeoutError(f"{self.target} did not accept a connection{await self._why()}")
             return False
         async with self._lock:
             if self.attempts:

@@ -56,8 +56,10 @@ async def test_a_tls_server_answers_tls_clients_only(start_server, pki):
     assert await _one_step(target, ClientTls(ca=pki["ca"])) == 1
     with pytest.raises(ConnectionError):  # plaintext gets no answer from a TLS port
         await _one_step(target, None)
-    with pytest.raises(ConnectionError):  # nor does a client that does not trust the server's CA
+    with pytest.raises(ConnectionError):  # nor does a client that does not trust the server's CA ...
         await _one_step(target, ClientTls())
+    with pytest.raises(ConnectionError, match="(?i)ssl|handshake|certificate"):  # ... and it says why
+        await _one_step(f"127.0.0.1:{app.port}", ClientTls(server_name="localhost"))
     # By address: the certificate names 127.0.0.1 too; another name can be checked with server_name.
     assert await _one_step(f"127.0.0.1:{app.port}", ClientTls(ca=pki["ca"], server_name="localhost")) == 1
     ok = ["health", "--target", target, "--tls-ca", str(pki["ca"])]
