@@ -58,7 +58,12 @@ def _export_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]
     export.add_argument("--model-repo", type=Path, default=Path("models"), help="the model repository")
     export.add_argument("--precisions", default=",".join(PRECISIONS), help="variants to build, fp32 included")
     export.add_argument("--parity-steps", type=int, default=10_000, help="streamed steps of the parity check")
-    export.add_argument("--report-dir", type=Path, default=Path("docs/models"), help="where the report goes")
+    export.add_argument(
+        "--report-dir",
+        type=Path,
+        help="where the report goes, with a MODELS.md index in its parent (the catalog uses docs/models); "
+        "default: beside the published model, <model-repo>/<name>/, and no index",
+    )
     gates = GateSpec()
     export.add_argument(
         "--max-perplexity-increase-pct",
@@ -161,8 +166,11 @@ def run_export(args: argparse.Namespace) -> int:
         gates=gates,
         parity_steps=args.parity_steps,
     )
-    page = write_report(report, args.report_dir)
-    write_index(args.report_dir, args.report_dir.parent / "MODELS.md")
+    if args.report_dir is None:  # beside the model: a model published elsewhere leaves this project alone
+        page = write_report(report, args.model_repo / args.name)
+    else:
+        page = write_report(report, args.report_dir)
+        write_index(args.report_dir, args.report_dir.parent / "MODELS.md")
     for row in report.variants:
         where = f"published as {args.name}/{row.version}" if row.published else "not published"
         print(

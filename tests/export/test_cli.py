@@ -109,6 +109,24 @@ def test_train_then_export_publishes_and_reports(tmp_path):
     assert (tmp_path / "docs" / "models" / "glucose-rnn-training.png").stat().st_size > 1000
     assert (tmp_path / "docs" / "models" / "glucose-rnn-forecast.png").is_file()
     assert "glucose-rnn" in (tmp_path / "docs" / "MODELS.md").read_text()
+    # Without --report-dir the report goes beside the published model, and no index is written anywhere.
+    beside = rnnserve(
+        "export",
+        "--checkpoint",
+        str(checkpoint),
+        "--name",
+        "glucose-rnn-2",
+        "--model-repo",
+        str(tmp_path / "repo"),
+        "--precisions",
+        "fp32",
+        "--parity-steps",
+        "200",
+    )
+    assert beside.returncode == 0, beside.stderr
+    assert (tmp_path / "repo" / "glucose-rnn-2" / "glucose-rnn-2.md").is_file()
+    assert "glucose-rnn-2" not in (tmp_path / "docs" / "MODELS.md").read_text()
+    assert not (ROOT / "docs" / "models" / "glucose-rnn-2.md").exists()
 
 
 def test_export_refuses_an_unknown_precision(tmp_path):
