@@ -13,6 +13,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 
+def _unset_if_empty(value: object) -> object:
+    """An empty path (`RNNSERVE_TLS__CERT=`) is unset, not the current directory."""
+    return None if isinstance(value, str) and not value.strip() else value
+
+
 class RedisSettings(BaseModel):
     """Where session state lives. Without a URL the server keeps state in process memory."""
 
@@ -38,6 +43,11 @@ class RedisSettings(BaseModel):
         default=None, description="for rediss:// with client certificates: this server's certificate (PEM)"
     )
     tls_key: Path | None = Field(default=None, description="the private key of redis.tls_cert (PEM)")
+
+    @field_validator("tls_ca", "tls_cert", "tls_key", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return _unset_if_empty(value)
 
     @model_validator(mode="after")
     def _tls_needs_rediss(self) -> RedisSettings:
@@ -135,6 +145,11 @@ class TlsSettings(BaseModel):
         default=None,
         description="CA certificates client certificates must chain to (PEM): mutual TLS; needs cert and key",
     )
+
+    @field_validator("cert", "key", "client_ca", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return _unset_if_empty(value)
 
     @model_validator(mode="after")
     def _complete(self) -> TlsSettings:

@@ -92,6 +92,9 @@ def test_tls_settings_come_whole_from_flags_or_the_environment(pki, monkeypatch)
     assert Settings().tls == TlsSettings(cert=pki["server_cert"], key=pki["server_key"], client_ca=pki["ca"])
     with pytest.raises(ValueError, match="go together"):
         ClientTls(cert=pki["client_cert"])
+    for name in ("CERT", "KEY", "CLIENT_CA"):  # an empty variable is unset, not the current directory
+        monkeypatch.setenv(f"RNNSERVE_TLS__{name}", "")
+    assert Settings().tls == TlsSettings()
 
 
 async def test_unreadable_or_foreign_tls_files_stop_the_start_with_a_clear_message(start_server, pki, tmp_path):
