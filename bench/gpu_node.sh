@@ -27,13 +27,15 @@ fi
 "$PY" -c "import onnxruntime as ort; ort.preload_dlls(); print(ort.__version__, ort.__file__, ort.get_available_providers())"
 scale=${SCALE:-1}
 steps=$((200 / scale))
+if [ -z "${SKIP_STEP:-}" ]; then  # SKIP_STEP=1: the whole service only
 timeout 120 "$PY" -m bench.gpu_step measure --graphs .gpu/graphs --provider "$PROVIDER" --steps "$steps" \
   --json "$OUT/gpu.json" > "$OUT/gpu.md" 2>&1
 tail -32 "$OUT/gpu.md"
 timeout 60 "$PY" -m bench.gpu_step measure --graphs .gpu/graphs --provider cpu --batches 1,8,64,256 \
   --steps $((100 / scale)) --json "$OUT/gpu-cpu.json" > "$OUT/gpu-cpu.md" 2>&1
 tail -12 "$OUT/gpu-cpu.md"
-providers=cuda,cpu
+fi
+providers=${PROVIDERS:-cuda,cpu}
 [ -n "${REHEARSE:-}" ] && providers=cpu
 timeout 300 "$PY" -m bench.gpu_service measure --prepared .gpu --providers "$providers" --scale "$scale" \
   --json "$OUT/service.json" --logs /tmp/logs > "$OUT/service.md" 2>&1

@@ -80,6 +80,7 @@ def configs(providers: list[str], cores: int) -> list[Config]:
             Config("cuda", "fp32", 1, io_binding=True),
             Config("cuda", "fp16", 1),
             Config("cuda", "fp32", 4),
+            *([Config("cuda", "fp32", cores)] if cores > 4 else []),  # a worker per core, each a CUDA context
         ]
     if "cpu" in providers:
         out += [Config("cpu", "fp32", 1), Config("cpu", "fp32", cores)]
