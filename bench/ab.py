@@ -12,23 +12,11 @@ import asyncio
 import statistics
 import subprocess
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-from bench.load import LoadSpec, run_load
 from bench.process import ROOT, RedisProcess, ServerProcess, free_port
-from bench.step_latency import MODEL, VERSION
-from bench.suite import cpu_seconds
-
-
-@dataclass(frozen=True)
-class Load:
-    name: str
-    sessions: int
-    streams: int
-    steps: int
-    per_message: int = 1
-
+from bench.suite import Load, measured_load
 
 LOADS = (
     Load("S=256 on 8 streams", 256, 8, 40),
@@ -43,18 +31,11 @@ class Figures:
 
 
 async def _measure(server: ServerProcess, load: Load) -> tuple[float, float]:
-    target = f"127.0.0.1:{server.port}"
-    spec = LoadSpec(
-        target, load.sessions, load.steps, load.streams, model=MODEL, version=VERSION, per_message=load.per_message
-    )
-    await run_load(replace(spec, steps=2))  # a server's first steps pay for lazy set-up: not what is measured
     assert server.process is not None
-    before = cpu_seconds(server.process.pid)
-    summary = (await run_load(spec)).summary()
-    cpu = cpu_seconds(server.process.pid) - before
+    summary = await measured_load(load.spec(f"127.0.0.1:{server.port}"), server.process.pid)
     if summary["errors"]:
         raise RuntimeError(f"{load.name}: errors {summary['errors']}")
-    return summary["steps_per_s"], cpu * 1e6 / max(1, summary["steps"])
+    return summary["steps_per_s"], summary["cpu_us_per_step"]
 
 
 async def compare(base: str, rounds: int, workers: int, model_repo: Path) -> dict[str, dict[str, Figures]]:

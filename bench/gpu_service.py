@@ -30,25 +30,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.load import LoadSpec, run_load
 from bench.process import ROOT, RedisProcess, ServerProcess, free_port
-from bench.suite import batch_totals, cpu_seconds
+from bench.step_latency import MODEL
+from bench.suite import Load, measured_load
 
-MODEL = "charlm-lstm"
 VERSIONS = {"fp32": 1, "fp16": 3}
 PROVIDERS = {"cuda": "CUDAExecutionProvider,CPUExecutionProvider", "cpu": "CPUExecutionProvider"}
 # Libraries redis-server links that are not part of a base image with Python (libc, libm, libstdc++,
 # libgcc_s and the like are).
 _REDIS_LIBS = ("liblzf", "libjemalloc", "libatomic", "libsystemd", "libcap", "libgcrypt", "libgpg-error", "liblz4")
-
-
-@dataclass(frozen=True)
-class Load:
-    name: str
-    sessions: int
-    streams: int
-    steps: int
-    per_message: int = 1
 
 
 LOADS = (
@@ -146,24 +136,9 @@ def _redis(prepared: Path) -> RedisProcess | None:
 
 
 async def _load(server: ServerProcess, metrics_port: int, load: Load, version: int, scale: int) -> dict[str, Any]:
-    spec = LoadSpec(
-        f"127.0.0.1:{server.port}",
-        load.sessions,
-        max(2, load.steps // scale),
-        load.streams,
-        model=MODEL,
-        version=version,
-        per_message=load.per_message,
-    )
-    warm_up = LoadSpec(spec.target, min(64, load.sessions), 2, min(4, load.streams), model=MODEL, version=version)
-    await run_load(warm_up)
     assert server.process is not None
-    batches, cpu = batch_totals(metrics_port), cpu_seconds(server.process.pid)
-    summary = (await run_load(spec)).summary()
-    after = batch_totals(metrics_port)
-    summary["cpu_us_per_step"] = (cpu_seconds(server.process.pid) - cpu) * 1e6 / max(1, summary["steps"])
-    summary["mean_batch"] = (after[0] - batches[0]) / max(1.0, after[1] - batches[1])
-    return summary
+    spec = load.spec(f"127.0.0.1:{server.port}", version=version, scale=scale)
+    return await measured_load(spec, server.process.pid, metrics_port)
 
 
 async def measure(prepared: Path, providers: list[str], scale: int, log_dir: Path) -> dict[str, Any]:

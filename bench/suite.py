@@ -125,6 +125,41 @@ def batch_totals(metrics_port: int) -> tuple[float, float]:
     return sum(sums), sum(counts)
 
 
+@dataclass(frozen=True)
+class Load:
+    """A named load: S sessions × T steps over K streams, K steps per message (fan-in) if above 1."""
+
+    name: str
+    sessions: int
+    streams: int
+    steps: int
+    per_message: int = 1
+
+    def spec(self, target: str, *, version: int = VERSION, scale: int = 1) -> LoadSpec:
+        """The load generator's spec for it, on MODEL; `scale` divides the steps (a rehearsal)."""
+        steps = max(2, self.steps // scale)
+        return LoadSpec(
+            target, self.sessions, steps, self.streams, model=MODEL, version=version, per_message=self.per_message
+        )
+
+
+async def measured_load(spec: LoadSpec, pid: int, metrics_port: int | None = None) -> dict[str, Any]:
+    """`spec` against a running server (`pid`: its process) after a short warm-up: the load generator's
+    summary, with the server's CPU per step and, given its metrics port, its mean batch."""
+    warm_up = replace(spec, steps=2, rate=None, sessions=min(spec.sessions, 64))
+    await run_load(warm_up)  # a server's first steps pay for lazy set-up: not what is measured
+    before = batch_totals(metrics_port) if metrics_port else (0.0, 0.0)
+    cpu_before = cpu_seconds(pid)
+    summary = (await run_load(spec)).summary()
+    cpu_after = cpu_seconds(pid)
+    # What the server spends per step, whatever the machine's noise does to latency.
+    summary["cpu_us_per_step"] = (cpu_after - cpu_before) * 1e6 / max(1, summary["steps"])
+    if metrics_port:
+        after = batch_totals(metrics_port)
+        summary["mean_batch"] = (after[0] - before[0]) / max(1.0, after[1] - before[1])
+    return summary
+
+
 async def measure(scenario: Scenario, servers: Servers, echo: str, features: int) -> dict[str, Any]:
     spec = LoadSpec(
         target="",
@@ -139,15 +174,8 @@ async def measure(scenario: Scenario, servers: Servers, echo: str, features: int
         per_message=scenario.per_message,
     )
     target, metrics_port = servers.target(scenario)
-    warm_up = replace(spec, target=target, steps=2, rate=None, sessions=min(spec.sessions, 64))
-    await run_load(warm_up)  # a server's first steps pay for lazy set-up: not what is measured
-    pid = servers.pid(scenario)
-    before, cpu_before = batch_totals(metrics_port), cpu_seconds(pid)
-    out = {"scenario": asdict(scenario), "server": (await run_load(replace(spec, target=target))).summary()}
-    after, cpu_after = batch_totals(metrics_port), cpu_seconds(pid)
-    out["server"]["mean_batch"] = (after[0] - before[0]) / max(1.0, after[1] - before[1])
-    # What the server spends per step, whatever the machine's noise does to latency.
-    out["server"]["cpu_us_per_step"] = (cpu_after - cpu_before) * 1e6 / max(1, out["server"]["steps"])
+    server = await measured_load(replace(spec, target=target), servers.pid(scenario), metrics_port)
+    out = {"scenario": asdict(scenario), "server": server}
     if scenario.echo:
         out["echo"] = (await run_load(replace(spec, target=echo))).summary()
     return out
