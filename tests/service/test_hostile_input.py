@@ -54,14 +54,22 @@ _DIM = st.sampled_from([0, 1, 2, FEATURES, FEATURES + 1, 1025, 2**31, 2**62, -1]
 _FLOATS = st.sampled_from([0.0, 1.0, -1.0, math.nan, math.inf, -math.inf, 3.4e38, 1e-45])
 
 
+def _fitting(shape: list[int] | tuple[int, ...]) -> int | None:
+    """The element count of `shape`, if it is a real shape small enough for one message (oversize
+    messages are tested apart)."""
+    if shape and all(d >= 0 for d in shape) and math.prod(shape) <= 4 * FEATURES:
+        return math.prod(shape)
+    return None
+
+
 @st.composite
 def _tensor(draw: st.DrawFn) -> pb.Tensor:
     shape = draw(st.lists(_DIM, max_size=4))
     tensor = pb.Tensor(shape=shape)
     kind = draw(st.sampled_from(["raw", "data", "both", "none", "fitting raw"]))
     count = draw(st.integers(0, 3 * FEATURES))
-    if kind == "fitting raw" and shape and all(d >= 0 for d in shape) and math.prod(shape) <= 4 * FEATURES:
-        count = math.prod(shape)  # small enough for one message: oversize ones are tested apart
+    if kind == "fitting raw" and (fitting := _fitting(shape)) is not None:
+        count = fitting
     values = [draw(_FLOATS) for _ in range(min(count, 8))] + [0.5] * max(0, count - 8)
     if kind in ("raw", "both", "fitting raw"):
         tensor.raw = struct.pack(f"<{len(values)}f", *values) + draw(st.sampled_from([b"", b"\x00"]))
@@ -178,8 +186,8 @@ def _infer_request(draw: st.DrawFn) -> service_pb2.ModelInferRequest:
         )
         values = [draw(_FLOATS) for _ in range(draw(st.integers(0, 4)))]
         if draw(st.booleans()):
-            shape = tensor.shape
-            count = math.prod(shape) if all(d >= 0 for d in shape) and math.prod(shape) <= 4 * FEATURES else 3
+            fitting = _fitting(tuple(tensor.shape))
+            count = 3 if fitting is None else fitting
             message.raw_input_contents.append(
                 struct.pack(f"<{count}f", *([0.25] * count)) + draw(st.binary(max_size=3))
             )
