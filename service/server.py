@@ -39,6 +39,7 @@ from service.sessions import SessionEngine
 from service.settings import RedisSettings, Settings, TlsSettings
 from service.state.memory_store import MemoryStateStore
 from service.state.store import StateStore
+from service.tls import load_key_pair
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +228,7 @@ def server_credentials(tls: TlsSettings) -> grpc.ServerCredentials | None:
     # gRPC would only say that it cannot bind the port: check the files with Python's ssl first.
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
-        context.load_cert_chain(str(tls.cert), str(tls.key), password=_refuse_password)
+        load_key_pair(context, tls.cert, tls.key)
     except (ssl.SSLError, ValueError) as err:
         raise StartupError(
             f"--tls-cert {tls.cert} and --tls-key {tls.key} are not a certificate and its (unencrypted) private "
@@ -239,10 +240,6 @@ def server_credentials(tls: TlsSettings) -> grpc.ServerCredentials | None:
         except (ssl.SSLError, ValueError) as err:
             raise StartupError(f"--tls-client-ca {tls.client_ca} holds no CA certificate: {err}") from err
     return grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca, require_client_auth=bool(client_ca))
-
-
-def _refuse_password() -> str:
-    raise ValueError("the private key is encrypted; give an unencrypted one")
 
 
 def _start_metrics(settings: Settings, metrics: Metrics) -> tuple[WSGIServer | None, int | None]:

@@ -28,6 +28,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from service.errors import RecordCorrupt, StartupError, StoreRefused, Unavailable
 from service.settings import RedisSettings
 from service.state.store import Commit, CommitResult, Outcome, StateStore, Stored
+from service.tls import load_key_pair
 
 TOKEN_FIELD = "token"
 RECORD_FIELD = "rec"
@@ -299,15 +300,11 @@ def _tls_context_check(settings: RedisSettings) -> None:
     try:
         context = ssl.create_default_context(cafile=str(settings.tls_ca) if settings.tls_ca else None)
         if settings.tls_cert and settings.tls_key:
-            context.load_cert_chain(str(settings.tls_cert), str(settings.tls_key), password=_no_password)
+            load_key_pair(context, settings.tls_cert, settings.tls_key)
     except (OSError, ssl.SSLError, ValueError) as err:
         raise StartupError(
             f"cannot use the Redis TLS files (--redis-tls-ca, --redis-tls-cert, --redis-tls-key): {err}"
         ) from err
-
-
-def _no_password() -> str:
-    raise ValueError("the private key is encrypted: give an unencrypted key")
 
 
 def _tls_failure(err: BaseException) -> ssl.SSLError | None:

@@ -10,6 +10,7 @@ import numpy as np
 import pydantic
 import pytest
 import trustme
+from cryptography.hazmat.primitives import serialization
 
 from service.cli import main as cli_main
 from service.client import ClientTls, StreamClient
@@ -107,6 +108,17 @@ async def test_unreadable_or_foreign_tls_files_stop_the_start_with_a_clear_messa
     # PEM, but not a pair (the client's key with the server's certificate): named, not "cannot listen".
     with pytest.raises(StartupError, match="are not a certificate and its .*private key"):
         await start_server(tls={"cert": pki["server_cert"], "key": pki["client_key"]})
+    encrypted = tmp_path / "encrypted.key"
+    key = serialization.load_pem_private_key(pki["server_key"].read_bytes(), password=None)
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    with pytest.raises(StartupError, match="the private key is encrypted"):  # never a prompt on stdin
+        await start_server(tls={"cert": pki["server_cert"], "key": encrypted})
     with pytest.raises(StartupError, match="--tls-client-ca .* holds no CA certificate"):
         await start_server(tls={"cert": pki["server_cert"], "key": pki["server_key"], "client_ca": pki["server_key"]})
 
