@@ -284,7 +284,10 @@ class ContractMachine(RuleBasedStateMachine):
         key = (session, "native")
         model = self.models[key]
         if model.pending is not None or model.last is None or model.ended:
-            return
+            # No reply is being lost now: bring the session to an acknowledged, open step first, so
+            # that every draw of this rule races (random runs drew it too rarely when it waited).
+            if self._send(key, 0, *self._next(model, char)).code != grpc.StatusCode.OK or model.ended:
+                return
         COUNTS["races"] += 1
         first, chars = self._next(model, char)
         other = Sent(first.seq, (char + 1) % FEATURES) if rival else first
@@ -305,6 +308,7 @@ class ContractMachine(RuleBasedStateMachine):
             assert loser.code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ABORTED), loser
         else:
             assert loser.code == grpc.StatusCode.OK and loser.replayed, loser
+            COUNTS["replays"] += 1
         self._judge(key, winner, [*model.chars, winner.char], answers[won[0]])
 
     @rule(replica=st.integers(0, 1))
