@@ -31,10 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.process import ROOT, RedisProcess, ServerProcess, free_port
-from bench.step_latency import MODEL
+from bench.step_latency import MODEL, VERSION
 from bench.suite import Load, measured_load
 
-VERSIONS = {"fp32": 1, "fp16": 3}
+VERSIONS = {"fp32": VERSION, "fp16": VERSION + 1}
 PROVIDERS = {"cuda": "CUDAExecutionProvider,CPUExecutionProvider", "cpu": "CPUExecutionProvider"}
 # Libraries redis-server links that are not part of a base image with Python (libc, libm, libstdc++,
 # libgcc_s and the like are).
@@ -86,7 +86,7 @@ def prepare(out: Path, model_repo: Path) -> None:
 
     repo = out / "repo"
     shutil.rmtree(repo, ignore_errors=True)
-    source = model_repo / MODEL / "1"
+    source = model_repo / MODEL / str(VERSION)
     fp32 = read_manifest(source)
     model = (source / MODEL_FILE).read_bytes()
     write_version(repo, fp32, model)
@@ -96,7 +96,7 @@ def prepare(out: Path, model_repo: Path) -> None:
     )
     write_version(repo, manifest, half)
     _copy_redis(out)
-    print(f"prepared {out}: {MODEL} fp32 (1) and fp16 (3), redis-server")
+    print(f"prepared {out}: {MODEL} fp32 ({VERSION}) and fp16 ({VERSION + 1}), redis-server")
 
 
 def _copy_redis(out: Path) -> None:

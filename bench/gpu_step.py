@@ -46,11 +46,12 @@ PARITY_STEPS = 1000
 def prepare(out: Path) -> None:
     import torch
 
+    from bench.step_latency import MODEL, VERSION
     from export.onnx_export import export_graph
     from export.quantize import to_fp16
 
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copy(ROOT / "models" / "charlm-lstm" / "1" / "model.onnx", out / "lstm_fp32.onnx")
+    shutil.copy(ROOT / "models" / MODEL / str(VERSION) / "model.onnx", out / "lstm_fp32.onnx")
 
     class GRUStep(torch.nn.Module):
         def __init__(self, features: int, hidden: int, layers: int) -> None:

@@ -42,7 +42,7 @@ class LoadSpec:
     streams: int = 1
     protocol: str = "native"  # native | triton
     model: str = "charlm-lstm"
-    version: int = 1
+    version: int = 0  # 0: the newest version the server loads
     features: int = 84
     chunk: int = 1  # time steps per request
     rate: float | None = None  # open loop: steps per second in all; None: ping-pong
@@ -170,7 +170,8 @@ class _Stream:
             return pb.StepRequest(
                 model=spec.model, version=spec.version, session_id=sid, seq=seq, start=seq == 1, input=self.tensor
             )
-        request = kv.ModelInferRequest(model_name=spec.model, model_version=str(spec.version), id=sid)
+        version = str(spec.version) if spec.version else ""  # KServe: empty for the server's choice
+        request = kv.ModelInferRequest(model_name=spec.model, model_version=version, id=sid)
         request.inputs.add(name="x", datatype="FP32", shape=[1, spec.chunk, spec.features])
         request.raw_input_contents.append(self.raw)
         request.parameters["sequence_id"].string_param = sid

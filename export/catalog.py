@@ -10,9 +10,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from export.config import model_spec, train_spec
+from export.config import ConfigError, model_spec, train_spec
+from export.quantize import COMPARISONS
+
+if TYPE_CHECKING:
+    from export.tasks import Task
+    from export.train import TrainResult
 
 CATALOG: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "charlm-lstm": (
@@ -50,10 +55,9 @@ CATALOG: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 DEMO_SAMPLE = "heldout_sample.txt"
 
 
-def build(name: str, repo: Path, reports: Path, checkpoints: Path, quick: bool = False) -> None:
-    from export.pipeline import export_model
-    from export.report import write_report
-    from export.tasks import CharLM, load_task
+def trained(name: str, checkpoints: Path, quick: bool = False) -> tuple[TrainResult, Task]:
+    """The catalog's model `name`, trained, or reused from its checkpoint if that has the same settings."""
+    from export.tasks import load_task
     from export.train import load_checkpoint, save_checkpoint, train
 
     spec_fields, train_fields = CATALOG[name]
@@ -61,13 +65,27 @@ def build(name: str, repo: Path, reports: Path, checkpoints: Path, quick: bool =
     config = train_spec(**(train_fields | ({"steps": 20, "eval_every": 10} if quick else {})))
     task = load_task(spec.task)
     checkpoint = checkpoints / f"{name}.safetensors"
-    result = load_checkpoint(checkpoint, task)[0] if checkpoint.is_file() else None
+    try:
+        result = load_checkpoint(checkpoint, task)[0] if checkpoint.is_file() else None
+    except ConfigError as err:
+        print(f"{name}: {err}")
+        result = None
     if result is None or (result.spec, result.train) != (spec, config):  # reuse only the same training
         result = train(task, spec, config)
         save_checkpoint(checkpoint, result, task)
     else:
         print(f"{name}: reusing {checkpoint} (same model and training settings)")
-    report = export_model(result, task, repo, name, parity_steps=500 if quick else 10_000)
+    return result, task
+
+
+def build(name: str, repo: Path, reports: Path, checkpoints: Path, quick: bool = False) -> None:
+    from export.pipeline import export_model
+    from export.report import write_report
+    from export.tasks import CharLM
+
+    result, task = trained(name, checkpoints, quick)
+    precisions = ("fp32", *COMPARISONS, "int8", "fp16")  # the comparison is measured, never published
+    report = export_model(result, task, repo, name, precisions=precisions, parity_steps=500 if quick else 10_000)
     write_report(report, reports)
     if isinstance(task, CharLM):  # held-out text for `rnnserve demo`, which runs without the data packages
         (repo / name / DEMO_SAMPLE).write_text(task.corpus.test_text[5000:9000])

@@ -13,9 +13,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from export.config import ConfigError, GateSpec, TrainSpec, model_spec, train_spec
+from export.config import ConfigError, ExportError, GateSpec, TrainSpec, model_spec, train_spec
 from export.data import DataSetMissing
-from export.quantize import PRECISIONS
+from export.quantize import COMPARISONS, PRECISIONS
 
 
 def _train_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -96,6 +96,9 @@ def main(argv: list[str]) -> int:
     except (ConfigError, DataSetMissing) as err:
         print(f"rnnserve {args.command}: {err}", file=sys.stderr)
         return 2
+    except ExportError as err:  # the model was measured and refused: nothing published
+        print(f"rnnserve {args.command}: {err}", file=sys.stderr)
+        return 1
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -140,10 +143,10 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     precisions = tuple(p for p in args.precisions.split(",") if p)
-    unknown = [p for p in precisions if p not in PRECISIONS]
+    unknown = [p for p in precisions if p not in PRECISIONS + COMPARISONS]
     if unknown or "fp32" not in precisions:
         raise ConfigError(
-            f"--precisions must include fp32 and name only {', '.join(PRECISIONS)}; got {args.precisions}"
+            f"--precisions must include fp32 and name only {', '.join(PRECISIONS + COMPARISONS)}; got {args.precisions}"
         )
     if not args.checkpoint.is_file():
         raise ConfigError(f"--checkpoint {args.checkpoint}: no such file")
@@ -173,8 +176,8 @@ def run_export(args: argparse.Namespace) -> int:
         write_index(args.report_dir, args.report_dir.parent / "MODELS.md")
     for row in report.variants:
         where = f"published as {args.name}/{row.version}" if row.published else "not published"
-        print(
-            f"{row.precision}: {task.metric} {row.metrics.get(task.metric, float('nan')):.4f}; {row.verdict}; {where}"
-        )
+        figures = f"validation {row.validation.get(task.metric, float('nan')):.4f}"
+        figures += f", test {row.metrics.get(task.metric, float('nan')):.4f}"
+        print(f"{row.precision}: {task.metric} {figures}; {row.verdict}; {where}")
     print(f"report: {page}")
     return 0 if any(v.published for v in report.variants) else 1

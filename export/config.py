@@ -26,6 +26,10 @@ class ConfigError(ValueError):
     """A configuration that cannot be trained; raised before any data is loaded."""
 
 
+class ExportError(RuntimeError):
+    """The exported graph does not match the trained network, or is not worth serving: nothing is published."""
+
+
 class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 

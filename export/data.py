@@ -97,6 +97,9 @@ class GlucoseSeries:
     mean: np.ndarray
     std: np.ndarray
     summary: dict[str, float]
+    # The usual minutes between readings. A session's first reading has no previous one (clients send 0):
+    # the network reads it as this, not as an outlier many standard deviations from every other gap.
+    typical_gap: float = 5.0
 
 
 def load_glucose(min_segment: int = 8) -> GlucoseSeries:
@@ -122,7 +125,9 @@ def load_glucose(min_segment: int = 8) -> GlucoseSeries:
     train = [s for s, end in zip(segments, sizes, strict=True) if end <= 0.70 * total]
     validation = [s for s, end in zip(segments, sizes, strict=True) if 0.70 * total < end <= 0.85 * total]
     test = [s for s, end in zip(segments, sizes, strict=True) if end > 0.85 * total]
+    typical_gap = float(np.median(np.concatenate([s[1:, 1] for s in train])))
     stacked = np.concatenate(train)
+    stacked[:, 1] = np.where(stacked[:, 1] > 0, stacked[:, 1], typical_gap)  # statistics as the network reads
     low, high = GLUCOSE_SENSOR_RANGE
     return GlucoseSeries(
         train=train,
@@ -137,6 +142,7 @@ def load_glucose(min_segment: int = 8) -> GlucoseSeries:
             "readings_at_sensor_limits": float(np.sum((glucose <= low) | (glucose >= high))),
             "dropped_short_segment_readings": float(len(glucose) - total),
         },
+        typical_gap=typical_gap,
     )
 
 

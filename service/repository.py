@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import secrets
+import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -20,6 +22,7 @@ MANIFEST_FORMAT = 1
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+VERSION_NAME = re.compile(r"[0-9]+")  # ASCII digits only: str.isdigit() also accepts "²"
 
 Cell = Literal["lstm", "gru", "rnn"]
 Precision = Literal["fp32", "fp16", "int8"]
@@ -83,6 +86,8 @@ class Provenance(_Strict):
     training: dict[str, float | int | str | bool]
     versions: dict[str, str]
     created: str
+    # How a quantized variant was made (scheme, calibration data and size); absent for fp32 and fp16.
+    quantization: dict[str, str] | None = None
 
 
 class Manifest(_Strict):
@@ -104,6 +109,9 @@ class Manifest(_Strict):
     preprocessing: Preprocessing
     validation: dict[str, float]
     fingerprint: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of model.onnx")
+    # The fingerprint of the fp32 graph this version was made from (its own, for fp32): the versions of one
+    # export share it. Absent in versions published before lineage was recorded.
+    lineage: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
     provenance: Provenance
 
     @model_validator(mode="after")
@@ -150,7 +158,7 @@ def version_dirs(repo: Path) -> list[tuple[str, int, Path]]:
     found = []
     for model_dir in sorted(p for p in repo.iterdir() if p.is_dir() and re.match(MODEL_NAME_PATTERN, p.name)):
         for version_dir in model_dir.iterdir():
-            if version_dir.is_dir() and version_dir.name.isdigit() and int(version_dir.name) >= 1:
+            if version_dir.is_dir() and VERSION_NAME.fullmatch(version_dir.name) and int(version_dir.name) >= 1:
                 found.append((model_dir.name, int(version_dir.name), version_dir))
     return sorted(found, key=lambda t: (t[0], t[1]))
 
@@ -176,12 +184,57 @@ def read_manifest(version_dir: Path, *, verify: bool = True) -> Manifest:
 
 
 def write_version(repo: Path, manifest: Manifest, model_bytes: bytes) -> Path:
-    """Publish one version. The caller sets the fingerprint; it is checked against the bytes."""
+    """Publish one version, never over an existing one: versions are immutable (sessions are pinned to them).
+
+    The caller sets the fingerprint; it is checked against the bytes. The files are written under a
+    temporary name and renamed into place, so a server scanning the repository never sees half a version.
+    """
     if hashlib.sha256(model_bytes).hexdigest() != manifest.fingerprint:
         raise RepositoryError("manifest fingerprint is not the sha256 of the model bytes")
-    version_dir = repo / manifest.name / str(manifest.version)
-    version_dir.mkdir(parents=True, exist_ok=True)
-    (version_dir / MODEL_FILE).write_bytes(model_bytes)
-    text = json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n"
-    (version_dir / MANIFEST_FILE).write_text(text)
+    model_dir = repo / manifest.name
+    version_dir = model_dir / str(manifest.version)
+    if version_dir.exists():
+        raise RepositoryError(
+            f"{version_dir} exists: versions are immutable; publish under the next free number "
+            f"({next_version(repo, manifest.name)})"
+        )
+    model_dir.mkdir(parents=True, exist_ok=True)
+    staging = model_dir / f".{manifest.version}-{secrets.token_hex(6)}"  # not a version name: never loaded
+    staging.mkdir()
+    try:
+        (staging / MODEL_FILE).write_bytes(model_bytes)
+        text = json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n"
+        (staging / MANIFEST_FILE).write_text(text)
+        staging.rename(version_dir)
+    except OSError as err:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise RepositoryError(f"{version_dir}: not published ({err})") from err
     return version_dir
+
+
+def next_version(repo: Path, name: str) -> int:
+    """The number the next export of `name` publishes under: one past every version there is."""
+    model_dir = repo / name
+    numbers = [int(p.name) for p in model_dir.iterdir() if VERSION_NAME.fullmatch(p.name)] if model_dir.is_dir() else []
+    return max(numbers, default=0) + 1
+
+
+def versions_of(repo: Path, name: str, precision: Precision | None = None) -> list[int]:
+    """The published versions of `name` (of one precision, if given), oldest first."""
+    return [
+        version
+        for model, version, directory in version_dirs(repo)
+        if model == name and (precision is None or read_manifest(directory, verify=False).precision == precision)
+    ]
+
+
+def published_as(repo: Path, name: str, fingerprint: str) -> int | None:
+    """The version of `name` whose graph has this fingerprint, if one is published (an export rerun)."""
+    for model, version, directory in version_dirs(repo) if repo.is_dir() else []:
+        if model == name:
+            try:
+                if read_manifest(directory, verify=False).fingerprint == fingerprint:
+                    return version
+            except RepositoryError:
+                continue
+    return None

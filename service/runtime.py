@@ -117,10 +117,12 @@ class ModelRuntime:
         self._device = "cuda" if self.providers[0] == CUDA else "cpu"
         self._device_id = settings.cuda_device_id if self._device == "cuda" else 0
         self._io_binding = settings.io_binding
-        # Streaming graphs run one step per call when they take one, and when they are int8: dynamic
-        # quantization takes its activation range from the whole call, so a chunk in one call would not
-        # equal its steps one by one. A whole-sequence graph (bidirectional) always takes the whole call.
-        self._step_only = manifest.streamable and (manifest.input.shape[1] == 1 or manifest.precision == "int8")
+        # Streaming graphs run one step per call when they take one (T fixed at 1), else a chunk per call:
+        # the export checks that a chunk equals its steps. A whole-sequence graph takes the whole call.
+        # int8 published before the scheme was recorded is dynamically quantized: a scale per call, so
+        # there a chunk would not equal its steps; it keeps to one step per call.
+        legacy_int8 = manifest.precision == "int8" and manifest.provenance.quantization is None
+        self._step_only = manifest.streamable and (manifest.input.shape[1] == 1 or legacy_int8)
         self._input = manifest.input.name
         self._output_names = [o.name for o in manifest.outputs]
         self._state_pairs = [(s.input, s.output) for s in manifest.state]

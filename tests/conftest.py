@@ -25,7 +25,7 @@ from export.data import encode_text
 from service.api.convert import tensor_to_array
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
-from service.repository import MANIFEST_FILE, MODEL_FILE, read_manifest
+from service.repository import MANIFEST_FILE, MODEL_FILE, Precision, read_manifest, versions_of
 from service.server import App, create_server
 from service.settings import Settings
 
@@ -34,15 +34,22 @@ SHIPPED_REPO = ROOT / "models"
 SHIPPED_CHARLM = SHIPPED_REPO / "charlm-lstm"
 
 
+def shipped_versions(model: str, precision: Precision) -> list[int]:
+    """The shipped repository's versions of `model` in `precision`, oldest first."""
+    return versions_of(SHIPPED_REPO, model, precision)
+
+
 def _test_repository() -> Path:
-    """charlm/1: the shipped fp32 character LSTM under a fixed name, so the tests do not follow the
-    catalog's names and versions (new sessions on the shipped repository start on int8)."""
+    """charlm/1: the shipped fp32 character LSTM (its newest fp32 version) under a fixed name and version,
+    so the tests do not follow the catalog's names and versions (new sessions on the shipped repository
+    start on int8)."""
     repo = Path(tempfile.mkdtemp(prefix="rnnserve-tests-"))
     atexit.register(shutil.rmtree, repo, True)
     target = repo / "charlm" / "1"
     target.mkdir(parents=True)
-    shutil.copy(SHIPPED_CHARLM / "1" / MODEL_FILE, target / MODEL_FILE)
-    manifest = json.loads((SHIPPED_CHARLM / "1" / MANIFEST_FILE).read_text()) | {"name": "charlm"}
+    source = SHIPPED_CHARLM / str(shipped_versions("charlm-lstm", "fp32")[-1])
+    shutil.copy(source / MODEL_FILE, target / MODEL_FILE)
+    manifest = json.loads((source / MANIFEST_FILE).read_text()) | {"name": "charlm", "version": 1}
     (target / MANIFEST_FILE).write_text(json.dumps(manifest))
     shutil.copy(SHIPPED_CHARLM / "heldout_sample.txt", repo / "charlm" / "heldout_sample.txt")
     return repo

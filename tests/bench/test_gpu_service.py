@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 
 from bench.gpu_service import LOADS, main
+from bench.step_latency import VERSION
 
 
 def test_prepare_and_measure_the_service_on_cpu(tmp_path, capsys):
     prepared = tmp_path / "gpu"
     assert main(["prepare", "--out", str(prepared)]) == 0
-    assert (prepared / "repo" / "charlm-lstm" / "3" / "model.onnx").is_file()  # the fp16 variant
+    assert (prepared / "repo" / "charlm-lstm" / str(VERSION + 1) / "model.onnx").is_file()  # the fp16 variant
     figures = tmp_path / "service.json"
     arguments = ["measure", "--prepared", str(prepared), "--providers", "cpu", "--scale", "1000"]
     assert main([*arguments, "--json", str(figures), "--logs", str(tmp_path / "logs")]) == 0
@@ -18,7 +19,7 @@ def test_prepare_and_measure_the_service_on_cpu(tmp_path, capsys):
     assert results["store"] == "redis"  # the copied redis-server (and its libraries) ran
     started = [run for run in results["runs"] if "providers" in run]
     assert len(started) == 2  # one worker, and one per core
-    assert all(run["providers"] == {"charlm-lstm/1": "CPUExecutionProvider"} for run in started)
+    assert all(run["providers"] == {f"charlm-lstm/{VERSION}": "CPUExecutionProvider"} for run in started)
     measured = [run["figures"] for run in results["runs"] if "figures" in run]
     assert len(measured) == 2 * len(LOADS)
     assert all(f["steps"] > 0 and not f["errors"] for f in measured), measured

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from service.client import StepReply, StreamClient
+from tests.conftest import shipped_versions
 from tests.deploy.conftest import DEPLOY, ROOT, tool
 
 DOCKERFILES = sorted((DEPLOY / "docker").glob("Dockerfile.*"))
@@ -132,5 +133,5 @@ async def _stream(target: str) -> list[StepReply]:
     x = np.zeros((1, 84), np.float32)
     x[0, 5] = 1
     async with StreamClient(target) as client:
-        session = client.session("charlm-lstm", version=1)
+        session = client.session("charlm-lstm", version=shipped_versions("charlm-lstm", "fp32")[-1])
         return [await session.step(x) for _ in range(3)]

@@ -28,7 +28,7 @@ from tests.deploy.test_grafana import as_promql, dashboard, panel_expressions, v
 
 PROMETHEUS = DEPLOY / "prometheus"
 ALERTS = PROMETHEUS / "alerts.yml"
-MODEL = "charlm-lstm"  # version 1 takes [T, 84] float32
+MODEL = "charlm-lstm"  # its newest version takes [T, 84] float32
 # Panels with no series while every answer succeeds (rnnserve_errors_total has only the client codes).
 EMPTY_WHEN_HEALTHY = {"Server error ratio / A"}
 # Alerts whose expressions a slow machine under this load may meet; the others must find nothing.

@@ -5,6 +5,7 @@ CI-sized: tiny random networks (parity and structure do not need training).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 import numpy as np
@@ -13,13 +14,14 @@ import torch
 
 from export.config import ModelSpec
 from export.nets import TaskNet
-from export.onnx_export import cpu_session, export_net, parity, stream
-from export.quantize import op_counts, quantized_nodes, to_int8
+from export.onnx_export import Graph, cpu_session, export_net, parity, parity_excess, stream
+from export.quantize import op_counts, quantized_nodes, saturation_free, to_int8
+from export.tasks import Glucose
 from service.models import ModelRegistry
 from service.repository import Manifest, Preprocessing, Provenance, read_manifest, write_version
 from service.settings import RuntimeSettings
 
-FEATURES, OUTPUTS, HIDDEN = 5, 3, 8
+FEATURES, OUTPUTS, HIDDEN = 5, 3, 16
 CASES = [
     (cell, bidirectional, layers, False)
     for cell in ("rnn", "gru", "lstm")
@@ -51,13 +53,22 @@ def tiny(cell: str, bidirectional: bool, layers: int, layer_norm: bool) -> TaskN
     return net.eval()
 
 
-def expected_quantized(cell: str, bidirectional: bool, layers: int, layer_norm: bool) -> dict[str, int]:
-    """What dynamic quantization must produce for each layout."""
-    if cell == "lstm" and not layer_norm:  # the ONNX LSTM op, streamed or bidirectional
-        return {"DynamicQuantizeLSTM": layers, "quantized": layers + 1}
-    if bidirectional:  # the ONNX GRU / RNN ops stay fp32: only the read-out is quantized
-        return {"quantized": 1}
-    return {"quantized": 2 * layers + 1}  # explicit cells: W x and U h per layer, and the read-out
+def expected_quantized(cell: str, bidirectional: bool, layers: int, layer_norm: bool) -> int:
+    """The products static int8 quantizes: those over at least 16 inputs (not W x over 5 raw features)."""
+    if bidirectional:  # the ONNX recurrent ops stay fp32: only the read-out is quantized
+        return 1
+    return layers + (layers - 1) + 1  # U h of every layer, W x of the upper layers, and the read-out
+
+
+def calibration(graph: Graph, calls: int = 8) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(4)
+    steps = 1 if graph.state else 7
+    feeds = []
+    for _ in range(calls):
+        feed = {"x": rng.standard_normal((4, steps, FEATURES)).astype(np.float32)}
+        feed |= {s.input: rng.uniform(-1, 1, (4, *s.shape[1:])).astype(np.float32) for s in graph.state}
+        feeds.append(feed)
+    return feeds
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
@@ -66,14 +77,16 @@ def test_export_parity_and_quantized_nodes(case):
     graph = export_net(net, ["y"])
     x = np.random.default_rng(0).standard_normal((1, 300 if not case[1] else 40, FEATURES)).astype(np.float32)
     checks = parity(net, graph, x)
-    worst = max(v for k, v in checks.items() if k.startswith("parity_") and k != "parity_steps")
+    worst = max(v for k, v in checks.items() if k.startswith("parity_") and "vs" in k)
     assert worst <= 1e-5, checks
-    int8 = to_int8(graph.onnx)
-    expected = expected_quantized(*case)
-    assert quantized_nodes(int8) == expected["quantized"], op_counts(int8)
-    if "DynamicQuantizeLSTM" in expected:
-        assert op_counts(int8)["DynamicQuantizeLSTM"] == expected["DynamicQuantizeLSTM"]
-    assert quantized_nodes(graph.onnx) == 0
+    assert checks["parity_tensors"] == len(graph.outputs) + len(graph.state)
+    # int8 is made from explicit cells (a plain LSTM's ONNX LSTM op cannot be quantized statically)
+    source = export_net(net, ["y"], explicit=True)
+    assert source.step_only != case[1] and parity_excess(parity(net, source, x[:, :50])) <= 1e-5
+    int8 = to_int8(source.onnx, calibration(source))
+    assert quantized_nodes(int8) == expected_quantized(*case), op_counts(int8)
+    assert saturation_free(int8)[0] and quantized_nodes(graph.onnx) == 0
+    assert op_counts(int8)["DynamicQuantizeLSTM"] == 0
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
@@ -144,3 +157,36 @@ def test_forecaster_graph_scores_anomalies_against_the_previous_forecast():
     second, _ = stream(session, graph, x[:, 10:], states=states)
     np.testing.assert_allclose(second["anomaly"][0, 0, 0], anomaly[10], rtol=1e-6)
     np.testing.assert_allclose(first["forecast"][0, :, 0], forecast[:10], rtol=1e-6)
+
+
+def test_parity_compares_every_output_and_state_over_every_sequence():
+    """A forecaster's anomaly score and last-forecast state are compared too, over several sessions: a graph
+    whose anomaly divides by another sigma, or whose state runs away, fails though its forecast matches."""
+    torch.manual_seed(6)
+    net = TaskNet(ModelSpec(task="glucose", cell="lstm", layers=2, hidden_size=HIDDEN), FEATURES, 1, output_shift=3.0)
+    net.eval()
+    graph = export_net(net, ["forecast", "anomaly"], anomaly_sigma=2.0)
+    rng = np.random.default_rng(7)
+    sessions = [np.abs(rng.standard_normal((1, n, FEATURES))).astype(np.float32) + 1 for n in (30, 1, 200)]
+    checks = parity(net, graph, sessions)
+    assert checks["parity_streamed_vs_torch"] <= 1e-5, checks
+    assert (checks["parity_steps"], checks["parity_sequences"], checks["parity_tensors"]) == (231, 3, 7)
+    other_sigma = dataclasses.replace(graph, onnx=export_net(net, ["forecast", "anomaly"], anomaly_sigma=2.2).onnx)
+    assert parity(net, other_sigma, sessions)["parity_streamed_vs_torch"] > 1e-3
+
+
+def test_a_glucose_session_s_first_gap_reads_as_the_usual_gap():
+    """Clients send 0 minutes for a session's first reading; the network reads the usual gap, not an outlier."""
+    task = Glucose()
+    net = task.build_net(ModelSpec(task="glucose", cell="gru", layers=1, hidden_size=HIDDEN)).eval()
+    assert 4.0 <= task.series.typical_gap <= 6.0
+    first = np.array([[[120.0, 0.0]]], np.float32)
+    usual = np.array([[[120.0, task.series.typical_gap]]], np.float32)
+    with torch.no_grad():
+        assert torch.equal(net(torch.from_numpy(first))[0], net(torch.from_numpy(usual))[0])
+        assert not torch.equal(net(torch.from_numpy(first))[0], net(torch.from_numpy(usual * np.float32([1, 3])))[0])
+    normalised = (np.concatenate(task.series.train)[:, 1] - task.series.mean[1]) / task.series.std[1]
+    assert normalised.min() < -3  # the raw zeros, which the network never sees as such
+    graph = export_net(net, task.outputs, 2.0)
+    served_first, served_usual = (stream(cpu_session(graph.onnx), graph, x)[0]["forecast"] for x in (first, usual))
+    assert np.array_equal(served_first, served_usual)

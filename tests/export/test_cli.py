@@ -71,18 +71,20 @@ def test_train_then_export_publishes_and_reports(tmp_path):
         "--layers",
         "1",
         "--hidden-size",
-        "8",
+        "32",
         "--steps",
-        "20",
+        "300",
         "--eval-every",
-        "10",
+        "100",
         "--batch-size",
-        "16",
+        "32",
         "--bptt",
-        "16",
+        "32",
+        "--learning-rate",
+        "0.003",
         "--out",
         str(checkpoint),
-    )
+    )  # enough to beat persistence, the floor
     assert trained.returncode == 0, trained.stderr
     assert "best validation rmse" in trained.stdout
     exported = rnnserve(
@@ -127,6 +129,16 @@ def test_train_then_export_publishes_and_reports(tmp_path):
     assert (tmp_path / "repo" / "glucose-rnn-2" / "glucose-rnn-2.md").is_file()
     assert "glucose-rnn-2" not in (tmp_path / "docs" / "MODELS.md").read_text()
     assert not (ROOT / "docs" / "models" / "glucose-rnn-2.md").exists()
+
+
+def test_export_of_a_model_no_better_than_the_floor_says_so(tmp_path):
+    checkpoint = tmp_path / "useless.safetensors"
+    args = ["--task", "glucose", "--cell", "gru", "--hidden-size", "4", "--steps", "2", "--eval-every", "1"]
+    assert rnnserve("train", *args, "--batch-size", "4", "--bptt", "8", "--out", str(checkpoint)).returncode == 0
+    refused = rnnserve("export", "--checkpoint", str(checkpoint), "--name", "useless", "--model-repo", str(tmp_path))
+    assert refused.returncode == 1, refused.stderr
+    assert "does not beat the floor" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (tmp_path / "useless").exists()
 
 
 def test_export_refuses_an_unknown_precision(tmp_path):

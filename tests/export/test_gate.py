@@ -1,11 +1,14 @@
-"""The gate: a variant worse than fp32 beyond its limit is reported with its numbers and not published."""
+"""The gate, decided on validation: a variant worse than fp32 beyond its limit, whose answers depend on its
+batch-mates, or a model no better than the task's floor, is reported with its numbers and not published."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import onnx
 import pytest
+import torch
 from onnx import numpy_helper
 
 from export.config import GateSpec, ModelSpec, TrainSpec
@@ -14,26 +17,34 @@ from export.pipeline import ExportError, export_model, gate
 from export.quantize import variant
 from export.tasks import Glucose, Vowels
 from export.train import train
-from service.repository import read_manifest, version_dirs
+from service.repository import MODEL_FILE, RepositoryError, read_manifest, version_dirs, write_version
 
 
 @pytest.fixture(scope="module")
 def glucose_model():
     task = Glucose()
-    spec = ModelSpec(task="glucose", cell="gru", layers=1, hidden_size=16)
-    return task, train(task, spec, TrainSpec(steps=40, eval_every=20, batch_size=32, bptt=32), progress=False)
+    spec = ModelSpec(task="glucose", cell="gru", layers=1, hidden_size=32)
+    config = TrainSpec(steps=300, eval_every=100, batch_size=32, bptt=32, learning_rate=3e-3)
+    return task, train(task, spec, config, progress=False)  # beats persistence on validation
 
 
-def broken(model_bytes: bytes, precision: str) -> bytes:
-    """The real variant, except int8 with its read-out bias shifted: a plausible, wrong model."""
-    data = variant(model_bytes, precision)
-    if precision != "int8":
-        return data
-    model = onnx.load_from_string(data)
-    for tensor in model.graph.initializer:
-        if tensor.name.endswith("head.bias"):
-            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) + 0.5, tensor.name))
-    return model.SerializeToString()
+def shifted(amount: float):
+    """The real variants, except int8 made with its read-out bias shifted by `amount`."""
+
+    def make(model_bytes: bytes, precision: str, calibration) -> bytes:
+        if precision == "int8":
+            model = onnx.load_from_string(model_bytes)
+            biases = [t for t in model.graph.initializer if t.name.endswith("head.bias")]
+            assert biases
+            for tensor in biases:
+                tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) + amount, tensor.name))
+            model_bytes = model.SerializeToString()
+        return variant(model_bytes, precision, calibration)
+
+    return make
+
+
+broken = shifted(0.5)  # a plausible, wrong model
 
 
 def test_a_broken_variant_is_reported_and_not_published(glucose_model, tmp_path):
@@ -44,12 +55,19 @@ def test_a_broken_variant_is_reported_and_not_published(glucose_model, tmp_path)
     fp32, int8 = report.variants
     assert fp32.published and fp32.verdict == "reference"
     assert not int8.published and int8.verdict.startswith("failed: rmse +")
-    assert int8.metrics["rmse"] > fp32.metrics["rmse"] * 1.03
+    assert int8.validation["rmse"] > fp32.validation["rmse"] * 1.03  # decided on validation
+    assert f"{(int8.validation['rmse'] / fp32.validation['rmse'] - 1) * 100:+.2f} %" in int8.verdict
     assert [v for _, v, _ in version_dirs(tmp_path)] == [1]
     manifest = read_manifest(tmp_path / "g" / "1")
-    assert manifest.validation["test_rmse"] == fp32.metrics["rmse"]
+    assert manifest.validation["test_rmse"] == fp32.metrics["rmse"]  # test: reported
+    assert manifest.validation["validation_rmse"] == fp32.validation["rmse"]
     assert manifest.validation["gate_max_rmse_increase_pct"] == 3.0
-    assert manifest.validation["test_persistence_rmse"] > 0
+    assert (
+        manifest.validation["validation_rmse_floor"]
+        == task.floor("validation")
+        > manifest.validation["validation_rmse"]
+    )
+    assert manifest.lineage == manifest.fingerprint
 
 
 def test_a_sound_int8_variant_is_published_beside_fp32(glucose_model, tmp_path):
@@ -57,9 +75,34 @@ def test_a_sound_int8_variant_is_published_beside_fp32(glucose_model, tmp_path):
     report = export_model(result, task, tmp_path, "g", precisions=("fp32", "int8"), parity_steps=300)
     int8 = report.variants[1]
     assert int8.published == int8.verdict.startswith("passed"), int8.verdict
-    assert int8.quantized_nodes == 3  # W x and U h of one explicit GRU layer, and the read-out
-    if int8.published:
-        assert read_manifest(tmp_path / "g" / "2").precision == "int8"
+    assert int8.quantized_nodes == 2  # U h of the explicit GRU layer, and the read-out (W x: 2 raw features)
+    assert int8.published, int8.verdict
+    assert int8.batch_variance == 0.0 and "saturation-free" in int8.verdict
+    manifest = read_manifest(tmp_path / "g" / "2")
+    assert manifest.precision == "int8" and manifest.lineage == read_manifest(tmp_path / "g" / "1").fingerprint
+    assert manifest.provenance.quantization is not None
+    assert manifest.provenance.quantization["calibration_method"] == "MinMax"
+    assert "from the training split" in manifest.provenance.quantization["calibration_data"]
+
+
+def test_per_call_quantization_is_refused_as_not_batch_invariant(glucose_model, tmp_path):
+    """int8-dynamic (a batch shares its activation scale) passes the accuracy limits and is still refused."""
+    task, result = glucose_model
+    report = export_model(result, task, tmp_path, "g", precisions=("fp32", "int8-dynamic"), parity_steps=100)
+    dynamic = report.variants[1]
+    assert not dynamic.published and dynamic.verdict.startswith("failed:")
+    assert dynamic.batch_variance > 0 and "not batch-invariant" in dynamic.verdict
+    assert "per-call quantization" in dynamic.verdict
+    assert [v for _, v, _ in version_dirs(tmp_path)] == [1]
+
+
+def test_a_model_no_better_than_the_floor_publishes_nothing(tmp_path):
+    task = Glucose()
+    spec = ModelSpec(task="glucose", cell="gru", layers=1, hidden_size=4)
+    useless = train(task, spec, TrainSpec(steps=2, eval_every=1, batch_size=4, bptt=8), progress=False)
+    with pytest.raises(ExportError, match="does not beat the floor"):
+        export_model(useless, task, tmp_path, "g", precisions=("fp32", "int8"), parity_steps=100)
+    assert not (tmp_path / "g").exists()
 
 
 def test_fp16_is_reported_not_published_without_cuda(glucose_model, tmp_path):
@@ -67,7 +110,7 @@ def test_fp16_is_reported_not_published_without_cuda(glucose_model, tmp_path):
     report = export_model(result, task, tmp_path, "g", precisions=("fp32", "fp16"), parity_steps=100)
     fp16 = report.variants[1]
     assert not fp16.published and "needs the CUDA provider" in fp16.verdict
-    assert fp16.metrics == {} and not (tmp_path / "g" / "3").exists()
+    assert fp16.metrics == {} and [v for _, v, _ in version_dirs(tmp_path)] == [1]
 
 
 def test_export_refuses_a_graph_that_does_not_match_torch(glucose_model, tmp_path):
@@ -87,6 +130,7 @@ def test_export_refuses_a_graph_that_does_not_match_torch(glucose_model, tmp_pat
         std=result.net.std,
         output_scale=float(result.net.output_scale),
         output_shift=float(result.net.output_shift),
+        first_gap=float(result.net.first_gap),
     )
     drifting.load_state_dict(result.net.state_dict())
     with pytest.raises(ExportError, match="differs from torch"):
@@ -123,3 +167,45 @@ def test_vowels_task_reads_the_ts_files():
     assert {s.shape[1] for s in data.test.sequences} == {12}
     assert 7 <= min(len(s) for s in data.test.sequences) and max(len(s) for s in data.test.sequences) <= 29
     assert len(data.train.sequences) + len(data.validation.sequences) == 270 and len(data.test.sequences) == 370
+
+
+def test_versions_are_immutable_and_each_export_takes_the_next_numbers(glucose_model, tmp_path):
+    """A re-export never writes over a version; the newest version is the newest lineage's best gated
+    variant, so a new fp32 whose int8 fails its gate is newer than the old model's int8."""
+    task, result = glucose_model
+    export_model(result, task, tmp_path, "g", precisions=("fp32", "int8"), parity_steps=100)
+    first = {v: (d / MODEL_FILE).read_bytes() for _, v, d in version_dirs(tmp_path)}
+    assert sorted(first) == [1, 2]
+
+    rerun = export_model(result, task, tmp_path, "g", precisions=("fp32", "int8"), parity_steps=100)
+    assert [(v.version, v.published) for v in rerun.variants] == [(1, True), (2, True)]
+    assert "already published as version 2" in rerun.variants[1].verdict
+    assert sorted(v for _, v, _ in version_dirs(tmp_path)) == [1, 2]
+
+    # Only int8 differs (a new quantizer, say): the whole set again, so int8 stays newer than its fp32.
+    nudged = export_model(
+        result, task, tmp_path, "g", precisions=("fp32", "int8"), parity_steps=100, make_variant=shifted(1e-4)
+    )
+    assert [(v.version, v.published) for v in nudged.variants] == [(3, True), (4, True)]
+    assert read_manifest(tmp_path / "g" / "3").fingerprint == read_manifest(tmp_path / "g" / "1").fingerprint
+
+    retrained = copy.deepcopy(result.net)
+    with torch.no_grad():
+        retrained.head.bias += 1e-3  # other weights: a new lineage
+    second = export_model(
+        dataclasses.replace(result, net=retrained),
+        task,
+        tmp_path,
+        "g",
+        precisions=("int8", "fp32"),  # judged and numbered fp32 first whatever the order asked
+        parity_steps=100,
+        make_variant=broken,
+    )
+    assert [(v.precision, v.version, v.published) for v in second.variants] == [("fp32", 5, True), ("int8", 0, False)]
+    assert {v: (d / MODEL_FILE).read_bytes() for _, v, d in version_dirs(tmp_path) if v in (1, 2)} == first
+    old, new = read_manifest(tmp_path / "g" / "4"), read_manifest(tmp_path / "g" / "5")
+    assert new.lineage == new.fingerprint == second.lineage != old.lineage
+    assert max(v for _, v, _ in version_dirs(tmp_path)) == 5 and new.precision == "fp32"
+
+    with pytest.raises(RepositoryError, match="versions are immutable; publish under the next free number \\(6\\)"):
+        write_version(tmp_path, old, (tmp_path / "g" / "4" / MODEL_FILE).read_bytes())

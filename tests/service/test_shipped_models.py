@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import numpy as np
 import onnxruntime as ort
@@ -11,8 +13,9 @@ import tritonclient.grpc.aio as triton_aio
 from service.api.convert import tensor_to_array
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
-from service.repository import MODEL_FILE, read_manifest
-from tests.conftest import SHIPPED_REPO, exchange, step_request
+from service.client import BatchClient, StepReply
+from service.repository import MODEL_FILE, read_manifest, version_dirs
+from tests.conftest import SHIPPED_REPO, exchange, logits_of, shipped_versions, step_request
 
 
 def direct(model: str, version: int, x: np.ndarray) -> dict[str, np.ndarray]:
@@ -45,7 +48,7 @@ async def shipped(start_server):
     return await start_server(SHIPPED_REPO)
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [v for p in ("fp32", "int8") for v in shipped_versions("vowels-bilstm", p)])
 async def test_the_whole_sequence_classifier_answers_as_its_graph_does(shipped, version):
     """vowels-bilstm: one answer of 9 logits per utterance, int8 (the default) included."""
     x = np.random.default_rng(version).standard_normal((1, 16, 12)).astype(np.float32)
@@ -75,7 +78,8 @@ async def test_every_streaming_version_reports_the_chunks_it_accepts_and_takes_t
     async with grpc.aio.insecure_channel(target) as channel:
         listing = await pb_grpc.RnnServeStub(channel).ListModels(pb.ListModelsRequest())
     streaming = [m for m in listing.models if m.streamable]
-    assert len(streaming) >= 10
+    shipped = [v for name, v, d in version_dirs(SHIPPED_REPO) if read_manifest(d, verify=False).streamable]
+    assert len(streaming) == len(shipped) >= 9
     for info in streaming:
         features = info.inputs[0].shape[2]
         assert list(info.inputs[0].shape) == [-1, -1, features], info.name
@@ -95,3 +99,33 @@ async def test_every_streaming_version_reports_the_chunks_it_accepts_and_takes_t
             one_by_one = np.concatenate([tensor_to_array(s.outputs[output.name]) for s in steps])
             assert whole.shape[0] == 6
             np.testing.assert_allclose(whole, one_by_one, atol=1e-6, rtol=0, err_msg=sid)
+
+
+async def test_an_int8_session_served_among_batch_mates_and_raced_to_two_replicas_is_its_own(
+    start_server, redis_store_url
+):
+    """Session s0 steps on replica A in one batch with 15 sessions whose inputs are 50 times larger and, at
+    the same time, the same step goes to replica B alone, ten times over. Each step is applied once (the
+    other answer is its replay), and every answer equals, bit for bit, the int8 graph run on s0 alone."""
+    version = shipped_versions("charlm-lstm", "int8")[-1]
+    a, b = [await start_server(SHIPPED_REPO, url=redis_store_url) for _ in range(2)]
+    rng = np.random.default_rng(0)
+    eye = np.eye(read_manifest(SHIPPED_REPO / "charlm-lstm" / str(version)).features, dtype=np.float32)
+    mine = eye[rng.integers(0, len(eye), 11)]
+    served: list[np.ndarray] = []
+    async with BatchClient(f"127.0.0.1:{a.port}") as gateway:
+        for t in range(11):
+            inputs = {"s0": mine[t : t + 1]}
+            inputs |= {f"m{i}": 50 * rng.standard_normal((1, len(eye))).astype(np.float32) for i in range(15)}
+            batched = gateway.step("charlm-lstm", inputs, version=version)
+            if t == 0:
+                served.append((await batched)["s0"].outputs["logits"][0])
+                continue
+            alone = exchange(f"127.0.0.1:{b.port}", [step_request("s0", t + 1, mine[t : t + 1], model="charlm-lstm")])
+            replies, (other,) = await asyncio.gather(batched, alone)
+            reply = replies["s0"]
+            assert isinstance(reply, StepReply), reply
+            assert sorted([reply.replayed, other.replayed]) == [False, True], (reply, other)
+            np.testing.assert_array_equal(reply.outputs["logits"][0], logits_of(other)[0])
+            served.append(reply.outputs["logits"][0])
+    np.testing.assert_array_equal(np.stack(served), streamed("charlm-lstm", version, mine)["logits"])

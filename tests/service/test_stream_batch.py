@@ -17,6 +17,7 @@ from tests.conftest import (
     TEST_REPO,
     logits_of,
     offline_logits,
+    shipped_versions,
     vocabulary,
     written_then_read,
     written_unread,
@@ -64,24 +65,25 @@ async def test_1024_sessions_in_batches_of_256(start_server, redis_store_url):
 
 async def test_one_batch_may_mix_models(start_server):
     app = await start_server(SHIPPED_REPO)
+    fp32 = {m: shipped_versions(m, "fp32")[-1] for m in ("charlm-lstm", "charlm-gru", "glucose-lstm")}
     x_char = EYE[[3, 17, 40]]
     x_glucose = np.array([[100.0, 0.0], [104.0, 5.0], [109.0, 5.0]], np.float32)
     batches = [
         pb.StepBatch(
             id=t,
             steps=[
-                step_request("charlm-lstm", "c", t + 1, x_char[t : t + 1], version=1),
-                step_request("charlm-gru", "c", t + 1, x_char[t : t + 1], version=1),
-                step_request("glucose-lstm", "g", t + 1, x_glucose[t : t + 1], version=1),
+                step_request("charlm-lstm", "c", t + 1, x_char[t : t + 1], version=fp32["charlm-lstm"]),
+                step_request("charlm-gru", "c", t + 1, x_char[t : t + 1], version=fp32["charlm-gru"]),
+                step_request("glucose-lstm", "g", t + 1, x_glucose[t : t + 1], version=fp32["glucose-lstm"]),
             ],
         )
         for t in range(3)
     ]
     results = await exchange_batches(f"127.0.0.1:{app.port}", batches)
     assert [r.id for r in results] == [0, 1, 2]
-    lstm = streamed("charlm-lstm", 1, x_char)["logits"]
-    gru = streamed("charlm-gru", 1, x_char)["logits"]
-    forecast = streamed("glucose-lstm", 1, x_glucose)["forecast"]
+    lstm = streamed("charlm-lstm", fp32["charlm-lstm"], x_char)["logits"]
+    gru = streamed("charlm-gru", fp32["charlm-gru"], x_char)["logits"]
+    forecast = streamed("glucose-lstm", fp32["glucose-lstm"], x_glucose)["forecast"]
     for t, result in enumerate(results):
         a, b, c = result.responses
         np.testing.assert_allclose(logits_of(a)[0], lstm[t], atol=1e-5, rtol=0)
