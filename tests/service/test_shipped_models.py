@@ -129,3 +129,8 @@ async def test_an_int8_session_served_among_batch_mates_and_raced_to_two_replica
             np.testing.assert_array_equal(reply.outputs["logits"][0], logits_of(other)[0])
             served.append(reply.outputs["logits"][0])
     np.testing.assert_array_equal(np.stack(served), streamed("charlm-lstm", version, mine)["logits"])
+    for replica in (a, b):  # the last step resent later, to either replica: its replay
+        (resent,) = await exchange(
+            f"127.0.0.1:{replica.port}", [step_request("s0", 11, mine[10:11], model="charlm-lstm")]
+        )
+        assert resent.replayed and np.array_equal(logits_of(resent)[0], served[-1])
