@@ -10,12 +10,14 @@ streaming task) is refused before any training starts.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
 from export.config import ConfigError, ExportError, GateSpec, TrainSpec, model_spec, train_spec
 from export.data import DataSetMissing
 from export.quantize import COMPARISONS, PRECISIONS
+from service.repository import MODEL_NAME_PATTERN, RepositoryError
 
 
 def _train_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -96,7 +98,7 @@ def main(argv: list[str]) -> int:
     except (ConfigError, DataSetMissing) as err:
         print(f"rnnserve {args.command}: {err}", file=sys.stderr)
         return 2
-    except ExportError as err:  # the model was measured and refused: nothing published
+    except (ExportError, RepositoryError) as err:  # measured and refused, or the repository would not take it
         print(f"rnnserve {args.command}: {err}", file=sys.stderr)
         return 1
 
@@ -150,16 +152,25 @@ def run_export(args: argparse.Namespace) -> int:
         )
     if not args.checkpoint.is_file():
         raise ConfigError(f"--checkpoint {args.checkpoint}: no such file")
+    if not re.match(MODEL_NAME_PATTERN, args.name):
+        raise ConfigError(f"--name {args.name!r}: letters, digits, '.', '_' and '-', starting with a letter or digit")
+    if args.model_repo.exists() and not args.model_repo.is_dir():
+        raise ConfigError(f"--model-repo {args.model_repo}: not a directory")
     gates = GateSpec(
         max_perplexity_increase_pct=args.max_perplexity_increase_pct,
         max_rmse_increase_pct=args.max_rmse_increase_pct,
         max_accuracy_drop_points=args.max_accuracy_drop_points,
     )
+    from safetensors import SafetensorError
+
     from export.pipeline import export_model
     from export.report import write_index, write_report
     from export.train import load_checkpoint
 
-    result, task = load_checkpoint(args.checkpoint)
+    try:
+        result, task = load_checkpoint(args.checkpoint)
+    except (SafetensorError, KeyError, ValueError) as err:  # not a checkpoint this command wrote
+        raise ConfigError(f"--checkpoint {args.checkpoint}: not an rnnserve checkpoint ({err})") from err
     report = export_model(
         result,
         task,

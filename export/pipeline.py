@@ -44,10 +44,20 @@ from export.quantize import (
 )
 from export.tasks import Task, better
 from export.train import TrainResult
-from service.repository import Manifest, Provenance, next_version, published_as, write_version
+from service.repository import (
+    Manifest,
+    Provenance,
+    RepositoryError,
+    next_version,
+    published_as,
+    read_manifest,
+    versions_of,
+    write_version,
+)
 from service.runtime import CUDA, cuda_usable
 
 PARITY_LIMIT = 1e-5
+PUBLISH_ATTEMPTS = 5  # exports racing for the same version numbers
 # The order an export judges and numbers its variants: least preferred first, so the newest is the best.
 PUBLISH_ORDER = ("fp32", *COMPARISONS, "int8", "fp16")
 LOADED_BATCH = 16
@@ -253,6 +263,7 @@ def export_model(
     passed, why = beats_floor(task, reference[task.metric], floor)
     if not passed:
         raise ExportError(f"{name}: fp32 on validation: {why}; a model no better than the baseline is not published")
+    same_interface(repo, name, TASKS[task.name], graph)
     report = ExportReport(
         name, task.name, task.metric, result, checks, [], floor, hashlib.sha256(graph.onnx).hexdigest()
     )
@@ -299,6 +310,22 @@ def export_model(
     return report
 
 
+def same_interface(repo: Path, name: str, task: str, graph: Graph) -> None:
+    """Refuse to publish under a name whose newest version clients call differently (task, features, outputs)."""
+    versions = versions_of(repo, name) if repo.is_dir() else []
+    if not versions:
+        return
+    newest = read_manifest(repo / name / str(versions[-1]), verify=False)
+    ours = (task, graph.inputs[0].shape[2], [o.name for o in graph.outputs])
+    theirs = (newest.task, newest.features, [o.name for o in newest.outputs])
+    if ours != theirs:
+        raise ExportError(
+            f"{name}/{newest.version} is a {theirs[0]} model taking {theirs[1]} features and answering "
+            f"{', '.join(theirs[2])}; this one is a {ours[0]} model taking {ours[1]} and answering "
+            f"{', '.join(ours[2])}: its clients would break. Publish it under another name"
+        )
+
+
 def publish(
     repo: Path,
     name: str,
@@ -318,11 +345,26 @@ def publish(
             row.version, row.published = version or 0, True
             row.verdict += f"; already published as version {version}"
         return
-    number = next_version(repo, name)
-    for row, graph, feeds in publishable:
-        row.version, number = number, number + 1
-        write_version(repo, manifest_of(row, graph, feeds), graph.onnx)
+    for attempt in range(PUBLISH_ATTEMPTS):
+        first = next_version(repo, name)
+        for number, (row, _, _) in enumerate(publishable, start=first):
+            row.version = number
+        # The most preferred (highest) first: a server polling meanwhile never starts sessions on a less
+        # preferred variant of this export, and a rival export that took the same numbers collides here,
+        # before any of this set is published, and numbers again.
+        ordered = list(reversed(publishable))
+        try:
+            row, graph, feeds = ordered[0]
+            write_version(repo, manifest_of(row, graph, feeds), graph.onnx)
+        except RepositoryError:
+            if attempt == PUBLISH_ATTEMPTS - 1 or not (repo / name / str(row.version)).exists():
+                raise
+            continue
         row.published = True
+        for row, graph, feeds in ordered[1:]:
+            write_version(repo, manifest_of(row, graph, feeds), graph.onnx)
+            row.published = True
+        return
 
 
 def build_manifest(

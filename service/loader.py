@@ -68,7 +68,9 @@ class ModelLoader:
             except RepositoryError as err:
                 log.error("model repository unreadable (%s); keeping the loaded versions", err)
                 return
-            for (name, version), directory in found.items():
+            # Newest first: a scan that meets several new versions of a model never makes an older one the
+            # version new sessions start on, even for the moment between two loads.
+            for (name, version), directory in sorted(found.items(), key=lambda item: -item[0][1]):
                 if name not in self._held:
                     await self._load(name, version, directory)
             self._unload_gone(found)

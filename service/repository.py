@@ -22,7 +22,8 @@ MANIFEST_FORMAT = 1
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-VERSION_NAME = re.compile(r"[0-9]+")  # ASCII digits only: str.isdigit() also accepts "²"
+VERSION_NAME = re.compile(r"[0-9]{1,15}")  # ASCII digits only (str.isdigit() takes "²"), and a number
+MAX_VERSION = 10**15 - 1  # that every client's int64 (and a double) holds exactly
 
 Cell = Literal["lstm", "gru", "rnn"]
 Precision = Literal["fp32", "fp16", "int8"]
@@ -95,7 +96,7 @@ class Manifest(_Strict):
 
     format: int = MANIFEST_FORMAT
     name: str = Field(pattern=MODEL_NAME_PATTERN)
-    version: int = Field(ge=1)
+    version: int = Field(ge=1, le=MAX_VERSION)
     task: Literal["language_model", "forecast", "classification"]
     cell: Cell
     layers: int = Field(ge=1)

@@ -144,3 +144,16 @@ def test_export_of_a_model_no_better_than_the_floor_says_so(tmp_path):
 def test_export_refuses_an_unknown_precision(tmp_path):
     result = rnnserve("export", "--checkpoint", str(tmp_path / "x.safetensors"), "--name", "x", "--precisions", "int4")
     assert result.returncode == 2 and "--precisions must include fp32" in result.stderr
+
+
+def test_export_refuses_a_bad_name_repository_or_checkpoint_before_working(tmp_path):
+    junk = tmp_path / "junk.safetensors"
+    junk.write_text("junk")
+    (tmp_path / "file").write_text("")
+    for args, says in [
+        (["--checkpoint", str(junk), "--name", "x"], "not an rnnserve checkpoint"),
+        (["--checkpoint", str(junk), "--name", "../escape"], "--name '../escape'"),
+        (["--checkpoint", str(junk), "--name", "x", "--model-repo", str(tmp_path / "file")], "not a directory"),
+    ]:
+        done = rnnserve("export", *args)
+        assert done.returncode == 2 and says in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import shutil
 
 import onnx
 import pytest
@@ -17,7 +18,8 @@ from export.pipeline import ExportError, export_model, gate
 from export.quantize import variant
 from export.tasks import Glucose, Vowels
 from export.train import train
-from service.repository import MODEL_FILE, RepositoryError, read_manifest, version_dirs, write_version
+from service.repository import MODEL_FILE, RepositoryError, next_version, read_manifest, version_dirs, write_version
+from tests.conftest import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -209,3 +211,40 @@ def test_versions_are_immutable_and_each_export_takes_the_next_numbers(glucose_m
 
     with pytest.raises(RepositoryError, match="versions are immutable; publish under the next free number \\(6\\)"):
         write_version(tmp_path, old, (tmp_path / "g" / "4" / MODEL_FILE).read_bytes())
+
+
+def test_an_export_racing_another_for_its_numbers_numbers_again(glucose_model, tmp_path, monkeypatch):
+    """A rival export publishes version 2 after this one counted 1 as free: this one collides on its highest
+    number before publishing anything, counts again, and publishes its set as 3 and 4, int8 newest."""
+    task, result = glucose_model
+    rival = tmp_path / "g" / "2"
+    counted = iter([1])
+
+    def stale_then_true(repo, name):
+        stale = next(counted, None)
+        if stale is None:
+            return next_version(repo, name)
+        shutil.copytree(tmp_path / "seed" / "g" / "1", rival)  # the rival's version lands meanwhile
+        return stale
+
+    export_model(result, task, tmp_path / "seed", "g", precisions=("fp32",), parity_steps=100)
+    rival_bytes = (tmp_path / "seed" / "g" / "1" / MODEL_FILE).read_bytes()
+    monkeypatch.setattr("export.pipeline.next_version", stale_then_true)
+    report = export_model(result, task, tmp_path, "g", precisions=("fp32", "int8"), parity_steps=100)
+    assert [(v.precision, v.version, v.published) for v in report.variants] == [("fp32", 3, True), ("int8", 4, True)]
+    assert sorted(v for _, v, _ in version_dirs(tmp_path)) == [2, 3, 4]
+    assert (rival / MODEL_FILE).read_bytes() == rival_bytes  # untouched
+
+
+def test_an_export_that_would_break_the_name_s_clients_is_refused(glucose_model, tmp_path):
+    task, result = glucose_model
+    shutil.copytree(ROOT / "models" / "charlm-rnn", tmp_path / "charlm-rnn")
+    with pytest.raises(ExportError, match="charlm-rnn/4 is a language_model model taking 84 features"):
+        export_model(result, task, tmp_path, "charlm-rnn", precisions=("fp32",), parity_steps=100)
+    assert sorted(v for _, v, _ in version_dirs(tmp_path)) == [3, 4]
+
+
+def test_only_ascii_numbers_an_int64_holds_name_versions(tmp_path):
+    for odd in ("9" * 16, "²", "١٢", "-3"):
+        (tmp_path / "m" / odd).mkdir(parents=True)
+    assert version_dirs(tmp_path) == [] and next_version(tmp_path, "m") == 1
