@@ -272,7 +272,7 @@ def export_model(
     for precision in precisions:
         source = graph
         if precision == "int8" and graph.state and not graph.step_only:
-            source = export_net(result.net, task.outputs, task.anomaly_sigma(result.net), explicit=True)
+            source = export_net(result.net, task.outputs, graph.anomaly_sigma, explicit=True)
             explicit = parity(result.net, source, task.parity_inputs(min(parity_steps, 2000)))
             if parity_excess(explicit) > PARITY_LIMIT:
                 raise ExportError(f"{name}: the explicit step graph differs from torch: {explicit}; not published")
@@ -339,8 +339,10 @@ def publish(
     most preferred variant of the latest export (publishing only the new one would number it after a
     more preferred variant, or after a newer lineage).
     """
+    if not publishable:
+        return
     existing = [published_as(repo, name, row.fingerprint) for row, _, _ in publishable]
-    if publishable and all(version is not None for version in existing):
+    if all(version is not None for version in existing):
         for (row, _, _), version in zip(publishable, existing, strict=True):
             row.version, row.published = version or 0, True
             row.verdict += f"; already published as version {version}"

@@ -231,11 +231,10 @@ def versions_of(repo: Path, name: str, precision: Precision | None = None) -> li
 
 def published_as(repo: Path, name: str, fingerprint: str) -> int | None:
     """The version of `name` whose graph has this fingerprint, if one is published (an export rerun)."""
-    for model, version, directory in version_dirs(repo) if repo.is_dir() else []:
-        if model == name:
-            try:
-                if read_manifest(directory, verify=False).fingerprint == fingerprint:
-                    return version
-            except RepositoryError:
-                continue
+    for version in versions_of(repo, name) if repo.is_dir() else []:
+        try:
+            if read_manifest(repo / name / str(version), verify=False).fingerprint == fingerprint:
+                return version
+        except RepositoryError:
+            continue
     return None
