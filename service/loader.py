@@ -22,7 +22,7 @@ from pathlib import Path
 from service.errors import FailedPrecondition, ModelNotFound
 from service.metrics import Metrics
 from service.models import LoadedModel, ModelRegistry, load_version
-from service.repository import RepositoryError, read_manifest, version_dirs
+from service.repository import VERSION_NAME, RepositoryError, read_manifest, version_dirs
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -48,8 +48,11 @@ class ModelLoader:
         self._gone_since: dict[_Key, float] = {}
         self._held: set[str] = set()  # unloaded by an operator: the poll leaves them alone
         self._lock = asyncio.Lock()
+        self._scan_task: asyncio.Task[None] | None = None
         for model in registry.all():
             self._published(model)
+        if settings.model_poll_interval_s > 0:
+            registry.arriving = self.arriving
 
     async def run(self) -> None:
         interval = self._settings.model_poll_interval_s
@@ -74,6 +77,44 @@ class ModelLoader:
                 if name not in self._held:
                     await self._load(name, version, directory)
             self._unload_gone(found)
+
+    def arriving(self, name: str, fingerprint: bytes) -> bool:
+        """Whether a version of `name` with this fingerprint is on disk but not loaded yet; if so, a scan
+        starts now.
+
+        Another replica may poll first after a publish and start sessions on the new version; their steps
+        reach this replica before its own poll would load it. Such a step is told to retry (the version is
+        a moment away), not refused as a session this replica can never continue. A version the operator
+        unloaded, or one refused as unservable, is not arriving. Only the model's own directory is read
+        (one listing, and a manifest for each version not loaded), and only for a fingerprint the
+        registry lacks.
+        """
+        if name in self._held:
+            return False
+        try:
+            directories = [d for d in (self._settings.model_repo / name).iterdir() if VERSION_NAME.fullmatch(d.name)]
+        except OSError:
+            return False
+        for directory in directories:
+            if self._registry.find(name, int(directory.name)) is not None:
+                continue
+            if self._refused.get(directory) == _signature(directory):
+                continue
+            try:
+                if read_manifest(directory, verify=False).fingerprint != fingerprint.hex():
+                    continue
+            except RepositoryError:
+                continue
+            if self._scan_task is None or self._scan_task.done():
+                self._scan_task = asyncio.get_running_loop().create_task(self._scan_now())
+            return True
+        return False
+
+    async def _scan_now(self) -> None:
+        try:
+            await self.scan()
+        except Exception:  # the next poll tries again
+            log.exception("scanning the model repository for an arriving version failed")
 
     async def load(self, name: str) -> list[LoadedModel]:
         """Load every servable version of `name` now (RepositoryModelLoad)."""

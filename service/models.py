@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,6 +92,9 @@ class ModelRegistry:
         self._models: dict[tuple[str, int], LoadedModel] = {}
         self._by_fingerprint: dict[bytes, LoadedModel] = {}
         self._latest: dict[str, LoadedModel] = {}
+        # Whether a version of a model, by fingerprint, is on disk and loading now (so a step on it should
+        # be retried, not refused); the model loader answers it when it polls the repository.
+        self.arriving: Callable[[str, bytes], bool] = lambda name, fingerprint: False
         for model in models:
             self.add(model)
 

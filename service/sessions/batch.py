@@ -235,6 +235,12 @@ class BatchPipeline:
     def _model_of(self, record: SessionRecord, step: Step) -> LoadedModel:
         """The loaded version a stored session runs on, checked against the step and the record."""
         model = self._registry.by_fingerprint(record.fingerprint)
+        if model is None and self._registry.arriving(step.model, record.fingerprint):
+            # Another replica loaded a newly published version before this one's poll did.
+            raise Unavailable(
+                f"session {step.session_id!r} runs on a version of {step.model} (fingerprint "
+                f"{record.fingerprint.hex()[:12]}) this server is loading now; retry in a moment"
+            )
         if model is None:
             raise FailedPrecondition(
                 f"session {step.session_id!r} was started on a model version (fingerprint "

@@ -3,6 +3,9 @@ records, a stale replica losing a compare-and-set race, and a store that goes aw
 
 from __future__ import annotations
 
+import asyncio
+import shutil
+
 import grpc
 import numpy as np
 import pytest
@@ -39,6 +42,52 @@ async def test_fingerprint_mismatch_is_refused_not_continued(start_server, redis
     assert_error(refused, grpc.StatusCode.FAILED_PRECONDITION, "has not loaded", "start a new session")
     assert await last_seq(target, "s") == 3
     assert_matches(await exchange(f"127.0.0.1:{old.port}", steps("s", 4, 5)), first=4)
+
+
+async def test_a_version_one_replica_loaded_first_is_loaded_on_demand_by_the_other(
+    start_server, redis_store_url, tmp_path
+):
+    """After a publish, replicas poll at different moments: a session started on the new version by the
+    first replica is continued by the second at once (UNAVAILABLE, retry, then served), never refused as a
+    session it can never continue."""
+    repo = variant_repo(tmp_path / "repo", versions={1: "a"})
+    a = await start_server(repo, url=redis_store_url, model_poll_interval_s=3600)
+    b = await start_server(repo, url=redis_store_url, model_poll_interval_s=3600)
+    target_a, target_b = f"127.0.0.1:{a.port}", f"127.0.0.1:{b.port}"
+    shutil.copytree(variant_repo(tmp_path / "new", versions={2: "b"}) / "charlm" / "2", repo / "charlm" / "2")
+    await a.loader.scan()  # A polls first
+    first = await exchange(target_a, steps("s", 1, 2))
+    assert [r.version for r in first] == [2, 2]
+    (waiting,) = await exchange(target_b, steps("s", 3, 3))
+    assert_error(waiting, grpc.StatusCode.UNAVAILABLE, "loading now", "retry")
+    assert await last_seq(target_a, "s") == 2  # nothing applied
+    for _ in range(100):
+        (answer,) = await exchange(target_b, steps("s", 3, 3))
+        if not answer.HasField("error"):
+            break
+        assert answer.error.code == grpc.StatusCode.UNAVAILABLE.value[0]
+        await asyncio.sleep(0.05)
+    assert answer.version == 2 and not answer.replayed
+    assert_matches(first + [answer], first=1)
+    # The other way round too: the old version stays served where it is pinned.
+    assert b.engine.registry.find("charlm", 1) is not None
+
+
+async def test_a_version_on_disk_that_fails_to_load_is_refused_after_one_try(start_server, redis_store_url, tmp_path):
+    repo = variant_repo(tmp_path / "repo", versions={1: "a"})
+    a = await start_server(repo, url=redis_store_url, model_poll_interval_s=3600)
+    b = await start_server(repo, url=redis_store_url, model_poll_interval_s=3600)
+    shutil.copytree(variant_repo(tmp_path / "new", versions={2: "b"}) / "charlm" / "2", repo / "charlm" / "2")
+    await a.loader.scan()
+    await exchange(f"127.0.0.1:{a.port}", steps("s", 1, 1))
+    with (repo / "charlm" / "2" / "model.onnx").open("ab") as model:
+        model.write(b"torn")  # the bytes no longer match the fingerprint: B's load refuses them
+    for _ in range(100):
+        (answer,) = await exchange(f"127.0.0.1:{b.port}", steps("s", 2, 2))
+        if answer.error.code != grpc.StatusCode.UNAVAILABLE.value[0]:
+            break
+        await asyncio.sleep(0.05)
+    assert_error(answer, grpc.StatusCode.FAILED_PRECONDITION, "has not loaded", "start a new session")
 
 
 @pytest.mark.parametrize("blob", [b"garbage", b"RNNS" + b"\x01\x00" * 40])
