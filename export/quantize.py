@@ -12,9 +12,10 @@
   not pay to quantize it; nor do products over a handful of raw features (see NARROW). Recurrent cells
   must be explicit matrix products: ONNX Runtime cannot quantize the ONNX LSTM / GRU / RNN ops
   statically (its only int8 LSTM, DynamicQuantizeLSTM, takes its scale from each call), so a streaming
-  int8 graph is the explicit step graph, one step per call. A state that feeds a product leaves the graph
-  on the 8-bit grid the next step's product reads it on (lossless for LSTM and RNN states, which only
-  products read); a GRU's element-wise blend reads its state on that grid too. The gate measures it.
+  int8 graph is the explicit step graph, one step per call. Only products read the 8-bit grid: the
+  quantizer routes every reader of a quantized tensor, and a graph output made of one, through its
+  DequantizeLinear, so after it runs the element-wise readers (a GRU's blend of its old state) and the
+  graph outputs (the states a session stores) are given the fp32 tensor back (`_fp32_off_products`).
 - fp16: weights and activations in half precision for GPUs, with fp32 inputs and outputs at the edge
   (`keep_io_types`), so clients and the state store see the same tensors as for fp32. ONNX Runtime's CPU
   provider has no fp16 recurrent kernels: fp16 variants run, and are validated, only under CUDA.
@@ -128,7 +129,38 @@ def to_int8(model_bytes: bytes, calibration: Sequence[Feeds]) -> bytes:
             extra_options={"MatMulConstBOnly": True},
         )
 
-    return _quantized(model_bytes, quantize)
+    return _fp32_off_products(_quantized(model_bytes, quantize))
+
+
+def _fp32_off_products(model_bytes: bytes) -> bytes:
+    """The QDQ graph with its 8-bit grid seen by products alone: every other reader of a dequantized
+    activation reads the fp32 tensor it was quantized from, and a graph output that the quantizer made a
+    DequantizeLinear output is the fp32 tensor again (under its own name; the products read the rounded
+    copy under a new one)."""
+    model = onnx.load_from_string(model_bytes)
+    graph = model.graph
+    weights = {t.name for t in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    outputs = {o.name for o in graph.output}
+    for dq in [n for n in graph.node if n.op_type == "DequantizeLinear"]:
+        q = producers.get(dq.input[0])
+        if q is None or q.op_type != "QuantizeLinear" or q.input[0] in weights:
+            continue
+        source = producers.get(q.input[0])
+        if source is not None and source.op_type in PRODUCTS:
+            continue  # a product's own output: its integer kernel answers on that grid (QLinearMatMul)
+        exact, rounded = q.input[0], dq.output[0]
+        if rounded in outputs:  # swap names: the graph output becomes the fp32 tensor
+            renamed = f"{rounded}_rounded"
+            for node in graph.node:
+                node.input[:] = [renamed if i == rounded else rounded if i == exact else i for i in node.input]
+                node.output[:] = [renamed if o == rounded else rounded if o == exact else o for o in node.output]
+            exact, rounded = rounded, renamed
+        for node in graph.node:
+            if node.op_type not in PRODUCTS:
+                node.input[:] = [exact if i == rounded else i for i in node.input]
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
 
 
 def to_int8_dynamic(model_bytes: bytes) -> bytes:
@@ -165,6 +197,22 @@ def quantized_nodes(model_bytes: bytes) -> int:
     dynamic = sum(1 for n in graph.node if n.op_type in DYNAMIC_OPS - {"DynamicQuantizeLinear"})
     dynamic += sum(1 for n in graph.node if n.op_type == "MatMulInteger")
     return static + dynamic
+
+
+def rounded_beyond_products(model_bytes: bytes) -> list[str]:
+    """The readers other than products (and graph outputs) of a dequantized activation that is not itself a
+    product's output: empty for every int8 graph `to_int8` makes."""
+    graph = onnx.load_from_string(model_bytes).graph
+    weights = {t.name for t in graph.initializer}
+    products = {o for n in graph.node if n.op_type in PRODUCTS for o in n.output}
+    quantized = {
+        n.output[0]
+        for n in graph.node
+        if n.op_type == "QuantizeLinear" and n.input[0] not in weights and n.input[0] not in products
+    }
+    rounded = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in quantized}
+    found = [f"{n.op_type} {n.name}" for n in graph.node if n.op_type not in PRODUCTS and rounded & set(n.input)]
+    return found + [f"graph output {o.name}" for o in graph.output if o.name in rounded]
 
 
 def int8_weight_bound(model_bytes: bytes) -> int:

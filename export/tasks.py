@@ -228,10 +228,13 @@ class Glucose(Task):
         segments = sorted(self._split(split), key=len)
         for start in range(0, len(segments), batch):
             group = segments[start : start + batch]
+            # A split with fewer segments than `batch` still runs `batch` rows: unscored batch-mates (the
+            # split's segments again, from the other end) fill the call.
+            mates = [segments[-1 - k % len(segments)] for k in range(batch - len(group))]
             longest = max(len(s) for s in group)
-            # Shorter segments are padded with their last reading; their padded steps are not scored.
-            x = np.stack([np.concatenate([s, np.repeat(s[-1:], longest - len(s), axis=0)]) for s in group])
-            forecast = stream(session, graph, x, chunk=1)[0]["forecast"][..., 0]
+            # Shorter segments are padded with their last reading, longer mates cut; neither is scored.
+            rows = [np.concatenate([s, np.repeat(s[-1:], longest - len(s), axis=0)])[:longest] for s in group + mates]
+            forecast = stream(session, graph, np.stack(rows), chunk=1)[0]["forecast"][..., 0]
             errors += [forecast[i, : len(s) - 1] - s[1:, 0] for i, s in enumerate(group)]
         residual = np.concatenate(errors).astype(np.float64)
         # Trained on windows of TRAINED_WINDOW readings, served on whole segments (thousands of readings):

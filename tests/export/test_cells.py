@@ -15,7 +15,7 @@ import torch
 from export.config import ModelSpec
 from export.nets import TaskNet
 from export.onnx_export import Graph, cpu_session, export_net, parity, parity_excess, stream
-from export.quantize import op_counts, quantized_nodes, saturation_free, to_int8
+from export.quantize import op_counts, quantized_nodes, rounded_beyond_products, saturation_free, to_int8
 from export.tasks import Glucose
 from service.models import ModelRegistry
 from service.repository import Manifest, Preprocessing, Provenance, read_manifest, write_version
@@ -87,6 +87,8 @@ def test_export_parity_and_quantized_nodes(case):
     assert quantized_nodes(int8) == expected_quantized(*case), op_counts(int8)
     assert saturation_free(int8)[0] and quantized_nodes(graph.onnx) == 0
     assert op_counts(int8)["DynamicQuantizeLSTM"] == 0
+    # only products read the 8-bit grid: a GRU's blend and every stored state get the fp32 tensor
+    assert rounded_beyond_products(int8) == []
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)

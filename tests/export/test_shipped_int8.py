@@ -14,6 +14,7 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
+from export.quantize import rounded_beyond_products
 from service.repository import MODEL_FILE, Manifest, read_manifest, version_dirs
 from tests.conftest import ROOT, SHIPPED_REPO
 
@@ -92,6 +93,8 @@ def test_int8_is_static_with_seven_bit_weights_and_says_how_it_was_made(director
         if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) and len(t.dims) >= 2
     ]
     assert weights and max(int(np.abs(w).max()) for w in weights) <= 64  # 255 * 64 * 2 < 2**15
+    # only products read the 8-bit grid: stored states and a GRU's blend are fp32
+    assert rounded_beyond_products((directory / MODEL_FILE).read_bytes()) == []
     quantization = manifest.provenance.quantization
     assert quantization is not None and quantization["format"] == "QDQ (static)"
     assert "training split" in quantization["calibration_data"]
