@@ -57,6 +57,16 @@ def add_bench_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     ab.add_argument("--workers", type=int, default=1, help="worker processes of each server")
     ab.add_argument("--model-repo", type=Path, default=Path("models"), help="the model repository (both use it)")
 
+    replication = kinds.add_parser(
+        "replication",
+        parents=[common],
+        help="what --redis-wait-replicas 1 costs: a primary and a replica started here, servers with 0 and 1 in turns",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    replication.add_argument("--model-repo", type=Path, default=Path("models"), help="the model repository")
+    replication.add_argument("--rounds", type=int, default=3, help="turns each; the figures are their medians")
+    replication.add_argument("--json", type=Path, default=Path("docs/bench-replication.json"), help="figures (JSON)")
+
     suite = kinds.add_parser(
         "suite",
         parents=[common],
@@ -100,6 +110,10 @@ def run_bench(args: argparse.Namespace) -> int:
         from bench.ab import main as ab_main
 
         return ab_main(args.base, args.rounds, args.workers, args.model_repo)
+    if args.bench_command == "replication":
+        from bench.replication import main as replication_main
+
+        return replication_main(args.model_repo, args.json, args.rounds)
     if args.bench_command == "suite":
         from bench.suite import main as suite_main
 

@@ -49,6 +49,7 @@ class ModelLoader:
         self._held: set[str] = set()  # unloaded by an operator: the poll leaves them alone
         self._lock = asyncio.Lock()
         self._scan_task: asyncio.Task[None] | None = None
+        self._scanned_on_demand = -1.0
         for model in registry.all():
             self._published(model)
         if settings.model_poll_interval_s > 0:
@@ -103,9 +104,11 @@ class ModelLoader:
             try:
                 if read_manifest(directory, verify=False).fingerprint != fingerprint.hex():
                     continue
-            except RepositoryError:
+            except (RepositoryError, OSError):  # a file where a version directory goes, an unreadable one
                 continue
-            if self._scan_task is None or self._scan_task.done():
+            now = time.monotonic()
+            if (self._scan_task is None or self._scan_task.done()) and now - self._scanned_on_demand >= 1.0:
+                self._scanned_on_demand = now  # at most one scan a second, however many steps ask
                 self._scan_task = asyncio.get_running_loop().create_task(self._scan_now())
             return True
         return False

@@ -280,11 +280,13 @@ async def _probe_store(store: StateStore, readiness: Readiness, interval_s: floa
     """Readiness follows the store: NOT_SERVING while it does not answer, SERVING once it does again."""
     while True:
         try:
-            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow the task's own cancellation.
-            async with asyncio.timeout(max(2 * interval_s, 1.0)):
-                await store.ping()
+            # Not cancelled from outside: every store call is bounded on its own (the pool wait, the
+            # connect, the round trip), and a connection cancelled mid-handshake would leave its socket open.
+            await store.ping()
             reachable, why = True, ""
         except (RnnServeError, TimeoutError) as err:
+            if (task := asyncio.current_task()) is not None and task.cancelling():
+                raise asyncio.CancelledError from err  # a stop, whatever the timeout made of it (Python 3.11)
             reachable, why = False, str(err) or "no answer"
         if reachable != readiness.store_ok:
             if reachable:

@@ -6,8 +6,10 @@ Nested groups read as e.g. `RNNSERVE_REDIS__URL`, `RNNSERVE_BATCHING__MAX_BATCH_
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import unquote
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
@@ -18,6 +20,41 @@ def _unset_if_empty(value: object) -> object:
     return None if isinstance(value, str) and not value.strip() else value
 
 
+SENTINEL_SCHEME = "redis+sentinel://"
+
+
+@dataclass(frozen=True)
+class SentinelUrl:
+    """What a redis+sentinel:// URL names: the sentinels to ask, the primary's name, and how to log in to it."""
+
+    sentinels: list[tuple[str, int]]
+    master: str
+    db: int
+    username: str | None
+    password: str | None
+
+
+def parse_sentinel_url(url: str) -> SentinelUrl:
+    """`redis+sentinel://[user:password@]host:port[,host:port...]/master-name[/db]`; ValueError (which never
+    quotes the URL: it may hold a password) for anything else. IPv6 hosts go in brackets."""
+    rest = url.removeprefix(SENTINEL_SCHEME)
+    credentials, at, rest = rest.rpartition("@")
+    hosts, _, path = rest.partition("/")
+    master, _, db = path.partition("/")
+    sentinels = []
+    for address in hosts.split(","):
+        host, colon, port = address.rpartition(":")
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("a redis+sentinel:// URL lists its sentinels as host:port[,host:port...]")
+        sentinels.append((host.removeprefix("[").removesuffix("]"), int(port)))
+    if not master or not (db == "" or db.isdigit()) or "?" in path:
+        raise ValueError("a redis+sentinel:// URL ends with /master-name or /master-name/db (db a number)")
+    username, _, password = credentials.partition(":") if at else ("", "", "")
+    return SentinelUrl(
+        sentinels, unquote(master), int(db or 0), unquote(username) or None, unquote(password) if password else None
+    )
+
+
 class RedisSettings(BaseModel):
     """Where session state lives. Without a URL the server keeps state in process memory."""
 
@@ -26,7 +63,24 @@ class RedisSettings(BaseModel):
 
     url: str | None = Field(
         default=None,
-        description="redis:// or rediss:// URL (user, password and db in the URL); unset: in-memory store",
+        description=(
+            "redis:// or rediss:// URL (user, password and db in the URL), or "
+            "redis+sentinel://[user:password@]host:port[,host:port...]/master-name[/db] to follow a Sentinel "
+            "group's primary; unset: in-memory store"
+        ),
+    )
+    wait_replicas: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "acknowledge a step only once this many replicas hold its commit (Redis WAIT, in the commit's "
+            "round trip); 0: acknowledge on the primary's write"
+        ),
+    )
+    wait_timeout_ms: int = Field(
+        default=1000,
+        ge=1,
+        description="how long a commit waits for redis.wait_replicas; past it the step is answered UNAVAILABLE",
     )
     socket_timeout_s: float = Field(default=2.0, gt=0, description="bound on one command's round trip")
     connect_timeout_s: float = Field(default=2.0, gt=0, description="bound on opening a connection")
@@ -50,6 +104,15 @@ class RedisSettings(BaseModel):
         return _unset_if_empty(value)
 
     @model_validator(mode="after")
+    def _wait_within_the_round_trip(self) -> RedisSettings:
+        if self.wait_replicas and self.wait_timeout_ms >= self.socket_timeout_s * 1000:
+            raise ValueError(
+                "redis.wait_timeout_ms must be shorter than redis.socket_timeout_s: WAIT is part of the commit's "
+                "round trip, which the socket timeout bounds"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _tls_needs_rediss(self) -> RedisSettings:
         if (self.tls_ca or self.tls_cert or self.tls_key) and not (self.url or "").startswith("rediss://"):
             raise ValueError("redis.tls_ca, tls_cert and tls_key apply to a rediss:// URL only")
@@ -61,9 +124,14 @@ class RedisSettings(BaseModel):
     @classmethod
     def _known_scheme(cls, url: str | None) -> str | None:
         """Refused where settings are read (before any worker starts), not where the store opens."""
-        if url and not url.startswith(("redis://", "rediss://", "unix://")):
+        if url and not url.startswith(("redis://", "rediss://", "unix://", SENTINEL_SCHEME)):
             # Not the URL itself in the message: it may hold a password.
-            raise ValueError("unsupported store URL scheme: the URL must start with redis://, rediss:// or unix://")
+            raise ValueError(
+                "unsupported store URL scheme: the URL must start with redis://, rediss://, unix:// or "
+                f"{SENTINEL_SCHEME}"
+            )
+        if url and url.startswith(SENTINEL_SCHEME):
+            parse_sentinel_url(url)
         return url
 
 

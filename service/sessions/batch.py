@@ -95,9 +95,10 @@ class BatchPipeline:
         for (name, version), seconds in waits.items():
             observe_many(self._metrics.model(name, version).queue_wait, seconds)
         answers: list[Answer | None] = [None] * len(items)
+        replays: dict[int, tuple[str, str]] = {}  # step -> (key, token) of the record it was answered from
         todo = list(range(len(items)))
         for _ in range(MAX_ROUNDS):
-            plans = await self._plan(items, todo, answers)
+            plans = await self._plan(items, todo, answers, replays)
             records = await self._compute(plans, items, answers)
             todo = await self._commit(items, plans, records, answers)
             if not todo:
@@ -108,10 +109,22 @@ class BatchPipeline:
                 f"session {step.session_id!r} kept being changed by another writer; this step was not "
                 "applied. Send it again"
             )
+        await self._confirm_replays(replays, answers)
         self._metrics.active_sessions.set(len(self._cache))
         assert all(a is not None for a in answers)
         self._record(items, answers)  # type: ignore[arg-type]
         return answers  # type: ignore[return-value]
+
+    async def _confirm_replays(self, replays: dict[int, tuple[str, str]], answers: list[Answer | None]) -> None:
+        """A replay acknowledges a record this batch did not write (a lost answer's, perhaps not yet
+        replicated): it is answered only once the store shows it holds that record as durably as a commit."""
+        if not replays:
+            return
+        try:
+            await self._store.confirm_replicated(list(replays.values()))
+        except RnnServeError as err:
+            for i in replays:
+                answers[i] = err
 
     def _record(self, items: list[Pending], answers: list[Answer]) -> None:
         """The batch's steps in the metrics: a few writes per model version, not several per step."""
@@ -138,7 +151,13 @@ class BatchPipeline:
 
     # -- plan ------------------------------------------------------------------------------------
 
-    async def _plan(self, items: list[Pending], todo: list[int], answers: list[Answer | None]) -> dict[int, _Planned]:
+    async def _plan(
+        self,
+        items: list[Pending],
+        todo: list[int],
+        answers: list[Answer | None],
+        replays: dict[int, tuple[str, str]],
+    ) -> dict[int, _Planned]:
         plans: dict[int, _Planned] = {}
         to_load: list[int] = []
         for i in todo:
@@ -149,7 +168,7 @@ class BatchPipeline:
                     # A start on no cached record assumes none is stored: its commit says otherwise.
                     verdict = judge(item.ask, cached.token if cached else None, cached, item.step.model)
                     if isinstance(verdict, Apply):
-                        self._settle(i, item, verdict, plans, answers)
+                        self._settle(i, item, verdict, plans, answers, replays)
                         continue
             to_load.append(i)
         if not to_load:
@@ -168,7 +187,7 @@ class BatchPipeline:
             record = self._read(item, stored)
             token = stored.token if isinstance(stored, Stored) else None
             verdict = judge(item.ask, token, record, item.step.model)
-            self._settle(i, item, verdict, plans, answers)
+            self._settle(i, item, verdict, plans, answers, replays)
         return plans
 
     def _read(self, item: Pending, stored: Stored | None | RecordCorrupt) -> SessionRecord | RecordCorrupt | None:
@@ -212,6 +231,7 @@ class BatchPipeline:
         verdict: Apply | Replay | RnnServeError,
         plans: dict[int, _Planned],
         answers: list[Answer | None],
+        replays: dict[int, tuple[str, str]],
     ) -> None:
         """Record the verdict: a plan to apply, or the answer (a replay or a refusal)."""
         step = item.step
@@ -223,6 +243,7 @@ class BatchPipeline:
                 answers[i] = StepResult(
                     model.name, model.version, step.session_id, verdict.record.seq, verdict.record.outputs, True
                 )
+                replays[i] = (item.key, verdict.record.token)
                 return
             if verdict.base is None:
                 model = self._registry.get(step.model, step.version)

@@ -9,8 +9,10 @@ of an applied step returns the stored outputs).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
+import logging
 import math
 import re
 import ssl
@@ -21,23 +23,27 @@ import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection as Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import AuthenticationError, NoScriptError, RedisError, ResponseError
+from redis.exceptions import AuthenticationError, NoScriptError, ReadOnlyError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.errors import RecordCorrupt, StartupError, StoreRefused, Unavailable
-from service.settings import RedisSettings
+from service.settings import SENTINEL_SCHEME, RedisSettings, parse_sentinel_url
 from service.state.store import Commit, CommitResult, Outcome, StateStore, Stored
 from service.tls import load_key_pair
+
+log = logging.getLogger(__name__)
 
 TOKEN_FIELD = "token"
 RECORD_FIELD = "rec"
 
 # One call commits many sessions. KEYS: the sessions; ARGV, four per key: expected token ('' = unconditional,
 # '!' = no record), new token, record, ttl ms. Returns, per key: {0, token} applied, {1, current} conflict,
-# {2, ''} missing, {3, error} refused (OOM, READONLY, a key of another type). Every Redis call is a pcall:
-# each key is compared and set on its own, and one key's error never stops the keys after it (a script
-# that stopped half way would leave the keys before it applied and the whole call answered as an error).
+# {2, ''} missing, {3, error} refused (OOM, a key of another type). Every Redis call is a pcall: each key
+# is compared and set on its own, and one key's error never stops the keys after it (a script that stopped
+# half way would leave the keys before it applied and the whole call answered as an error). The exception
+# is READONLY: this Redis became a replica (a failover), no key of the call can have been written, and
+# the call's error makes the connection go (to the new primary, under Sentinel).
 _COMMIT_MANY = """
 local out = {}
 for i = 1, #KEYS do
@@ -54,7 +60,9 @@ for i = 1, #KEYS do
     out[i] = {1, current}
   else
     local written = redis.pcall('HSET', KEYS[i], 'token', token, 'rec', ARGV[a + 3])
-    if type(written) == 'table' and written.err then
+    if type(written) == 'table' and written.err and string.sub(written.err, 1, 8) == 'READONLY' then
+      return redis.error_reply(written.err)
+    elseif type(written) == 'table' and written.err then
       out[i] = {3, written.err}
     else
       redis.pcall('PEXPIRE', KEYS[i], ARGV[a + 4])
@@ -115,7 +123,12 @@ class RedisStateStore(StateStore):
             raise ValueError("RedisStateStore needs a redis:// or rediss:// URL")
         self._where = _redacted(settings.url)
         # redis-py parses the URL (TLS, auth, database, unix sockets) and makes the connections.
+        self._probe_key = f"{settings.key_prefix}:replication-probe"
+        self._wait = (settings.wait_replicas, settings.wait_timeout_ms)
         tls: dict[str, Any] = {}
+        if settings.url.startswith(SENTINEL_SCHEME):
+            self._finish_init(settings, _sentinel_pool(settings))
+            return
         if settings.url.startswith("rediss://"):
             _tls_context_check(settings)
             tls = {
@@ -140,6 +153,9 @@ class RedisStateStore(StateStore):
                 f"cannot parse the Redis URL {self._where}: percent-encode characters such as / # ? @ in the "
                 "user and password (e.g. / as %2F)"
             ) from None
+        self._finish_init(settings, factory)
+
+    def _finish_init(self, settings: RedisSettings, factory: aioredis.ConnectionPool) -> None:
         self._factory = factory
         self._connections = _Connections(factory.make_connection, settings.max_connections, settings.pool_timeout_s)
         self._pool_timeout_s = settings.pool_timeout_s
@@ -158,6 +174,11 @@ class RedisStateStore(StateStore):
             ) from None
         broken = True
         try:
+            # connect() is where Sentinel's connections ask for the primary. It is bounded by redis-py's own
+            # connect and socket timeouts, not cancelled from outside: a connection cancelled half way
+            # through its handshake leaves its socket open.
+            if not connection.is_connected:
+                await connection.connect()  # type: ignore[no-untyped-call]
             # One deadline for the whole round trip, rather than redis-py's one per reply.
             async with asyncio.timeout(self._socket_timeout_s):
                 await connection.send_packed_command(_pack(commands))
@@ -165,10 +186,16 @@ class RedisStateStore(StateStore):
                 for _ in commands:
                     try:
                         replies.append(await connection.read_response(disable_decoding=True, timeout=math.inf))
+                    except ReadOnlyError:  # a failover made this Redis a replica: the connection must go
+                        raise
                     except ResponseError as refused:  # this command only; the others stand
                         replies.append(refused)
             broken = False
             return replies
+        except ReadOnlyError as err:
+            raise Unavailable(
+                f"session store at {self._where} is a read-only replica now (a failover?) while {what}; retry"
+            ) from err
         except AuthenticationError as err:  # a ConnectionError to redis-py, but retrying will not help
             raise StoreRefused(
                 f"session store {self._where} refused the credentials while {what} ({err}); check the user and "
@@ -219,8 +246,19 @@ class RedisStateStore(StateStore):
         calls = [commits[i : i + KEYS_PER_CALL] for i in range(0, len(commits), KEYS_PER_CALL)]
         replies: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
+        replicas, wait_ms = self._wait
+        acknowledged, refused = replicas, ""
         for attempt in range(2):
-            answers = await self._run("committing sessions", [self._commit_call(calls[i]) for i in todo])
+            commands = [self._commit_call(calls[i]) for i in todo]
+            if replicas:  # in the same round trip: the replicas that hold every write of this connection
+                commands.append(("WAIT", replicas, wait_ms))
+            answers = await self._run("committing sessions", commands)
+            if replicas:
+                waited = answers.pop()
+                if isinstance(waited, ResponseError):  # WAIT refused (an ACL without it): applied, unconfirmed
+                    refused = f"WAIT refused: {waited}"
+                    waited = 0
+                acknowledged = min(acknowledged, waited)
             for i, reply in zip(todo, answers, strict=True):
                 replies[i] = reply
             todo = [i for i in todo if isinstance(replies[i], NoScriptError)]
@@ -234,7 +272,36 @@ class RedisStateStore(StateStore):
                 results += [CommitResult(Outcome.UNKNOWN, str(reply))] * len(call)
             else:
                 results += [CommitResult(_OUTCOMES[code], current.decode() or None) for code, current in reply]
+        if acknowledged < replicas:  # applied on the primary, which may lose it in a failover: not acknowledged
+            why = refused or f"{acknowledged} of {replicas} replicas confirmed the write within {wait_ms} ms"
+            results = [CommitResult(Outcome.UNKNOWN, why) if r.outcome is Outcome.OK else r for r in results]
         return results
+
+    async def confirm_replicated(self, records: Sequence[tuple[str, str]]) -> None:
+        """In one round trip on one connection (to the primary the records must be on): each record's token
+        still there, a write of its own, then WAIT. Replicas apply the primary's writes in order, so once
+        they hold this write they hold every record written before it."""
+        replicas, wait_ms = self._wait
+        if not replicas:
+            return
+        commands: list[tuple[Any, ...]] = [("HGET", key, TOKEN_FIELD) for key, _ in records]
+        commands += [("INCR", self._probe_key), ("WAIT", replicas, wait_ms)]
+        replies = await self._run("confirming replication", commands)
+        *tokens, probe, waited = replies
+        for reply in (probe, waited, *tokens):
+            if isinstance(reply, ResponseError):
+                raise Unavailable(
+                    f"session store at {self._where} could not confirm a stored step ({reply}); resend it"
+                )
+        if any(stored is None or stored.decode() != token for stored, (_, token) in zip(tokens, records, strict=True)):
+            raise Unavailable(
+                "the session moved on, or this store does not hold it, while confirming a replay; resend it"
+            )
+        if waited < replicas:
+            raise Unavailable(
+                f"session store at {self._where}: {waited} of {replicas} replicas confirmed the stored step within "
+                f"{wait_ms} ms (redis.wait_replicas); resend it"
+            )
 
     def _commit_call(self, commits: Sequence[Commit]) -> tuple[Any, ...]:
         args: list[Any] = ["EVALSHA", self._cas_sha, len(commits)]
@@ -255,12 +322,137 @@ class RedisStateStore(StateStore):
         return None if ttl == -2 else int(ttl)
 
     async def ping(self) -> None:
-        """Also loads the commit script, so the first commits need not."""
+        """Also loads the commit script, so the first commits need not; with `redis.wait_replicas`, checks
+        that WAIT is allowed (an ACL that refuses it would leave every step unconfirmed)."""
         await self._load_script()
+        if self._wait[0]:
+            await self._one("checking that WAIT is allowed", "WAIT", 0, 0)
 
     async def close(self) -> None:
         await self._connections.close()
         await self._factory.aclose()
+
+
+def _sentinel_pool(settings: RedisSettings) -> aioredis.ConnectionPool:
+    """Connections to whichever Redis the sentinels name as the primary, asked each time a connection is
+    made: a failover breaks the old ones (a dead primary's, or READONLY from a demoted one)."""
+    assert settings.url is not None
+    address = parse_sentinel_url(settings.url)
+    sentinels = _Sentinels(address.sentinels, address.master, settings.connect_timeout_s, settings.socket_timeout_s)
+    return aioredis.ConnectionPool(
+        connection_class=_PrimaryConnection,
+        sentinels=sentinels,
+        db=address.db,
+        username=address.username,
+        password=address.password,
+        socket_timeout=settings.socket_timeout_s,
+        socket_connect_timeout=settings.connect_timeout_s,
+        retry=Retry(NoBackoff(), 0),  # no silent re-sends (see RedisStateStore)
+    )
+
+
+class _Sentinels:
+    """Asks a Sentinel group for its primary's address: SENTINEL GET-MASTER-ADDR-BY-NAME to one sentinel,
+    on a connection of its own that is closed at once."""
+
+    def __init__(self, addresses: list[tuple[str, int]], master: str, connect_s: float, reply_s: float) -> None:
+        self.addresses = addresses
+        self.master = master
+        self._connect_s = connect_s
+        self._reply_s = reply_s
+
+    async def ask(self, host: str, port: int) -> tuple[str, int]:
+        """The primary's address by this sentinel; `_NoPrimary` if it answers without one, OSError,
+        TimeoutError or EOFError if it does not answer."""
+        async with asyncio.timeout(self._connect_s):
+            reader, writer = await asyncio.open_connection(host, port)
+        try:
+            writer.write(_pack([("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master)]))
+            async with asyncio.timeout(self._reply_s):
+                header = await reader.readline()
+                if header != b"*2\r\n":  # *-1: it knows no primary of that name; -NOAUTH...: it wants a password
+                    raise _NoPrimary(f"answered {header.strip()[:100].decode(errors='replace')!r}")
+                primary_host, primary_port = [await _bulk(reader) for _ in range(2)]
+            return primary_host.decode(), int(primary_port)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise _NoPrimary(f"answered something else than an address ({err})") from err
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+
+def _raise_if_cancelled() -> None:
+    """On Python 3.11 a cancellation that meets an expiring asyncio.timeout comes out as TimeoutError; a
+    task being cancelled must not go on (a loop of retries would never end)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+class _NoPrimary(Exception):
+    """A sentinel answered, and named no primary."""
+
+
+async def _bulk(reader: asyncio.StreamReader) -> bytes:
+    header = await reader.readline()
+    if not header.startswith(b"$"):
+        raise ValueError(f"{header.strip()[:100]!r}")
+    data = await reader.readexactly(int(header[1:]) + 2)
+    return data[:-2]
+
+
+class _PrimaryConnection(aioredis.Connection):
+    """A connection to the primary a sentinel names, checked to be one (ROLE), each time it connects; the
+    sentinels are tried in turn until one names a reachable primary."""
+
+    def __init__(self, *, sentinels: _Sentinels, **kwargs: Any) -> None:
+        self._sentinels = sentinels
+        super().__init__(**kwargs)
+
+    async def connect(self) -> None:
+        if self.is_connected:
+            return
+        failures: list[str] = []
+        answered = 0  # sentinels that answered without naming a primary
+        for host, port in self._sentinels.addresses:
+            try:
+                self.host, self.port = await self._sentinels.ask(host, port)
+            except _NoPrimary as err:
+                answered += 1
+                failures.append(f"sentinel {host}:{port} {err}")
+                continue
+            except (OSError, TimeoutError, EOFError) as err:
+                _raise_if_cancelled()
+                failures.append(f"sentinel {host}:{port}: {type(err).__name__} {err}".strip())
+                continue
+            try:
+                await super().connect()  # type: ignore[no-untyped-call]
+                role = await self._role()
+            except (RedisConnectionError, RedisTimeoutError, OSError) as err:
+                await self.disconnect()
+                failures.append(f"primary {self.host}:{self.port} named by {host}:{port}: {err}")
+                continue
+            if role in (b"master", None):
+                return
+            await self.disconnect()  # a stale sentinel's answer: ask the next one
+            failures.append(f"{host}:{port} named {self.host}:{self.port}, a {role.decode(errors='replace')}")
+        why = "; ".join(failures)
+        if answered == len(self._sentinels.addresses):  # every sentinel answered: a setting is wrong, not an outage
+            raise ResponseError(
+                f"no sentinel knows a primary named {self._sentinels.master!r} ({why}); check the name in the "
+                "redis+sentinel:// URL (sentinels are asked without a password)"
+            )
+        raise RedisConnectionError(f"no sentinel named a reachable primary for {self._sentinels.master!r} ({why})")
+
+    async def _role(self) -> bytes | None:
+        """What ROLE says this Redis is; None if ROLE is not allowed (an ACL): then it is taken on trust."""
+        await self.send_command("ROLE")
+        try:
+            reply = await self.read_response(disable_decoding=True)
+        except ResponseError:
+            return None
+        return bytes(reply[0])
 
 
 def _pack(commands: Sequence[tuple[Any, ...]]) -> bytes:

@@ -77,6 +77,13 @@ class StateStore(abc.ABC):
     async def commit_many(self, commits: Sequence[Commit]) -> list[CommitResult]:
         """Apply each commit independently (compare-and-set), one round trip for all of them."""
 
+    async def confirm_replicated(self, records: Sequence[tuple[str, str]]) -> None:
+        """Return once the store shows it holds each (key, token) as durably as a commit (with
+        `redis.wait_replicas`: on that many replicas); raise `Unavailable` if it cannot show it. A replay
+        answers from a record some other call wrote: this is what lets it count as acknowledged. Stores
+        without replicas hold what they answered from already."""
+        return None
+
     @abc.abstractmethod
     async def delete(self, key: str) -> bool:
         """Remove a key unconditionally; True if it existed."""

@@ -90,6 +90,21 @@ async def test_a_version_on_disk_that_fails_to_load_is_refused_after_one_try(sta
     assert_error(answer, grpc.StatusCode.FAILED_PRECONDITION, "has not loaded", "start a new session")
 
 
+async def test_a_stray_file_named_like_a_version_does_not_turn_a_refusal_into_a_fault(
+    start_server, redis_store_url, tmp_path
+):
+    repo = variant_repo(tmp_path / "repo", versions={1: "a"})
+    a = await start_server(repo, url=redis_store_url, model_poll_interval_s=3600)
+    b = await start_server(repo, url=redis_store_url, model_poll_interval_s=3600)
+    shutil.copytree(variant_repo(tmp_path / "new", versions={2: "b"}) / "charlm" / "2", repo / "charlm" / "2")
+    await a.loader.scan()
+    await exchange(f"127.0.0.1:{a.port}", steps("s", 1, 1))  # a session on version 2, which only A loaded
+    shutil.rmtree(repo / "charlm" / "2")  # withdrawn from disk
+    (repo / "charlm" / "3").write_text("notes")  # and a file where a version directory would go
+    (answer,) = await exchange(f"127.0.0.1:{b.port}", steps("s", 2, 2))
+    assert_error(answer, grpc.StatusCode.FAILED_PRECONDITION, "has not loaded", "start a new session")
+
+
 @pytest.mark.parametrize("blob", [b"garbage", b"RNNS" + b"\x01\x00" * 40])
 async def test_unparseable_record_is_data_loss(start_server, redis_store_url, blob):
     app = await start_server(url=redis_store_url)

@@ -192,8 +192,8 @@ def _redis_client(server: RedisProcess) -> redis.Redis:
 
 
 async def test_a_write_redis_refuses_is_an_error_for_its_key_and_changes_nothing(tmp_path):
-    """Out of memory (noeviction) or a read-only replica: each write is refused with Redis's message; a
-    stale commit in the same batch is still a conflict, and nothing is written."""
+    """Out of memory (noeviction): each write is refused with Redis's message; a stale commit in the same
+    batch is still a conflict, and nothing is written. A read-only replica: the call is UNAVAILABLE."""
     primary = RedisProcess(tmp_path / "primary")
     replica = RedisProcess(tmp_path / "replica")
     for server in (primary, replica):
@@ -216,9 +216,12 @@ async def test_a_write_redis_refuses_is_an_error_for_its_key_and_changes_nothing
 
         with _redis_client(replica) as client:
             client.replicaof("127.0.0.1", primary.port)
+        # A replica (after a failover, the old primary): the call fails as a whole, UNAVAILABLE (retry,
+        # on a new connection: under Sentinel, to the new primary), and writes nothing.
         on_replica = open_store(RedisSettings(url=replica.url))
-        (refused,) = await on_replica.commit_many([Commit("other", None, "f:1", b"y", 60)])
-        assert refused.outcome is Outcome.ERROR and "READONLY" in (refused.current or "")
+        with pytest.raises(Unavailable, match="read-only replica"):
+            await on_replica.commit_many([Commit("other", None, "f:1", b"y", 60)])
+        assert await records(on_replica, "other") == [None]
         await on_replica.close()
     finally:
         replica.close()
