@@ -3,8 +3,8 @@
     python -m bench.gpu_service prepare --out .gpu                 # here: model repo, redis-server
     python -m bench.gpu_service measure --prepared .gpu --json F   # there (or here, --providers cpu)
 
-`prepare` writes a model repository holding the shipped charlm-lstm fp32 (version 1) and its fp16 variant
-(version 3; fp16 inside, fp32 at the edge; for measurement only: fp16 variants are published only where
+`prepare` writes a model repository holding the shipped charlm-lstm fp32 (`VERSION`) and its fp16 variant
+(`VERSION` + 1; fp16 inside, fp32 at the edge; for measurement only: fp16 variants are published only where
 their held-out metric can be checked under CUDA), and a copy of this machine's `redis-server` with the
 libraries it links that a bare image may lack. `measure` starts a private redis-server (or, if it cannot
 run, uses the in-memory store, and says so), then for each configuration (provider, precision, worker
