@@ -15,7 +15,8 @@
   int8 graph is the explicit step graph, one step per call. Only products read the 8-bit grid: the
   quantizer routes every reader of a quantized tensor, and a graph output made of one, through its
   DequantizeLinear, so after it runs the element-wise readers (a GRU's blend of its old state) and the
-  graph outputs (the states a session stores) are given the fp32 tensor back (`_fp32_off_products`).
+  graph outputs (the states a session stores) are given the fp32 tensor back (`_fp32_off_products`); the
+  read-out (Gemm) answers in float, so outputs keep their full range rather than the calibrated one.
 - fp16: weights and activations in half precision for GPUs, with fp32 inputs and outputs at the edge
   (`keep_io_types`), so clients and the state store see the same tensors as for fp32. ONNX Runtime's CPU
   provider has no fp16 recurrent kernels: fp16 variants run, and are validated, only under CUDA.
@@ -126,7 +127,11 @@ def to_int8(model_bytes: bytes, calibration: Sequence[Feeds]) -> bytes:
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
-            extra_options={"MatMulConstBOnly": True},
+            # A read-out (Gemm) answers in float: its integer kernel (QGemm) takes a float output, so a
+            # forecast or logit keeps its full range instead of the calibrated one (a clamp). MatMul
+            # outputs stay requantized: ONNX Runtime fuses DQ-MatMul-Q into QLinearMatMul, and without
+            # the Q it multiplies dequantized floats, whose sums depend on the batch (measured).
+            extra_options={"MatMulConstBOnly": True, "OpTypesToExcludeOutputQuantization": ["Gemm"]},
         )
 
     return _fp32_off_products(_quantized(model_bytes, quantize))
@@ -147,8 +152,8 @@ def _fp32_off_products(model_bytes: bytes) -> bytes:
         if q is None or q.op_type != "QuantizeLinear" or q.input[0] in weights:
             continue
         source = producers.get(q.input[0])
-        if source is not None and source.op_type in PRODUCTS:
-            continue  # a product's own output: its integer kernel answers on that grid (QLinearMatMul)
+        if source is not None and _quantized_product(source, graph):
+            continue  # a quantized product's own output: its integer kernel answers on that grid (QLinearMatMul)
         exact, rounded = q.input[0], dq.output[0]
         if rounded in outputs:  # swap names: the graph output becomes the fp32 tensor
             renamed = f"{rounded}_rounded"
@@ -199,19 +204,27 @@ def quantized_nodes(model_bytes: bytes) -> int:
     return static + dynamic
 
 
+def _quantized_product(node: onnx.NodeProto, graph: onnx.GraphProto) -> bool:
+    """A MatMul / Gemm whose weight comes dequantized (int8), not one left in fp32 (narrow)."""
+    if node.op_type not in PRODUCTS:
+        return False
+    dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    return any(i in dequantized for i in node.input[1:])
+
+
 def rounded_beyond_products(model_bytes: bytes) -> list[str]:
-    """The readers other than products (and graph outputs) of a dequantized activation that is not itself a
-    product's output: empty for every int8 graph `to_int8` makes."""
+    """Where the 8-bit grid reaches beyond the quantized MatMul products: a reader other than a product (or
+    a graph output) of a dequantized activation, except a quantized MatMul's own output, and any requantized
+    read-out (Gemm) output. Empty for every int8 graph `to_int8` makes."""
     graph = onnx.load_from_string(model_bytes).graph
     weights = {t.name for t in graph.initializer}
-    products = {o for n in graph.node if n.op_type in PRODUCTS for o in n.output}
-    quantized = {
-        n.output[0]
-        for n in graph.node
-        if n.op_type == "QuantizeLinear" and n.input[0] not in weights and n.input[0] not in products
-    }
+    kernels = {o for n in graph.node if n.op_type == "MatMul" and _quantized_product(n, graph) for o in n.output}
+    readouts = {o for n in graph.node if n.op_type == "Gemm" for o in n.output}
+    quantize = [n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in weights]
+    found = [f"requantized read-out {n.input[0]}" for n in quantize if n.input[0] in readouts]
+    quantized = {n.output[0] for n in quantize if n.input[0] not in kernels}
     rounded = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear" and n.input[0] in quantized}
-    found = [f"{n.op_type} {n.name}" for n in graph.node if n.op_type not in PRODUCTS and rounded & set(n.input)]
+    found += [f"{n.op_type} {n.name}" for n in graph.node if n.op_type not in PRODUCTS and rounded & set(n.input)]
     return found + [f"graph output {o.name}" for o in graph.output if o.name in rounded]
 
 

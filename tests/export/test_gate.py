@@ -239,9 +239,10 @@ def test_an_export_racing_another_for_its_numbers_numbers_again(glucose_model, t
 def test_an_export_that_would_break_the_name_s_clients_is_refused(glucose_model, tmp_path):
     task, result = glucose_model
     shutil.copytree(ROOT / "models" / "charlm-rnn", tmp_path / "charlm-rnn")
-    with pytest.raises(ExportError, match="charlm-rnn/4 is a language_model model taking 84 features"):
+    shipped = sorted(v for _, v, _ in version_dirs(tmp_path))
+    with pytest.raises(ExportError, match=f"charlm-rnn/{shipped[-1]} is a language_model model taking 84 features"):
         export_model(result, task, tmp_path, "charlm-rnn", precisions=("fp32",), parity_steps=100)
-    assert sorted(v for _, v, _ in version_dirs(tmp_path)) == [3, 4]
+    assert sorted(v for _, v, _ in version_dirs(tmp_path)) == shipped  # nothing published
 
 
 def test_only_ascii_numbers_an_int64_holds_name_versions(tmp_path):
