@@ -90,7 +90,8 @@ class ModelRegistry:
 
     def __init__(self, models: list[LoadedModel]) -> None:
         self._models: dict[tuple[str, int], LoadedModel] = {}
-        self._by_fingerprint: dict[bytes, LoadedModel] = {}
+        # Versions may share a fingerprint: an export republishes an unchanged fp32 beside a new int8.
+        self._by_fingerprint: dict[bytes, list[LoadedModel]] = {}
         self._latest: dict[str, LoadedModel] = {}
         # Whether a version of a model, by fingerprint, is on disk and loading now (so a step on it should
         # be retried, not refused); the model loader answers it when it polls the repository.
@@ -112,13 +113,16 @@ class ModelRegistry:
 
     def add(self, model: LoadedModel) -> None:
         self._models[(model.name, model.version)] = model
-        self._by_fingerprint[model.fingerprint] = model
+        self._by_fingerprint.setdefault(model.fingerprint, []).append(model)
         self._relatest(model.name)
 
     def remove(self, model: LoadedModel) -> None:
         if self._models.get((model.name, model.version)) is model:
             del self._models[(model.name, model.version)]
-            del self._by_fingerprint[model.fingerprint]
+            same = self._by_fingerprint[model.fingerprint]
+            same.remove(model)
+            if not same:
+                del self._by_fingerprint[model.fingerprint]
             self._relatest(model.name)
 
     def _relatest(self, name: str) -> None:
@@ -145,5 +149,9 @@ class ModelRegistry:
         wanted = name if version == 0 else f"{name}/{version}"
         raise ModelNotFound(f"no model {wanted!r} is loaded (loaded: {loaded}); check the model name and version")
 
-    def by_fingerprint(self, fingerprint: bytes) -> LoadedModel | None:
-        return self._by_fingerprint.get(fingerprint)
+    def by_fingerprint(self, fingerprint: bytes, version: int = 0) -> LoadedModel | None:
+        """The loaded version with these bytes: `version` if it is one of them, else the newest."""
+        same = self._by_fingerprint.get(fingerprint)
+        if not same:
+            return None
+        return next((m for m in same if m.version == version), None) or max(same, key=lambda m: m.version)

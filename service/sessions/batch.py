@@ -255,7 +255,7 @@ class BatchPipeline:
 
     def _model_of(self, record: SessionRecord, step: Step) -> LoadedModel:
         """The loaded version a stored session runs on, checked against the step and the record."""
-        model = self._registry.by_fingerprint(record.fingerprint)
+        model = self._registry.by_fingerprint(record.fingerprint, step.version)
         if model is None and self._registry.arriving(step.model, record.fingerprint):
             # Another replica loaded a newly published version before this one's poll did.
             raise Unavailable(

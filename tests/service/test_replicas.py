@@ -32,6 +32,21 @@ async def test_session_stays_on_its_version(start_server, redis_store_url, tmp_p
     assert await last_seq(target, "pinned") == 2
 
 
+async def test_versions_with_the_same_bytes_each_continue_their_sessions(start_server, redis_store_url, tmp_path):
+    """An export republishes an unchanged fp32 beside a new int8, so two loaded versions may share their
+    bytes: a session pinned to either goes on, and goes on when the other is unloaded."""
+    app = await start_server(variant_repo(tmp_path, versions={1: "same", 2: "same"}), url=redis_store_url)
+    target = f"127.0.0.1:{app.port}"
+    (first,) = await exchange(target, [step_request("s", 1, X[:1], start=True, version=1)])
+    assert first.version == 1
+    (pinned,) = await exchange(target, [step_request("s", 2, X[1:2], version=1)])
+    assert not pinned.HasField("error") and pinned.version == 1
+    app.engine.registry.remove(app.engine.registry.find("charlm", 2))
+    (after,) = await exchange(target, [step_request("s", 3, X[2:3])])
+    assert not after.HasField("error") and after.version == 1
+    assert_matches([first, pinned, after], first=1)
+
+
 async def test_fingerprint_mismatch_is_refused_not_continued(start_server, redis_store_url, tmp_path):
     """A replica serving other weights under the same name and version must not continue the session."""
     old = await start_server(variant_repo(tmp_path / "old", versions={1: "old"}), url=redis_store_url)
