@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 
 import grpc
 import numpy as np
@@ -13,9 +14,20 @@ import redis
 
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+from service.client import StepError, StreamClient
 from service.state.store import session_key
-from tests.conftest import exchange, logits_of, step_request, variant_repo
-from tests.service.test_session_contract import X, assert_error, assert_matches, last_seq, steps
+from tests.conftest import (
+    TEST_REPO,
+    exchange,
+    held_out_text,
+    logits_of,
+    offline_logits,
+    one_hot_text,
+    step_request,
+    variant_repo,
+    vocabulary,
+)
+from tests.service.test_session_contract import TOLERANCE, X, assert_error, assert_matches, last_seq, steps
 
 
 async def test_session_stays_on_its_version(start_server, redis_store_url, tmp_path):
@@ -225,3 +237,52 @@ async def test_a_resend_is_judged_on_the_store_not_on_a_stale_cache(start_server
     assert not ended.HasField("error")
     (resent,) = await exchange(f"127.0.0.1:{a.port}", steps("s", 3, 3))
     assert_error(resent, grpc.StatusCode.NOT_FOUND, "ended at seq 4")
+
+
+async def test_a_redis_restart_under_load_fails_fast_and_loses_nothing(start_server, persistent_redis):
+    """Redis (append-only file, fsync on every write) stops for two seconds under 20 streaming sessions and
+    starts again: steps meanwhile are answered UNAVAILABLE within the socket timeout (no hang), every
+    resend after the restart lands once, and no acknowledged step is lost; rnnserve is not restarted."""
+    app = await start_server(url=persistent_redis.url, redis={"socket_timeout_s": 0.5, "connect_timeout_s": 0.5})
+    text = held_out_text()
+    xs = {f"r{i}": one_hot_text(text[i * 30 : i * 30 + 24], vocabulary()) for i in range(20)}
+    got: dict[str, list[np.ndarray]] = {sid: [] for sid in xs}
+    refusals: list[float] = []  # seconds from a step's send to its UNAVAILABLE
+    restarted: list[float] = []
+    recovered: list[float] = []
+    underway = asyncio.Event()
+
+    async def stream(client: StreamClient, sid: str) -> None:
+        session = client.session("charlm", sid)
+        for t in range(len(xs[sid])):
+            while True:
+                sent = time.monotonic()
+                try:
+                    reply = await session.step(xs[sid][t : t + 1])
+                    break
+                except StepError as err:
+                    assert err.code is grpc.StatusCode.UNAVAILABLE, err
+                    refusals.append(time.monotonic() - sent)
+                    await asyncio.sleep(0.05)
+            if restarted and not recovered:
+                recovered.append(time.monotonic())
+            got[sid].append(reply.outputs["logits"][0])
+            if t == 6:
+                underway.set()
+
+    async with StreamClient(f"127.0.0.1:{app.port}") as client:
+        streams = asyncio.gather(*(stream(client, sid) for sid in xs))
+        await underway.wait()
+        persistent_redis.stop()
+        await asyncio.sleep(2)
+        persistent_redis.start()
+        restarted.append(time.monotonic())
+        await asyncio.wait_for(streams, 60)
+    assert refusals and max(refusals) < 2.0  # bounded by the 0.5 s socket timeout, with room for a busy VM
+    for sid, x in xs.items():
+        np.testing.assert_allclose(np.stack(got[sid]), offline_logits(TEST_REPO / "charlm" / "1", x), atol=TOLERANCE)
+        assert await last_seq(f"127.0.0.1:{app.port}", sid) == len(x)
+    print(
+        f"redis restart: {len(refusals)} UNAVAILABLE answers, slowest {max(refusals) * 1000:.0f} ms; first step "
+        f"landed {(recovered[0] - restarted[0]) * 1000:.0f} ms after Redis answered again"
+    )
