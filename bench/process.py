@@ -110,18 +110,22 @@ class ServerProcess:
 
 
 class RedisProcess:
-    """A private redis-server on a free port; `durable` syncs every write to an append-only file."""
+    """A private redis-server on a free port; `durable` syncs every write to an append-only file;
+    `replica_of` (a port on loopback) makes it a replica of that server, started once it has synced."""
 
-    def __init__(self, directory: Path | None = None, *, durable: bool = False) -> None:
+    def __init__(self, directory: Path | None = None, *, durable: bool = False, replica_of: int | None = None) -> None:
         self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="rnnserve-redis-")
         self.directory = directory or Path(self._tmp.name)  # type: ignore[union-attr]
         self.durable = durable
+        self.replica_of = replica_of
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.durable else ["--appendonly", "no"]
+        if self.replica_of is not None:
+            persistence += ["--replicaof", "127.0.0.1", str(self.replica_of)]
         self.process = subprocess.Popen(
             [
                 "redis-server",
@@ -138,16 +142,21 @@ class RedisProcess:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + (30 if self.replica_of is not None else 10)
         with redis.Redis(port=self.port) as client:
             while True:
                 try:
-                    client.ping()
-                    return
+                    if self.replica_of is None:
+                        client.ping()
+                        return
+                    if client.info("replication").get("master_link_status") == "up":
+                        return
                 except redis.ConnectionError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.02)
+                    pass
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise TimeoutError(f"redis-server on port {self.port} did not come up (or sync) in time")
+                time.sleep(0.02)
 
     def stop(self) -> None:
         """Stop the server; a durable one keeps its data for the next start()."""

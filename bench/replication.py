@@ -11,13 +11,9 @@ from __future__ import annotations
 import asyncio
 import json
 import statistics
-import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
-
-import redis
 
 from bench.load import LoadSpec, run_load
 from bench.process import RedisProcess, ServerProcess, free_port
@@ -25,33 +21,12 @@ from bench.process import RedisProcess, ServerProcess, free_port
 LOADS = {"S=1, ping-pong": (1, 300, 1), "S=256 on 8 streams": (256, 40, 8)}
 
 
-def _replica_of(primary: RedisProcess, directory: Path) -> subprocess.Popen[bytes]:
-    port = free_port()
-    process = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        + ["--dir", str(directory), "--replicaof", "127.0.0.1", str(primary.port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 30
-    with redis.Redis(port=port) as client:
-        while True:
-            try:
-                if client.info("replication").get("master_link_status") == "up":
-                    return process
-            except redis.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                process.kill()
-                raise RuntimeError("the replica did not sync within 30 s")
-            time.sleep(0.05)
-
-
 def main(model_repo: Path, json_path: Path | None, rounds: int = 3) -> int:
     with tempfile.TemporaryDirectory(prefix="rnnserve-replication-") as tmp:
         primary = RedisProcess(Path(tmp))
         primary.start()
-        replica = _replica_of(primary, Path(tmp))
+        replica = RedisProcess(replica_of=primary.port)
+        replica.start()
         figures: dict[str, dict[str, list[dict[str, Any]]]] = {}
         try:
             for _ in range(rounds):
@@ -67,8 +42,7 @@ def main(model_repo: Path, json_path: Path | None, rounds: int = 3) -> int:
                     finally:
                         server.stop()
         finally:
-            replica.kill()
-            replica.wait(10)
+            replica.close()
             primary.close()
     table = [
         "| load | wait_replicas | steps/s | p50 ms | p99 ms | errors |",

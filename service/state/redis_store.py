@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import functools
 import hashlib
-import logging
 import math
 import re
 import ssl
@@ -31,8 +30,6 @@ from service.errors import RecordCorrupt, StartupError, StoreRefused, Unavailabl
 from service.settings import SENTINEL_SCHEME, RedisSettings, parse_sentinel_url
 from service.state.store import Commit, CommitResult, Outcome, StateStore, Stored
 from service.tls import load_key_pair
-
-log = logging.getLogger(__name__)
 
 TOKEN_FIELD = "token"
 RECORD_FIELD = "rec"

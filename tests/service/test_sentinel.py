@@ -43,51 +43,35 @@ class SentinelGroup:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self.ports = {"primary": free_port(), "replica-0": free_port(), "replica-1": free_port()}
+        self.primary = RedisProcess(directory)
+        self.replicas = [RedisProcess(replica_of=self.primary.port) for _ in range(2)]
         self.sentinel_ports = [free_port() for _ in range(3)]
-        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.sentinels: list[subprocess.Popen[bytes]] = []
 
     @property
     def url(self) -> str:
         return "redis+sentinel://" + ",".join(f"127.0.0.1:{p}" for p in self.sentinel_ports) + f"/{MASTER}"
 
     def start(self) -> None:
-        primary = self.ports["primary"]
-        self._server("primary", ["--port", str(primary)])
-        replicas = [name for name in self.ports if name.startswith("replica")]
-        for name in replicas:
-            self._server(name, ["--port", str(self.ports[name]), "--replicaof", "127.0.0.1", str(primary)])
-        synced = lambda: all(self._role(name, "master_link_status") == "up" for name in replicas)  # noqa: E731
-        self._until(synced, "the replicas to sync")
+        self.primary.start()
+        for replica in self.replicas:
+            replica.start()  # returns once it has synced
         for i, port in enumerate(self.sentinel_ports):
             config = self.directory / f"sentinel-{i}.conf"
             config.write_text(
                 f"port {port}\nbind 127.0.0.1\ndir {self.directory}\n"
-                f"sentinel monitor {MASTER} 127.0.0.1 {primary} 2\n"
+                f"sentinel monitor {MASTER} 127.0.0.1 {self.primary.port} 2\n"
                 f"sentinel down-after-milliseconds {MASTER} 500\n"
                 f"sentinel failover-timeout {MASTER} 5000\n"
                 f"logfile {self.directory / f'sentinel-{i}.log'}\n"
             )
-            self.processes[f"sentinel-{i}"] = subprocess.Popen(
-                ["redis-server", str(config), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            self.sentinels.append(
+                subprocess.Popen(
+                    ["redis-server", str(config), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                )
             )
-        # Failover needs sentinels that know each other and the replica.
+        # Failover needs sentinels that know each other and the replicas.
         self._until(lambda: all(self._sentinel_sees(port) for port in self.sentinel_ports), "the sentinels to meet")
-
-    def _server(self, name: str, args: list[str]) -> None:
-        self.processes[name] = subprocess.Popen(
-            ["redis-server", "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(self.directory)]
-            + ["--dbfilename", f"{name}.rdb", *args],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-
-    def _role(self, name: str, field: str) -> str | None:
-        try:
-            with redis.Redis(port=self.ports[name], socket_timeout=1) as client:
-                return str(client.info("replication").get(field))
-        except redis.RedisError:
-            return None
 
     def _sentinel_sees(self, port: int) -> bool:
         try:
@@ -106,10 +90,12 @@ class SentinelGroup:
                 raise TimeoutError(f"waited {timeout_s:g}s for {what}")
             time.sleep(0.05)
 
-    def kill(self, name: str) -> None:
-        process = self.processes.pop(name)
-        process.kill()
-        process.wait(10)
+    def kill_primary(self) -> None:
+        """SIGKILL: no shutdown, no last sync to the replicas."""
+        assert self.primary.process is not None
+        self.primary.process.kill()
+        self.primary.process.wait(10)
+        self.primary.process = None
 
     def primary_port(self) -> int:
         with redis.Redis(port=self.sentinel_ports[0], socket_timeout=1) as client:
@@ -121,10 +107,12 @@ class SentinelGroup:
         return "\n".join(path.read_text()[-3000:] for path in sorted(self.directory.glob("sentinel-*.log")))
 
     def close(self) -> None:
-        for process in self.processes.values():
-            process.kill()
+        for sentinel in self.sentinels:
+            sentinel.kill()
             with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(10)
+                sentinel.wait(10)
+        for server in (*self.replicas, self.primary):
+            server.close()
 
 
 @pytest.fixture
@@ -181,8 +169,8 @@ async def test_a_killed_primary_loses_no_acknowledged_step(sentinels, start_serv
     async with StreamClient(f"127.0.0.1:{app.port}") as client:
         streams = asyncio.gather(*(stream(client, sid) for sid in xs))
         await underway.wait()
-        old_primary = sentinels.ports["primary"]
-        sentinels.kill("primary")
+        old_primary = sentinels.primary.port
+        sentinels.kill_primary()
         killed_at.append(time.monotonic())
         try:
             await asyncio.wait_for(streams, 90)
@@ -209,7 +197,7 @@ async def test_with_wait_replicas_a_step_no_replica_holds_is_never_acknowledged(
     (tmp_path / "primary").mkdir()
     primary = RedisProcess(tmp_path / "primary")
     primary.start()
-    replica: subprocess.Popen[bytes] | None = None
+    replica = RedisProcess(replica_of=primary.port)
     try:
         app = await start_server(url=primary.url, redis={"wait_replicas": 1, "wait_timeout_ms": 50})
         target = f"127.0.0.1:{app.port}"
@@ -219,13 +207,7 @@ async def test_with_wait_replicas_a_step_no_replica_holds_is_never_acknowledged(
             (answer,) = await exchange(target, start)
             assert_error(answer, grpc.StatusCode.UNAVAILABLE, "0 of 1 replicas confirmed", "resend")
         assert await last_seq(target, "w") == 1  # written on the primary all the same
-        replica_port = free_port()
-        replica = subprocess.Popen(
-            ["redis-server", "--port", str(replica_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-            + ["--dir", str(tmp_path), "--replicaof", "127.0.0.1", str(primary.port)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        replica.start()
         for _ in range(200):
             (answer,) = await exchange(target, start)
             if not answer.HasField("error"):
@@ -235,35 +217,22 @@ async def test_with_wait_replicas_a_step_no_replica_holds_is_never_acknowledged(
         assert_matches([answer], first=1)
         assert_matches(await exchange(target, steps("w", 2, 3)), first=2)  # acknowledged on the replica's word
     finally:
-        if replica is not None:
-            replica.kill()
-            replica.wait(10)
+        replica.close()
         primary.close()
 
 
 @contextlib.contextmanager
-def primary_with_replica(tmp_path: Path) -> Iterator[tuple[RedisProcess, subprocess.Popen[bytes]]]:
+def primary_with_replica(tmp_path: Path) -> Iterator[tuple[RedisProcess, RedisProcess]]:
+    """A primary and a replica that has synced with it."""
     (tmp_path / "p").mkdir()
     primary = RedisProcess(tmp_path / "p")
-    primary.start()
-    port = free_port()
-    replica = subprocess.Popen(
-        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        + ["--dir", str(tmp_path), "--replicaof", "127.0.0.1", str(primary.port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    replica = RedisProcess(replica_of=primary.port)
     try:
-        with redis.Redis(port=port) as client:
-            for _ in range(600):
-                with contextlib.suppress(redis.ConnectionError):
-                    if client.info("replication").get("master_link_status") == "up":
-                        break
-                time.sleep(0.05)
+        primary.start()
+        replica.start()
         yield primary, replica
     finally:
-        replica.kill()
-        replica.wait(10)
+        replica.close()
         primary.close()
 
 
@@ -339,9 +308,8 @@ def bulk_address(port: int) -> bytes:
 
 async def test_sentinels_are_asked_in_turn_until_one_names_a_reachable_primary(tmp_path):
     with primary_with_replica(tmp_path) as (primary, replica):
-        replica_port = int(replica.args[2])
         torn = FakeSentinel(b"*2\r\n$9\r\n127.0")  # closes mid-reply
-        stale = FakeSentinel(bulk_address(replica_port))  # names the replica
+        stale = FakeSentinel(bulk_address(replica.port))  # names the replica
         good = FakeSentinel(bulk_address(primary.port))
         ports = [await s.start() for s in (torn, stale, good)]
         url = "redis+sentinel://" + ",".join(f"127.0.0.1:{p}" for p in ports) + "/mymaster"
