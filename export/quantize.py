@@ -147,12 +147,13 @@ def _fp32_off_products(model_bytes: bytes) -> bytes:
     weights = {t.name for t in graph.initializer}
     producers = {out: node for node in graph.node for out in node.output}
     outputs = {o.name for o in graph.output}
+    kernels = {n.output[0] for n in _quantized_products(graph)}
     for dq in [n for n in graph.node if n.op_type == "DequantizeLinear"]:
         q = producers.get(dq.input[0])
         if q is None or q.op_type != "QuantizeLinear" or q.input[0] in weights:
             continue
         source = producers.get(q.input[0])
-        if source is not None and _quantized_product(source, graph):
+        if source is not None and source.output[0] in kernels:
             continue  # a quantized product's own output: its integer kernel answers on that grid (QLinearMatMul)
         exact, rounded = q.input[0], dq.output[0]
         if rounded in outputs:  # swap names: the graph output becomes the fp32 tensor
@@ -197,19 +198,16 @@ def op_counts(model_bytes: bytes) -> Counter[str]:
 def quantized_nodes(model_bytes: bytes) -> int:
     """Matrix products fed by a dequantized weight (static int8), plus per-call quantized ops (dynamic)."""
     graph = onnx.load_from_string(model_bytes).graph
-    dequantized = {out for node in graph.node if node.op_type == "DequantizeLinear" for out in node.output}
-    static = sum(1 for n in graph.node if n.op_type in PRODUCTS and any(i in dequantized for i in n.input))
+    static = len(_quantized_products(graph))
     dynamic = sum(1 for n in graph.node if n.op_type in DYNAMIC_OPS - {"DynamicQuantizeLinear"})
     dynamic += sum(1 for n in graph.node if n.op_type == "MatMulInteger")
     return static + dynamic
 
 
-def _quantized_product(node: onnx.NodeProto, graph: onnx.GraphProto) -> bool:
-    """A MatMul / Gemm whose weight comes dequantized (int8), not one left in fp32 (narrow)."""
-    if node.op_type not in PRODUCTS:
-        return False
+def _quantized_products(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    """The MatMul / Gemm nodes whose weight comes dequantized (int8), not those left in fp32 (narrow)."""
     dequantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
-    return any(i in dequantized for i in node.input[1:])
+    return [n for n in graph.node if n.op_type in PRODUCTS and any(i in dequantized for i in n.input[1:])]
 
 
 def rounded_beyond_products(model_bytes: bytes) -> list[str]:
@@ -218,7 +216,7 @@ def rounded_beyond_products(model_bytes: bytes) -> list[str]:
     read-out (Gemm) output. Empty for every int8 graph `to_int8` makes."""
     graph = onnx.load_from_string(model_bytes).graph
     weights = {t.name for t in graph.initializer}
-    kernels = {o for n in graph.node if n.op_type == "MatMul" and _quantized_product(n, graph) for o in n.output}
+    kernels = {n.output[0] for n in _quantized_products(graph) if n.op_type == "MatMul"}
     readouts = {o for n in graph.node if n.op_type == "Gemm" for o in n.output}
     quantize = [n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in weights]
     found = [f"requantized read-out {n.input[0]}" for n in quantize if n.input[0] in readouts]
