@@ -171,3 +171,12 @@ def settle(future: asyncio.Future[R], result: R | BaseException) -> None:
         future.set_exception(result)
     else:
         future.set_result(result)
+
+
+def raise_if_cancelled() -> None:
+    """Raise CancelledError if the running task is being cancelled. On Python 3.11 a cancellation that
+    meets an expiring asyncio.timeout can come out as TimeoutError; a loop that catches timeouts and tries
+    again must check, or a stop never ends it."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

@@ -31,6 +31,7 @@ from service.api.native import NativeServicer
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from service.api.streams import StreamGate
+from service.batching import raise_if_cancelled
 from service.errors import RnnServeError, StartupError, StoreRefused, Unavailable
 from service.loader import ModelLoader
 from service.metrics import Metrics
@@ -285,8 +286,7 @@ async def _probe_store(store: StateStore, readiness: Readiness, interval_s: floa
             await store.ping()
             reachable, why = True, ""
         except (RnnServeError, TimeoutError) as err:
-            if (task := asyncio.current_task()) is not None and task.cancelling():
-                raise asyncio.CancelledError from err  # a stop, whatever the timeout made of it (Python 3.11)
+            raise_if_cancelled()  # a stop, whatever the timeout made of it
             reachable, why = False, str(err) or "no answer"
         if reachable != readiness.store_ok:
             if reachable:

@@ -26,6 +26,7 @@ from redis.exceptions import AuthenticationError, NoScriptError, ReadOnlyError, 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from service.batching import raise_if_cancelled
 from service.errors import RecordCorrupt, StartupError, StoreRefused, Unavailable
 from service.settings import SENTINEL_SCHEME, RedisSettings, parse_sentinel_url
 from service.state.store import Commit, CommitResult, Outcome, StateStore, Stored
@@ -379,14 +380,6 @@ class _Sentinels:
                 await writer.wait_closed()
 
 
-def _raise_if_cancelled() -> None:
-    """On Python 3.11 a cancellation that meets an expiring asyncio.timeout comes out as TimeoutError; a
-    task being cancelled must not go on (a loop of retries would never end)."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
-
-
 class _NoPrimary(Exception):
     """A sentinel answered, and named no primary."""
 
@@ -420,7 +413,7 @@ class _PrimaryConnection(aioredis.Connection):
                 failures.append(f"sentinel {host}:{port} {err}")
                 continue
             except (OSError, TimeoutError, EOFError) as err:
-                _raise_if_cancelled()
+                raise_if_cancelled()
                 failures.append(f"sentinel {host}:{port}: {type(err).__name__} {err}".strip())
                 continue
             try:
