@@ -1,4 +1,4 @@
-"""`rnnserve`: serve | demo | health | bench | train | export.
+"""`rnnserve`: serve | demo | health | token | bench | train | export.
 
 Every `serve` setting is a flag, generated from `service/settings.py` (`--redis-url`, `--batching-max-batch-size`,
 ...), and an environment variable (`RNNSERVE_REDIS__URL`, `RNNSERVE_BATCHING__MAX_BATCH_SIZE`, ...); flags win.
@@ -58,6 +58,22 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--generate", type=_at_least(0), default=200, help="characters the model writes afterwards")
     demo.add_argument("--model", default="charlm-lstm", help="the character language model to stream to")
     _add_client_tls_flags(demo)
+    demo.add_argument(
+        "--token",
+        default=os.environ.get("RNNSERVE_TOKEN"),
+        help="bearer token, for a server with tenants (--auth-token-file); default: the RNNSERVE_TOKEN variable",
+    )
+
+    token = commands.add_parser(
+        "token",
+        parents=[common],
+        help="make a bearer token for a tenant and add its salted hash to a token file",
+        description="Print a new random token for TENANT and append its line (a salted hash, never the token) to "
+        "FILE, created if missing (mode 0600). Give the token to the tenant's clients; serve with "
+        "--auth-token-file FILE.",
+    )
+    token.add_argument("--file", type=Path, required=True, help="the token file (serve --auth-token-file)")
+    token.add_argument("--tenant", required=True, help="1 to 64 letters, digits or . _ -")
 
     health = commands.add_parser(
         "health",
@@ -195,13 +211,32 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "health":
         return _health(args.target, args.service, args.timeout, tls)
+    if args.command == "token":
+        return _token(args.file, args.tenant)
     if args.command == "bench":
         from bench.cli import run_bench
 
         return run_bench(args)
     from service.demo import main_sync
 
-    return main_sync(args.model_repo, args.target, args.steps, args.generate, args.model, tls)
+    return main_sync(args.model_repo, args.target, args.steps, args.generate, args.model, tls, args.token)
+
+
+def _token(path: Path, tenant: str) -> int:
+    """A new token on stdout; its salted hash appended to the token file (made 0600 if new)."""
+    from service.auth import hash_line, new_token
+
+    token = new_token()
+    try:
+        line = hash_line(tenant, token)
+        descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(descriptor, "a", encoding="utf-8") as file:
+            file.write(line + "\n")
+    except (OSError, ValueError) as err:
+        print(f"rnnserve token: {err}", file=sys.stderr)
+        return 2
+    print(token)
+    return 0
 
 
 def _health(target: str, service: str, timeout_s: float, tls: ClientTls | None = None) -> int:

@@ -82,13 +82,55 @@ class ClientTls:
 
 
 def open_channel(
-    target: str, tls: ClientTls | None = None, options: Sequence[tuple[str, Any]] = ()
+    target: str, tls: ClientTls | None = None, options: Sequence[tuple[str, Any]] = (), token: str | None = None
 ) -> grpc.aio.Channel:
-    """An asyncio channel to `target`, over TLS when `tls` is given, with CHANNEL_OPTIONS."""
+    """An asyncio channel to `target`, over TLS when `tls` is given, with CHANNEL_OPTIONS; with `token`,
+    every call on it carries `authorization: Bearer TOKEN` (a server with tenants)."""
     chosen = [*CHANNEL_OPTIONS, *options]
+    interceptors = _bearer_interceptors(token) if token else None
     if tls is None:
-        return grpc.aio.insecure_channel(target, options=chosen)
-    return grpc.aio.secure_channel(target, tls.credentials(), options=[*chosen, *tls.options()])
+        return grpc.aio.insecure_channel(target, options=chosen, interceptors=interceptors)
+    return grpc.aio.secure_channel(
+        target, tls.credentials(), options=[*chosen, *tls.options()], interceptors=interceptors
+    )
+
+
+class _Bearer:
+    """Adds the bearer token to a call's metadata. (Call credentials would do the same over TLS only: gRPC
+    refuses them on a plaintext channel, and a test or a sidecar-terminated TLS may be plaintext.)"""
+
+    def __init__(self, token: str) -> None:
+        self._header = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = grpc.aio.Metadata(*(details.metadata or ()), self._header)
+        return grpc.aio.ClientCallDetails(
+            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+        )
+
+    async def _intercept(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._with_token(details), request)
+
+
+# gRPC files an interceptor under the first call kind it is an instance of: one class per kind.
+class _BearerUnaryUnary(_Bearer, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    intercept_unary_unary = _Bearer._intercept
+
+
+class _BearerUnaryStream(_Bearer, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    intercept_unary_stream = _Bearer._intercept
+
+
+class _BearerStreamUnary(_Bearer, grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[misc]
+    intercept_stream_unary = _Bearer._intercept
+
+
+class _BearerStreamStream(_Bearer, grpc.aio.StreamStreamClientInterceptor):  # type: ignore[misc]
+    intercept_stream_stream = _Bearer._intercept
+
+
+def _bearer_interceptors(token: str) -> list[Any]:
+    return [kind(token) for kind in (_BearerUnaryUnary, _BearerUnaryStream, _BearerStreamUnary, _BearerStreamStream)]
 
 
 class StepError(Exception):
@@ -129,12 +171,13 @@ class _Resumable(Generic[Req, Resp]):
         max_backoff_s: float = 2.0,
         max_message_bytes: int = 4 * 1024 * 1024,
         tls: ClientTls | None = None,
+        token: str | None = None,
     ) -> None:
         self.target = target
         self._reconnect_timeout_s = reconnect_timeout_s
         self._max_backoff_s = max_backoff_s
         self._max_message_bytes = max_message_bytes
-        self._channel = open_channel(target, tls)
+        self._channel = open_channel(target, tls, token=token)
         self.stub = pb_grpc.RnnServeStub(self._channel)
         self._call: grpc.aio.StreamStreamCall[Req, Resp] | None = None
         self._pending: dict[Hashable, tuple[Req, asyncio.Future[Resp]]] = {}
@@ -313,7 +356,7 @@ class BatchClient(_Resumable[pb.StepBatch, pb.StepBatchResult]):
     """
 
     def __init__(self, target: str, **options: Any) -> None:
-        """`options` as for StreamClient: reconnect_timeout_s, max_backoff_s, max_message_bytes, tls."""
+        """`options` as for StreamClient: reconnect_timeout_s, max_backoff_s, max_message_bytes, tls, token."""
         super().__init__(target, **options)
         self._sessions: dict[tuple[str, str], _SessionState] = {}
         self._ids = itertools.count(1)

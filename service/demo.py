@@ -47,6 +47,7 @@ async def run_demo(
     generate: int,
     model: str = DEFAULT_MODEL,
     tls: ClientTls | None = None,
+    token: str | None = None,
 ) -> int:
     app = None
     if target is None:
@@ -56,7 +57,7 @@ async def run_demo(
         target = f"127.0.0.1:{app.port}"
         print(f"started rnnserve on {target}: embedded defaults, in-memory state, models from {model_repo}")
     try:
-        async with StreamClient(target, reconnect_timeout_s=5, tls=tls) as client:
+        async with StreamClient(target, reconnect_timeout_s=5, tls=tls, token=token) as client:
             return await _stream(client, model_repo, steps, generate, model)
     except (ConnectionError, grpc.aio.AioRpcError) as err:
         raise DemoError(f"no rnnserve answers at {target} ({_reason(err)}); start one with `rnnserve serve`") from err
@@ -135,13 +136,19 @@ async def _stream(client: StreamClient, model_repo: Path, steps: int, generate: 
 
 
 def main_sync(
-    model_repo: Path, target: str | None, steps: int, generate: int, model: str, tls: ClientTls | None = None
+    model_repo: Path,
+    target: str | None,
+    steps: int,
+    generate: int,
+    model: str,
+    tls: ClientTls | None = None,
+    token: str | None = None,
 ) -> int:
     import asyncio
 
     started = time.perf_counter()
     try:
-        code = asyncio.run(run_demo(model_repo, target, steps, generate, model, tls))
+        code = asyncio.run(run_demo(model_repo, target, steps, generate, model, tls, token))
     except DemoError as err:
         print(f"rnnserve demo: {err}", file=sys.stderr)
         return 2

@@ -110,6 +110,18 @@ class Overloaded(RnnServeError):
     code = Code.RESOURCE_EXHAUSTED
 
 
+class Unauthenticated(RnnServeError):
+    """No bearer token, or one the token file does not hold (where authentication is on)."""
+
+    code = Code.UNAUTHENTICATED
+
+
+class PermissionDenied(RnnServeError):
+    """A tenant asking for an operator's call (loading or unloading models)."""
+
+    code = Code.PERMISSION_DENIED
+
+
 class RecordCorrupt(RnnServeError):
     """A stored record that does not parse or does not fit its model."""
 

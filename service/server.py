@@ -31,6 +31,7 @@ from service.api.native import NativeServicer
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from service.api.streams import StreamGate
+from service.auth import Authenticator, AuthInterceptor
 from service.batching import raise_if_cancelled
 from service.errors import RnnServeError, StartupError, StoreRefused, Unavailable
 from service.loader import ModelLoader
@@ -140,7 +141,12 @@ async def _serve_grpc(
     metrics_port: int | None,
     shared_port: bool,
 ) -> App:
+    auth = Authenticator(settings.auth) if settings.auth.token_file is not None else None
+    interceptors = []
+    if auth is not None:
+        interceptors.append(AuthInterceptor(auth, lambda method, code: metrics.errors.labels(method, code).inc()))
     server = grpc.aio.server(
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             # Answers are not capped: bounded by the requests taken, they can still outgrow them (a
@@ -154,7 +160,7 @@ async def _serve_grpc(
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
             ("grpc.http2.max_ping_strikes", 0),
-        ]
+        ],
     )
     readiness = Readiness(
         [NATIVE_SERVICE, kserve_messages.SERVICE], on_change=lambda ready: metrics.ready.set(int(ready))
@@ -170,9 +176,9 @@ async def _serve_grpc(
     gate = StreamGate(settings.max_streams, metrics)
     metrics.stream_limit.set(settings.max_streams)
     metrics.session_cache_limit.set(settings.sessions.cache_max_sessions)
-    native = NativeServicer(engine, settings, metrics, gate)
+    native = NativeServicer(engine, settings, metrics, gate, auth)
     pb_grpc.add_RnnServeServicer_to_server(native, server)
-    kserve = KServeServicer(engine, settings, metrics, gate, readiness, loader)
+    kserve = KServeServicer(engine, settings, metrics, gate, readiness, loader, auth)
     server.add_generic_rpc_handlers((kserve.handler(),))
     health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(readiness), server)
     reflection.enable_server_reflection(

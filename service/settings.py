@@ -228,6 +228,40 @@ class TlsSettings(BaseModel):
         return self
 
 
+class AuthSettings(BaseModel):
+    """Tenants. With a token file, every call but health and reflection needs `authorization: Bearer
+    TOKEN`; the token names a tenant, and a tenant's sessions are its own (keys namespaced by tenant)."""
+
+    token_file: Path | None = Field(
+        default=None,
+        description="bearer tokens as salted hashes, a line 'TENANT sha256:SALT:DIGEST' each (`rnnserve token` "
+        "writes them); set: authentication on",
+    )
+    max_sessions_per_tenant: int | None = Field(
+        default=None,
+        ge=1,
+        description="live sessions one tenant may hold, counted in the session store across every replica; "
+        "a start past it is RESOURCE_EXHAUSTED; none: no limit",
+    )
+    admin_tenants: list[str] = Field(
+        default_factory=list, description="tenants that may load and unload models (comma-separated)"
+    )
+    reload_interval_s: float = Field(
+        default=5.0, gt=0, description="how often the token file is checked for changes (new and removed tokens)"
+    )
+
+    @field_validator("token_file", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return _unset_if_empty(value)
+
+    @model_validator(mode="after")
+    def _complete(self) -> AuthSettings:
+        if self.token_file is None and (self.max_sessions_per_tenant is not None or self.admin_tenants):
+            raise ValueError("auth.max_sessions_per_tenant and auth.admin_tenants need auth.token_file (tenants)")
+        return self
+
+
 class Settings(BaseSettings):
     """Everything `rnnserve serve` needs."""
 
@@ -269,6 +303,7 @@ class Settings(BaseSettings):
     )
     redis: RedisSettings = Field(default_factory=RedisSettings)
     tls: TlsSettings = Field(default_factory=TlsSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
     sessions: SessionSettings = Field(default_factory=SessionSettings)

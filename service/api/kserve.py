@@ -17,6 +17,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeAlias
 
 import grpc
@@ -36,6 +37,7 @@ from service.api.kserve_convert import (
 )
 from service.api.status import classify, grpc_status, unary
 from service.api.streams import StreamGate, answer_all, failed, time_steps
+from service.auth import Authenticator, tenant_of
 from service.errors import InvalidArgument, ModelNotFound, RnnServeError, SessionEnded, SessionNotFound
 from service.loader import ModelLoader
 from service.metrics import Metrics
@@ -77,8 +79,10 @@ class KServeServicer:
         gate: StreamGate,
         readiness: Readiness,
         loader: ModelLoader,
+        auth: Authenticator | None,
     ) -> None:
         self.metrics = metrics
+        self._auth = auth
         self._gate = gate
         self._readiness = readiness
         self._loader = loader
@@ -189,20 +193,27 @@ class KServeServicer:
 
     @unary
     async def RepositoryModelLoad(self, request: Any, context: Context) -> Any:  # noqa: N802
+        self._require_admin(context)
         await self._loader.load(request.model_name)
         return kv.RepositoryModelLoadResponse()
 
     @unary
     async def RepositoryModelUnload(self, request: Any, context: Context) -> Any:  # noqa: N802
+        self._require_admin(context)
         await self._loader.unload(request.model_name)
         return kv.RepositoryModelUnloadResponse()
+
+    def _require_admin(self, context: Context) -> None:
+        """Loading and unloading act for every tenant: with authentication on, only auth.admin_tenants may."""
+        if self._auth is not None:
+            self._auth.require_admin(context.invocation_metadata())
 
     # -- inference -----------------------------------------------------------------------------
 
     @unary
     async def ModelInfer(self, request: Any, context: Context) -> Any:  # noqa: N802
         taken = time.perf_counter()
-        started = self._start(request)
+        started = self._start(request, tenant_of(self._auth, context.invocation_metadata()))
         await asyncio.wait([started])
         return self._finish(request, started, taken)
 
@@ -226,10 +237,11 @@ class KServeServicer:
                 return kv.ModelStreamInferResponse(error_message=message, infer_response=echo)
 
         try:
+            start = partial(self._start, tenant=tenant_of(self._auth, context.invocation_metadata()))
             with self._gate.admit():
                 limit = self._settings.max_inflight_per_stream
                 answers = answer_all(
-                    request_iterator, self._start, respond, limit, self._gate, _sequence_key, _weight_of(limit)
+                    request_iterator, start, respond, limit, self._gate, _sequence_key, _weight_of(limit)
                 )
                 async for response in answers:
                     yield response
@@ -238,7 +250,7 @@ class KServeServicer:
             self.metrics.errors.labels("ModelStreamInfer", code.name).inc()
             await context.abort(grpc_status(code), message)
 
-    def _start(self, request: Any) -> asyncio.Future[Any]:
+    def _start(self, request: Any, tenant: str) -> asyncio.Future[Any]:
         """A sequence step for the engine, or a whole sequence; the future holds a StepResult, or the
         (model, outputs) of a whole sequence."""
         try:
@@ -247,7 +259,7 @@ class KServeServicer:
             x = input_array(request, model)
             if sequence.session_id is None:
                 return asyncio.ensure_future(self._engine.infer(model.name, model.version, x))
-            return self._engine.submit(self._sequence_step(request, sequence, x))
+            return self._engine.submit(self._sequence_step(request, sequence, x, tenant))
         except Exception as err:  # noqa: BLE001 - refused; answered by _finish
             return failed(err)
 
@@ -295,7 +307,7 @@ class KServeServicer:
         return self._statistics.setdefault((model.name, model.version), _Statistics())
 
     @staticmethod
-    def _sequence_step(request: Any, sequence: Sequence, x: Any) -> Step:
+    def _sequence_step(request: Any, sequence: Sequence, x: Any, tenant: str) -> Step:
         if x.shape[0] != 1:
             raise InvalidArgument(
                 f"inference request to model '{request.model_name}' must specify batch-size 1 due to requirements "
@@ -311,6 +323,7 @@ class KServeServicer:
             start=sequence.start,
             end=sequence.end,
             start_id=sequence.start_id,
+            tenant=tenant,
         )
 
 

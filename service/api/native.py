@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 from collections.abc import AsyncIterable, AsyncIterator
+from functools import partial
 from typing import TypeAlias
 
 import grpc
@@ -15,6 +16,7 @@ from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from service.api.status import classify, grpc_status, unary
 from service.api.streams import StreamGate, answer_all, failed, time_steps
+from service.auth import Authenticator, tenant_of
 from service.errors import InvalidArgument, Overloaded, RnnServeError, SeqOutOfOrder
 from service.metrics import Metrics
 from service.models import LoadedModel
@@ -47,7 +49,7 @@ def _model_info(model: LoadedModel) -> pb.ModelInfo:
     )
 
 
-def _step(request: pb.StepRequest) -> Step:
+def _step(request: pb.StepRequest, tenant: str) -> Step:
     return Step(
         model=request.model,
         version=request.version,
@@ -57,6 +59,7 @@ def _step(request: pb.StepRequest) -> Step:
         end=request.end,
         start_id=request.start_id,
         x=tensor_to_array(request.input),
+        tenant=tenant,
     )
 
 
@@ -70,11 +73,14 @@ def _in_order(batch: pb.StepBatch) -> int:
 
 
 class NativeServicer(pb_grpc.RnnServeServicer):
-    def __init__(self, engine: SessionEngine, settings: Settings, metrics: Metrics, gate: StreamGate) -> None:
+    def __init__(
+        self, engine: SessionEngine, settings: Settings, metrics: Metrics, gate: StreamGate, auth: Authenticator | None
+    ) -> None:
         self.metrics = metrics
         self._engine = engine
         self._settings = settings
         self._gate = gate
+        self._auth = auth
 
     # -- Stream --------------------------------------------------------------------------------
 
@@ -82,11 +88,13 @@ class NativeServicer(pb_grpc.RnnServeServicer):
         self, request_iterator: AsyncIterable[pb.StepRequest], context: StreamContext
     ) -> AsyncIterator[pb.StepResponse]:
         try:
+            tenant = tenant_of(self._auth, context.invocation_metadata())
             with self._gate.admit():
                 await context.send_initial_metadata(WORKER_METADATA)
                 limit = self._settings.max_inflight_per_stream
+                submit = partial(self._submit, tenant=tenant)
                 answers = answer_all(
-                    request_iterator, self._submit, self._respond, limit, self._gate, _session_of, self._weight
+                    request_iterator, submit, self._respond, limit, self._gate, _session_of, self._weight
                 )
                 async for response in answers:
                     yield response
@@ -98,12 +106,13 @@ class NativeServicer(pb_grpc.RnnServeServicer):
         self, request_iterator: AsyncIterable[pb.StepBatch], context: BatchContext
     ) -> AsyncIterator[pb.StepBatchResult]:
         try:
+            tenant = tenant_of(self._auth, context.invocation_metadata())
             with self._gate.admit():
                 await context.send_initial_metadata(WORKER_METADATA)
                 limit = self._settings.max_inflight_per_stream
                 answers = answer_all(
                     request_iterator,
-                    self._submit_batch,
+                    partial(self._submit_batch, tenant=tenant),
                     self._respond_batch,
                     limit,
                     self._gate,
@@ -123,7 +132,7 @@ class NativeServicer(pb_grpc.RnnServeServicer):
         """The time steps of all its steps (an empty batch weighs 1)."""
         return max(1, sum(self._weight(request) for request in batch.steps))
 
-    def _submit_batch(self, batch: pb.StepBatch) -> asyncio.Future[list[Answer]]:
+    def _submit_batch(self, batch: pb.StepBatch, tenant: str) -> asyncio.Future[list[Answer]]:
         """Every step of the batch started at once (the engine batches them together); done when all are."""
         limit = self._settings.max_steps_per_message
         if len(batch.steps) > limit:
@@ -143,7 +152,7 @@ class NativeServicer(pb_grpc.RnnServeServicer):
                 continue
             seen.add(session)
             try:
-                steps.append(_step(request))
+                steps.append(_step(request, tenant))
             except Exception as err:  # noqa: BLE001 - answered in-band (a fault as INTERNAL, logged): the others go on
                 steps.append(err)
         return self._engine.submit_many(steps)
@@ -157,9 +166,9 @@ class NativeServicer(pb_grpc.RnnServeServicer):
             self._fill(add(), request, answer, "StreamBatch")
         return result
 
-    def _submit(self, request: pb.StepRequest) -> asyncio.Future[StepResult]:
+    def _submit(self, request: pb.StepRequest, tenant: str) -> asyncio.Future[StepResult]:
         try:
-            step = _step(request)
+            step = _step(request, tenant)
         except Exception as err:  # noqa: BLE001 - answered in-band (a fault as INTERNAL, logged): the stream goes on
             return failed(err)
         return self._engine.submit(step)
@@ -216,7 +225,8 @@ class NativeServicer(pb_grpc.RnnServeServicer):
     async def GetSession(  # noqa: N802
         self, request: pb.SessionRef, context: grpc.aio.ServicerContext[pb.SessionRef, pb.SessionInfo]
     ) -> pb.SessionInfo:
-        info = await self._engine.get_session(request.model, request.session_id)
+        tenant = tenant_of(self._auth, context.invocation_metadata())
+        info = await self._engine.get_session(request.model, request.session_id, tenant)
         return pb.SessionInfo(
             model=info.model,
             session_id=info.session_id,
@@ -232,4 +242,6 @@ class NativeServicer(pb_grpc.RnnServeServicer):
         request: pb.SessionRef,
         context: grpc.aio.ServicerContext[pb.SessionRef, pb.DeleteSessionResponse],
     ) -> pb.DeleteSessionResponse:
-        return pb.DeleteSessionResponse(deleted=await self._engine.delete_session(request.model, request.session_id))
+        tenant = tenant_of(self._auth, context.invocation_metadata())
+        deleted = await self._engine.delete_session(request.model, request.session_id, tenant)
+        return pb.DeleteSessionResponse(deleted=deleted)

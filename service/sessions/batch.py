@@ -26,6 +26,7 @@ import numpy as np
 from service.errors import (
     FailedPrecondition,
     InvalidArgument,
+    Overloaded,
     RecordCorrupt,
     RnnServeError,
     SessionEnded,
@@ -41,7 +42,7 @@ from service.sessions.rules import Apply, Ask, Replay, judge
 from service.sessions.steps import Answer, Step, StepResult
 from service.settings import Settings
 from service.state.record import SessionRecord, Tensors, decode, encode_rows
-from service.state.store import Commit, Outcome, StateStore, Stored
+from service.state.store import Commit, Outcome, StateStore, Stored, live_sessions_key
 
 log = logging.getLogger(__name__)
 
@@ -332,6 +333,14 @@ class BatchPipeline:
             )
             for i in order
         ]
+        limit = self._settings.auth.max_sessions_per_tenant
+        if limit:  # each tenant's live sessions counted in the store, where starts are refused past the limit
+            prefix = self._settings.redis.key_prefix
+            for i, commit in zip(order, commits, strict=True):
+                tenant = items[i].step.tenant
+                if tenant:
+                    commit.live = live_sessions_key(prefix, tenant)
+                    commit.live_limit = -1 if computed[i][0].ended else limit if plans[i].apply.base is None else 0
         started = time.perf_counter()
         try:
             outcomes = await self._store.commit_many(commits)
@@ -350,6 +359,12 @@ class BatchPipeline:
             elif outcome.outcome is Outcome.ERROR:
                 self._cache.forget(item.key)
                 answers[i] = StoreRefused(f"the session store refused the commit ({outcome.current}); not applied")
+            elif outcome.outcome is Outcome.LIMIT:
+                self._cache.forget(item.key)
+                answers[i] = Overloaded(
+                    f"tenant {item.step.tenant!r} holds {outcome.current} live sessions, its limit; end or delete "
+                    "one (or let one idle out) before starting another"
+                )
             elif outcome.outcome is Outcome.UNKNOWN:
                 self._cache.forget(item.key)
                 answers[i] = _unconfirmed(outcome.current or "no reason given")

@@ -39,7 +39,7 @@ from service.sessions.rules import Ask, input_digest
 from service.sessions.steps import Answer, SessionInfo, Step, StepResult
 from service.settings import Settings
 from service.state.record import Tensors, decode
-from service.state.store import StateStore, session_key
+from service.state.store import StateStore, live_sessions_key, session_key
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ class SessionEngine:
         if step.start_id < 0 or step.start_id >= 1 << 64:
             raise InvalidArgument(f"start_id must fit an unsigned 64-bit integer, got {step.start_id}")
         ask = Ask(step.session_id, step.seq, step.start, step.end, step.start_id, input_digest(x, step.end))
-        key = session_key(self._prefix, step.model, step.session_id)
+        key = session_key(self._prefix, step.model, step.session_id, step.tenant)
         return Pending(step, key, ask, _new_epoch() if step.start else 0, model, time.perf_counter())
 
     async def infer(self, model_name: str, version: int, x: np.ndarray) -> tuple[LoadedModel, Tensors]:
@@ -197,8 +197,8 @@ class SessionEngine:
         outputs, _ = await loop.run_in_executor(self._executor, model.runtime.run, x, states)
         return model, outputs
 
-    async def get_session(self, model_name: str, session_id: str) -> SessionInfo:
-        key = self._session_key(model_name, session_id)
+    async def get_session(self, model_name: str, session_id: str, tenant: str = "") -> SessionInfo:
+        key = self._session_key(model_name, session_id, tenant)
         (stored,) = await self._store.load_many([key])
         if isinstance(stored, RecordCorrupt):
             raise stored
@@ -218,15 +218,16 @@ class SessionEngine:
             ttl_ms,
         )
 
-    async def delete_session(self, model_name: str, session_id: str) -> bool:
+    async def delete_session(self, model_name: str, session_id: str, tenant: str = "") -> bool:
         """Delete a session in its turn: after the steps before it, before the steps after it."""
-        key = self._session_key(model_name, session_id)
+        key = self._session_key(model_name, session_id, tenant)
+        live = live_sessions_key(self._prefix, tenant) if tenant and self._settings.auth.max_sessions_per_tenant else ""
         deleted: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
 
         async def delete() -> None:
             try:
                 self.cache.forget(key)
-                settle(deleted, await self._store.delete(key))
+                settle(deleted, await self._store.delete(key, live))
             except BaseException as err:
                 settle(deleted, err)
                 raise
@@ -241,10 +242,10 @@ class SessionEngine:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _session_key(self, model_name: str, session_id: str) -> str:
+    def _session_key(self, model_name: str, session_id: str, tenant: str) -> str:
         _check_session_id(session_id)
         self.registry.get(model_name)  # NOT_FOUND for a model this server does not serve
-        return session_key(self._prefix, model_name, session_id)
+        return session_key(self._prefix, model_name, session_id, tenant)
 
 
 # Epochs need to be unpredictable across processes, not secret: seeded once from the OS, then cheap (a

@@ -28,6 +28,8 @@ class Step:
     # The client's name for this start (any non-zero number, new for each start): a resent start with
     # the same id is judged as seq 1 of the session it started, not as a new start. 0: none.
     start_id: int = 0
+    # Whose session it is, where authentication is on ('' where it is off): keys are namespaced by it.
+    tenant: str = ""
 
 
 @dataclass(slots=True)

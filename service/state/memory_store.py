@@ -30,6 +30,7 @@ class MemoryStateStore(StateStore):
     def __init__(self) -> None:
         self._entries: dict[str, _Entry] = {}
         self._deadlines: list[tuple[float, str]] = []  # may hold stale deadlines of rewritten keys
+        self._live_sets: dict[str, dict[str, float]] = {}  # a tenant's live sessions: key -> expiry
 
     def _live(self, key: str) -> _Entry | None:
         entry = self._entries.get(key)
@@ -68,13 +69,27 @@ class MemoryStateStore(StateStore):
                 if entry.token != commit.expected:
                     results.append(CommitResult(Outcome.CONFLICT, entry.token))
                     continue
+            live = self._live_sets.setdefault(commit.live, {}) if commit.live else None
+            if live is not None and commit.live_limit > 0 and commit.key not in live:
+                now = time.monotonic()
+                for key in [key for key, expires in live.items() if expires <= now]:
+                    del live[key]
+                if len(live) >= commit.live_limit:
+                    results.append(CommitResult(Outcome.LIMIT, str(len(live))))
+                    continue
             expires = time.monotonic() + commit.ttl_s
             self._entries[commit.key] = _Entry(commit.token, commit.record, expires)
             heapq.heappush(self._deadlines, (expires, commit.key))
+            if live is not None and commit.live_limit < 0:
+                live.pop(commit.key, None)
+            elif live is not None:
+                live[commit.key] = expires
             results.append(CommitResult(Outcome.OK, commit.token))
         return results
 
-    async def delete(self, key: str) -> bool:
+    async def delete(self, key: str, live: str = "") -> bool:
+        if live:
+            self._live_sets.get(live, {}).pop(key, None)
         return self._live(key) is not None and self._entries.pop(key, None) is not None
 
     async def ping(self) -> None:
@@ -83,6 +98,7 @@ class MemoryStateStore(StateStore):
     async def close(self) -> None:
         self._entries.clear()
         self._deadlines.clear()
+        self._live_sets.clear()
 
     async def ttl_ms(self, key: str) -> int | None:
         entry = self._live(key)

@@ -35,27 +35,58 @@ from service.tls import load_key_pair
 TOKEN_FIELD = "token"
 RECORD_FIELD = "rec"
 
-# One call commits many sessions. KEYS: the sessions; ARGV, four per key: expected token ('' = unconditional,
-# '!' = no record), new token, record, ttl ms. Returns, per key: {0, token} applied, {1, current} conflict,
-# {2, ''} missing, {3, error} refused (OOM, a key of another type). Every Redis call is a pcall: each key
+# One call commits many sessions. KEYS: the sessions; ARGV, six per key: expected token ('' = unconditional,
+# '!' = no record), new token, record, ttl ms, the tenant's live-sessions key ('' = not counted), and the
+# count's part (N > 0: a start, refused while the key is uncounted and N sessions are live; 0: a step that
+# keeps it live; -1: its end). Returns, per key: {0, token} applied, {1, current} conflict, {2, ''} missing,
+# {3, error} refused (OOM, a key of another type), {4, live} the tenant's limit. The live set is scored by
+# expiry (Redis's clock), so an idled-out session stops counting. Every Redis call is a pcall: each key
 # is compared and set on its own, and one key's error never stops the keys after it (a script that stopped
 # half way would leave the keys before it applied and the whole call answered as an error). The exception
 # is READONLY: this Redis became a replica (a failover), no key of the call can have been written, and
 # the call's error makes the connection go (to the new primary, under Sentinel).
 _COMMIT_MANY = """
 local out = {}
+local now = nil
+local function clock()
+  if not now then
+    local t = redis.call('TIME')
+    now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  end
+  return now
+end
+local function over_limit(live, key, limit)
+  local counted = redis.pcall('ZSCORE', live, key)
+  if type(counted) == 'table' and counted.err then
+    return {3, counted.err}
+  elseif counted then
+    return nil
+  end
+  redis.pcall('ZREMRANGEBYSCORE', live, '-inf', clock())
+  local held = redis.pcall('ZCARD', live)
+  if type(held) == 'number' and held >= limit then
+    return {4, tostring(held)}
+  end
+  return nil
+end
 for i = 1, #KEYS do
-  local a = (i - 1) * 4
-  local expected, token = ARGV[a + 1], ARGV[a + 2]
+  local a = (i - 1) * 6
+  local expected, token, live, part = ARGV[a + 1], ARGV[a + 2], ARGV[a + 5], tonumber(ARGV[a + 6])
   local current = redis.pcall('HGET', KEYS[i], 'token')
+  local refused = nil
   if type(current) == 'table' and current.err then
-    out[i] = {3, current.err}
+    refused = {3, current.err}
   elseif expected == '!' and current then
-    out[i] = {1, current}
+    refused = {1, current}
   elseif expected ~= '' and expected ~= '!' and not current then
-    out[i] = {2, ''}
+    refused = {2, ''}
   elseif expected ~= '' and expected ~= '!' and current ~= expected then
-    out[i] = {1, current}
+    refused = {1, current}
+  elseif live ~= '' and part > 0 then
+    refused = over_limit(live, KEYS[i], part)
+  end
+  if refused then
+    out[i] = refused
   else
     local written = redis.pcall('HSET', KEYS[i], 'token', token, 'rec', ARGV[a + 3])
     if type(written) == 'table' and written.err and string.sub(written.err, 1, 8) == 'READONLY' then
@@ -64,6 +95,11 @@ for i = 1, #KEYS do
       out[i] = {3, written.err}
     else
       redis.pcall('PEXPIRE', KEYS[i], ARGV[a + 4])
+      if live ~= '' and part < 0 then
+        redis.pcall('ZREM', live, KEYS[i])
+      elseif live ~= '' then
+        redis.pcall('ZADD', live, clock() + tonumber(ARGV[a + 4]), KEYS[i])
+      end
       out[i] = {0, token}
     end
   end
@@ -73,7 +109,7 @@ return out
 # Keys per script call: a call holds Redis for its whole run (about 10 us a key), so a long batch is cut
 # into several calls, pipelined in one round trip.
 KEYS_PER_CALL = 256
-_OUTCOMES = {0: Outcome.OK, 1: Outcome.CONFLICT, 2: Outcome.MISSING, 3: Outcome.ERROR}
+_OUTCOMES = {0: Outcome.OK, 1: Outcome.CONFLICT, 2: Outcome.MISSING, 3: Outcome.ERROR, 4: Outcome.LIMIT}
 
 
 class _Connections:
@@ -305,15 +341,21 @@ class RedisStateStore(StateStore):
         args: list[Any] = ["EVALSHA", self._cas_sha, len(commits)]
         args += [c.key for c in commits]
         for c in commits:
-            args += (c.expected or "", c.token, c.record, max(1, int(c.ttl_s * 1000)))
+            args += (c.expected or "", c.token, c.record, max(1, int(c.ttl_s * 1000)), c.live, c.live_limit)
         return tuple(args)
 
     async def _load_script(self) -> None:
         sha = await self._one("loading the commit script", "SCRIPT", "LOAD", _COMMIT_MANY)
         self._cas_sha = sha.decode() if isinstance(sha, bytes) else str(sha)
 
-    async def delete(self, key: str) -> bool:
-        return bool(await self._one("deleting a session", "DEL", key))
+    async def delete(self, key: str, live: str = "") -> bool:
+        if not live:
+            return bool(await self._one("deleting a session", "DEL", key))
+        deleted, uncounted = await self._run("deleting a session", [("DEL", key), ("ZREM", live, key)])
+        for reply in (deleted, uncounted):
+            if isinstance(reply, ResponseError):
+                raise StoreRefused(f"session store {self._where} refused deleting a session: {reply}")
+        return bool(deleted)
 
     async def ttl_ms(self, key: str) -> int | None:
         ttl = await self._one("reading a session's ttl", "PTTL", key)

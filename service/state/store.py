@@ -12,14 +12,26 @@ from service.repository import MODEL_NAME_PATTERN
 
 # Key layout, in one place. The braces are a Redis Cluster hash tag: a session's keys share a slot.
 # Model names cannot hold "/" (MODEL_NAME_PATTERN), so the first "/" splits model from session id and
-# no two (model, session id) pairs share a key.
+# no two (model, session id) pairs share a key. A tenant's sessions (authentication on) live under
+# "{prefix}:t:{tenant}:", which no key without a tenant starts with; tenant names hold no ":".
 SESSION_KEY = "{prefix}:s:{{{model}/{session_id}}}"
+TENANT_SESSION_KEY = "{prefix}:t:{tenant}:s:{{{model}/{session_id}}}"
+# A tenant's live sessions (with a per-tenant limit): a sorted set of session keys, scored by expiry.
+LIVE_SESSIONS_KEY = "{prefix}:t:{tenant}:live"
 
 
-def session_key(prefix: str, model: str, session_id: str) -> str:
+def session_key(prefix: str, model: str, session_id: str, tenant: str = "") -> str:
     if "/" in model:
         raise ValueError(f"model name {model!r} does not match {MODEL_NAME_PATTERN}")
+    if tenant:
+        if ":" in tenant or "/" in tenant:
+            raise ValueError(f"tenant {tenant!r} holds ':' or '/'")
+        return TENANT_SESSION_KEY.format(prefix=prefix, tenant=tenant, model=model, session_id=session_id)
     return SESSION_KEY.format(prefix=prefix, model=model, session_id=session_id)
+
+
+def live_sessions_key(prefix: str, tenant: str) -> str:
+    return LIVE_SESSIONS_KEY.format(prefix=prefix, tenant=tenant)
 
 
 # `Commit.expected` for a write that must find no record (a session's start).
@@ -32,6 +44,7 @@ class Outcome(enum.Enum):
     MISSING = "missing"
     ERROR = "error"  # the store refused this one commit (not applied); the others in the batch stand
     UNKNOWN = "unknown"  # the store failed while committing it: it may or may not have been applied
+    LIMIT = "limit"  # a start that would take its tenant past its live-session limit (not applied)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,13 +59,19 @@ class Stored:
 @dataclass(slots=True)
 class Commit:
     """Write `record` under `key`, to live `ttl_s`, if the stored token equals `expected` (ABSENT: if there
-    is no record; None: unconditionally)."""
+    is no record; None: unconditionally).
+
+    With `live` (a tenant's live-sessions key), the write also keeps that count: `live_limit` > 0 for a
+    start, which is refused (LIMIT) if the key is not counted yet and the tenant holds that many live
+    sessions; 0 for a step that keeps the session live; -1 for its end (a tombstone is not live)."""
 
     key: str
     expected: str | None
     token: str
     record: bytes
     ttl_s: float
+    live: str = ""
+    live_limit: int = 0
 
 
 @dataclass(slots=True)
@@ -85,8 +104,8 @@ class StateStore(abc.ABC):
         return None
 
     @abc.abstractmethod
-    async def delete(self, key: str) -> bool:
-        """Remove a key unconditionally; True if it existed."""
+    async def delete(self, key: str, live: str = "") -> bool:
+        """Remove a key unconditionally (and from the live-sessions set `live`); True if it existed."""
 
     @abc.abstractmethod
     async def ttl_ms(self, key: str) -> int | None:
