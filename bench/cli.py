@@ -67,6 +67,20 @@ def add_bench_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     replication.add_argument("--rounds", type=int, default=3, help="turns each; the figures are their medians")
     replication.add_argument("--json", type=Path, default=Path("docs/bench-replication.json"), help="figures (JSON)")
 
+    soak = kinds.add_parser(
+        "soak",
+        parents=[common],
+        help="many sessions for minutes against two replicas on one Redis: per-minute steps, errors, p99, memory",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    soak.add_argument("--model-repo", type=Path, default=Path("models"), help="the model repository")
+    soak.add_argument("--minutes", type=int, default=10, help="how long; the streams move replica every minute")
+    soak.add_argument("--sessions", type=int, default=1000, help="concurrent sessions")
+    soak.add_argument("--streams", type=int, default=16, help="streams carrying them (half on each replica)")
+    soak.add_argument("--rate", type=float, default=1.0, help="steps per second of each session")
+    soak.add_argument("--model", default="charlm-lstm", help="the model every session streams to")
+    soak.add_argument("--json", type=Path, default=Path("docs/bench-soak.json"), help="figures (JSON)")
+
     suite = kinds.add_parser(
         "suite",
         parents=[common],
@@ -114,6 +128,10 @@ def run_bench(args: argparse.Namespace) -> int:
         from bench.replication import main as replication_main
 
         return replication_main(args.model_repo, args.json, args.rounds)
+    if args.bench_command == "soak":
+        from bench.soak import main as soak_main
+
+        return soak_main(args.model_repo, args.minutes, args.sessions, args.streams, args.rate, args.model, args.json)
     if args.bench_command == "suite":
         from bench.suite import main as suite_main
 
