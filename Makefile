@@ -9,7 +9,7 @@ TOOLS := .tools
 # Every install takes its versions from the lock, so a fresh clone lints and tests as yesterday.
 LOCK := requirements/lock.txt
 
-.PHONY: demo test lint format typecheck protos check-protos models serve bench clean venv venv-dev lock mutate
+.PHONY: demo test test-cluster lint format typecheck protos check-protos models serve bench clean venv venv-dev lock mutate
 
 venv: $(VENV)/.runtime
 venv-dev: $(VENV)/.dev
@@ -43,6 +43,10 @@ demo: $(VENV)/.runtime
 
 test: $(VENV)/.dev $(TOOLS)/.deploy
 	$(PY) -m pytest -q
+
+# Redis Cluster alone: six redis-server processes, a primary killed and slots migrated under 1,000 sessions.
+test-cluster: $(VENV)/.dev
+	$(PY) -m pytest -q -s tests/service/test_cluster.py
 
 # The deployment checks run Debian's promtool and prometheus, unpacked here from the package: nothing is
 # installed system-wide and no service is started. They also need kubectl 1.27 or newer (its kustomize):

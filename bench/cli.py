@@ -67,6 +67,14 @@ def add_bench_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     replication.add_argument("--rounds", type=int, default=3, help="turns each; the figures are their medians")
     replication.add_argument("--json", type=Path, default=Path("docs/bench-replication.json"), help="figures (JSON)")
 
+    capacity = kinds.add_parser(
+        "capacity",
+        parents=[common],
+        help="the capacity model's figures: Redis (one, and a cluster) per session and commit, pod memory, wire bytes",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    capacity.add_argument("--json", type=Path, default=Path("docs/bench-capacity.json"), help="figures (JSON)")
+
     soak = kinds.add_parser(
         "soak",
         parents=[common],
@@ -128,6 +136,10 @@ def run_bench(args: argparse.Namespace) -> int:
         from bench.replication import main as replication_main
 
         return replication_main(args.model_repo, args.json, args.rounds)
+    if args.bench_command == "capacity":
+        from bench.capacity import main as capacity_main
+
+        return capacity_main(args.json)
     if args.bench_command == "soak":
         from bench.soak import main as soak_main
 

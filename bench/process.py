@@ -113,11 +113,19 @@ class RedisProcess:
     """A private redis-server on a free port; `durable` syncs every write to an append-only file;
     `replica_of` (a port on loopback) makes it a replica of that server, started once it has synced."""
 
-    def __init__(self, directory: Path | None = None, *, durable: bool = False, replica_of: int | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path | None = None,
+        *,
+        durable: bool = False,
+        replica_of: int | None = None,
+        cluster_node_timeout_ms: int | None = None,
+    ) -> None:
         self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="rnnserve-redis-")
         self.directory = directory or Path(self._tmp.name)  # type: ignore[union-attr]
         self.durable = durable
         self.replica_of = replica_of
+        self.cluster_node_timeout_ms = cluster_node_timeout_ms  # set: a Redis Cluster node
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen[bytes] | None = None
@@ -126,6 +134,15 @@ class RedisProcess:
         persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.durable else ["--appendonly", "no"]
         if self.replica_of is not None:
             persistence += ["--replicaof", "127.0.0.1", str(self.replica_of)]
+        if self.cluster_node_timeout_ms is not None:
+            persistence += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+            # The cluster bus on a free port of its own (by default port + 10000, often past 65535 here).
+            persistence += [
+                "--cluster-node-timeout",
+                str(self.cluster_node_timeout_ms),
+                "--cluster-port",
+                str(free_port()),
+            ]
         self.process = subprocess.Popen(
             [
                 "redis-server",
@@ -165,7 +182,66 @@ class RedisProcess:
             self.process.wait(10)
             self.process = None
 
+    def kill(self) -> None:
+        """SIGKILL: no goodbye, as when its machine dies."""
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(10)
+            self.process = None
+
     def close(self) -> None:
         self.stop()
         if self._tmp is not None:
             self._tmp.cleanup()
+
+
+class RedisCluster:
+    """A Redis Cluster on loopback: `primaries` primaries with `replicas` replicas each, made with
+    `redis-cli --cluster create`; returns from start() once every node says the cluster is ok."""
+
+    def __init__(self, primaries: int = 3, replicas: int = 1, node_timeout_ms: int = 1000) -> None:
+        self.nodes = [RedisProcess(cluster_node_timeout_ms=node_timeout_ms) for _ in range(primaries * (1 + replicas))]
+        self.replicas = replicas
+        self.url = "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in self.nodes[:2])
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        subprocess.run(
+            ["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=60,
+        )
+        self.wait_ok([node.port for node in self.nodes])
+
+    def wait_ok(self, ports: list[int], timeout_s: float = 30) -> None:
+        """Until each of these nodes says cluster_state:ok and knows every slot's primary."""
+        deadline = time.monotonic() + timeout_s
+        for port in ports:
+            with redis.Redis(port=port) as client:
+                while True:
+                    info = client.execute_command("CLUSTER", "INFO").decode()
+                    if "cluster_state:ok" in info and "cluster_slots_ok:16384" in info:
+                        break
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"cluster node {port} not ok in time: {info[:200]}")
+                    time.sleep(0.05)
+
+    def primary_of(self, key: str) -> RedisProcess:
+        """The node serving `key` now."""
+        with redis.Redis(port=self.alive()[0].port) as client:
+            slot = int(client.execute_command("CLUSTER", "KEYSLOT", key))
+            for start, end, primary, *_ in client.execute_command("CLUSTER", "SLOTS"):
+                if start <= slot <= end:
+                    return next(node for node in self.nodes if node.port == int(primary[1]))
+        raise LookupError(key)
+
+    def alive(self) -> list[RedisProcess]:
+        return [node for node in self.nodes if node.process is not None]
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()

@@ -4,11 +4,12 @@ The token file holds one line per token, `TENANT sha256:SALT:DIGEST` (hex; DIGES
 blank lines and `#` comments aside. A tenant may hold several tokens (rotation: add the new one, move
 clients over, remove the old). `rnnserve token --file F --tenant T` makes a token and appends its line.
 
-Tokens are random 256-bit secrets made by that command, so one round of a salted hash guards them as
-well as a slow password hash would (nobody can guess the preimage), and costs a microsecond, not tens of
-milliseconds, per unknown token. The file is read again when it changes (checked at most every
-`auth.reload_interval_s`): a removed token is refused from the next call; a stream already open keeps
-the tenant it was opened with.
+A token reads `rns_<SALT>_<SECRET>`: 256 random bits of secret, and the salt of its own line, so the
+server finds that one line and computes one hash, however many lines the file holds and whatever a caller
+sends (an unknown token costs what a known one does: about a microsecond). The secret is random, so one
+round of a salted hash guards it as well as a slow password hash would: there is nothing to guess. The
+file is read again when it changes (checked at most every `auth.reload_interval_s`); a removed token is
+refused from the next call, and an open stream that carries it is ended at its next request after that.
 """
 
 from __future__ import annotations
@@ -20,22 +21,22 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
 from service.errors import PermissionDenied, StartupError, Unauthenticated
-from service.settings import AuthSettings
+from service.settings import TENANT_PATTERN, AuthSettings
 
 log = logging.getLogger(__name__)
 
-TENANT_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")  # no ":" or "/": tenants sit inside session keys
+Req = TypeVar("Req")
 SCHEME = "sha256"
+TOKEN_PATTERN = re.compile(r"rns_([0-9a-f]{32})_[A-Za-z0-9_-]{43}")
 # Calls any client may make without a token: Kubernetes probes and tools find the server through them.
 OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
-_CACHE_LIMIT = 10_000  # tokens remembered per process as verified
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,16 +46,13 @@ class _Entry:
     digest: bytes
 
 
-def hash_line(tenant: str, token: str) -> str:
-    """The token file's line for `token` (a fresh salt each time)."""
+def new_token(tenant: str) -> tuple[str, str]:
+    """A new token for `tenant`, and the token file's line for it."""
     if not TENANT_PATTERN.fullmatch(tenant):
         raise ValueError(f"tenant {tenant!r} is invalid: use 1 to 64 letters, digits or . _ -")
     salt = secrets.token_bytes(16)
-    return f"{tenant} {SCHEME}:{salt.hex()}:{hashlib.sha256(salt + token.encode()).hexdigest()}"
-
-
-def new_token() -> str:
-    return secrets.token_urlsafe(32)
+    token = f"rns_{salt.hex()}_{secrets.token_urlsafe(32)}"
+    return token, f"{tenant} {SCHEME}:{salt.hex()}:{hashlib.sha256(salt + token.encode()).hexdigest()}"
 
 
 def parse_token_file(text: str, where: str) -> list[_Entry]:
@@ -91,8 +89,8 @@ class Authenticator:
         self._path = settings.token_file
         self._interval_s = settings.reload_interval_s
         self.admins = frozenset(settings.admin_tenants)
-        self._entries: list[_Entry] = []
-        self._verified: dict[str, str] = {}  # token -> tenant, this process's cache
+        self._entries: dict[bytes, list[_Entry]] = {}  # by salt: a token names its line's salt
+        self.generation = 0  # counts the reads of the file
         self._seen: tuple[int, int, int] | None = None
         self._checked = 0.0
         try:
@@ -106,10 +104,13 @@ class Authenticator:
 
     def _load(self) -> None:
         seen = _identity(os.stat(self._path))
-        entries = parse_token_file(self._path.read_text(encoding="utf-8"), str(self._path))
-        self._entries, self._verified, self._seen = entries, {}, seen
+        entries: dict[bytes, list[_Entry]] = {}
+        for entry in parse_token_file(self._path.read_text(encoding="utf-8-sig"), str(self._path)):
+            entries.setdefault(entry.salt, []).append(entry)
+        self._entries, self._seen = entries, seen
+        self.generation += 1
 
-    def _maybe_reload(self) -> None:
+    def maybe_reload(self) -> None:
         now = time.monotonic()
         if now - self._checked < self._interval_s:
             return
@@ -118,31 +119,28 @@ class Authenticator:
             if _identity(os.stat(self._path)) == self._seen:
                 return
             self._load()
-            log.info("token file %s read again: %d tokens", self._path, len(self._entries))
+            log.info("token file %s read again: %d tokens", self._path, sum(map(len, self._entries.values())))
         except (OSError, ValueError) as err:  # a file half written, or removed: keep what was read last
             log.error("token file %s not read again (%s); the tokens read before still hold", self._path, err)
 
     def tenant(self, metadata: Iterable[tuple[str, Any]] | None) -> str:
         """The tenant of the call's bearer token; Unauthenticated if there is none or it is unknown."""
-        self._maybe_reload()
+        self.maybe_reload()
         token = _bearer(metadata)
-        tenant = self._verified.get(token)
-        if tenant is not None:
-            return tenant
-        presented = token.encode()
-        for entry in self._entries:
-            if hmac.compare_digest(hashlib.sha256(entry.salt + presented).digest(), entry.digest):
-                if len(self._verified) >= _CACHE_LIMIT:
-                    self._verified.clear()
-                self._verified[token] = entry.tenant
-                return entry.tenant
+        named = TOKEN_PATTERN.fullmatch(token)
+        if named is not None:
+            salt = bytes.fromhex(named.group(1))
+            for entry in self._entries.get(salt, ()):
+                if hmac.compare_digest(hashlib.sha256(salt + token.encode()).digest(), entry.digest):
+                    return entry.tenant
         raise Unauthenticated("the bearer token is not valid here; ask the operator for a token of your tenant")
 
     def require_admin(self, metadata: Iterable[tuple[str, Any]] | None) -> None:
         tenant = self.tenant(metadata)
         if tenant not in self.admins:
             raise PermissionDenied(
-                f"tenant {tenant!r} may not load or unload models; the operator lists who may in auth.admin_tenants"
+                f"tenant {tenant!r} may not load or unload models or read their statistics; the operator lists who "
+                "may in auth.admin_tenants"
             )
 
 
@@ -205,6 +203,27 @@ def _refusing(handler: grpc.RpcMethodHandler[Any, Any], message: str) -> grpc.Rp
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
+
+
+async def while_valid(
+    requests: AsyncIterable[Req], auth: Authenticator | None, metadata: Sequence[tuple[str, Any]] | None
+) -> AsyncIterator[Req]:
+    """A stream's requests, its token checked again whenever the token file has been read again: a token
+    removed from the file ends the stream (UNAUTHENTICATED) at its next request."""
+    if auth is None:
+        async for request in requests:
+            yield request
+        return
+    generation = auth.generation
+    async for request in requests:
+        auth.maybe_reload()
+        if auth.generation != generation:
+            generation = auth.generation
+            try:
+                auth.tenant(metadata)
+            except Unauthenticated as err:
+                raise Unauthenticated(f"{err.message} (the token was revoked while this stream was open)") from None
+        yield request
 
 
 def tenant_of(auth: Authenticator | None, metadata: Sequence[tuple[str, Any]] | None) -> str:

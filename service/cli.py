@@ -224,14 +224,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def _token(path: Path, tenant: str) -> int:
     """A new token on stdout; its salted hash appended to the token file (made 0600 if new)."""
-    from service.auth import hash_line, new_token
+    from service.auth import new_token
 
-    token = new_token()
     try:
-        line = hash_line(tenant, token)
-        descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        with os.fdopen(descriptor, "a", encoding="utf-8") as file:
-            file.write(line + "\n")
+        token, line = new_token(tenant)
+        descriptor = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(descriptor, "rb+") as file:
+            size = file.seek(0, os.SEEK_END)
+            last = b""
+            if size:
+                file.seek(size - 1)
+                last = file.read(1)
+            # A last line without its newline (as editors leave it) must not run into the new one.
+            file.write((b"\n" if last not in (b"", b"\n") else b"") + line.encode() + b"\n")
     except (OSError, ValueError) as err:
         print(f"rnnserve token: {err}", file=sys.stderr)
         return 2

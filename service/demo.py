@@ -59,10 +59,19 @@ async def run_demo(
     try:
         async with StreamClient(target, reconnect_timeout_s=5, tls=tls, token=token) as client:
             return await _stream(client, model_repo, steps, generate, model)
-    except (ConnectionError, grpc.aio.AioRpcError) as err:
+    except grpc.aio.AioRpcError as err:
+        if err.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            raise DemoError(
+                f"rnnserve at {target} refused the call ({_reason(err)}); pass a token of your tenant with --token "
+                "(or RNNSERVE_TOKEN)"
+            ) from err
         raise DemoError(f"no rnnserve answers at {target} ({_reason(err)}); start one with `rnnserve serve`") from err
-    except StepError as err:  # a server that answers but refuses (its store unavailable, say)
-        raise DemoError(f"rnnserve at {target} refused a step ({err}); retry once it is ready") from err
+    except ConnectionError as err:
+        raise DemoError(f"no rnnserve answers at {target} ({_reason(err)}); start one with `rnnserve serve`") from err
+    except StepError as err:  # a server that answers but refuses (its store unavailable, a session limit)
+        if err.code is grpc.StatusCode.UNAVAILABLE:
+            raise DemoError(f"rnnserve at {target} refused a step ({err}); retry once it is ready") from err
+        raise DemoError(f"rnnserve at {target} refused a step ({err})") from err
     finally:
         if app is not None:
             await app.stop(grace_s=1.0)

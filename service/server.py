@@ -38,7 +38,7 @@ from service.loader import ModelLoader
 from service.metrics import Metrics
 from service.models import ModelRegistry
 from service.sessions import SessionEngine
-from service.settings import RedisSettings, Settings, TlsSettings
+from service.settings import CLUSTER_SCHEME, RedisSettings, Settings, TlsSettings
 from service.state.memory_store import MemoryStateStore
 from service.state.store import StateStore
 from service.tls import load_key_pair
@@ -52,6 +52,10 @@ HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 def open_store(settings: RedisSettings) -> StateStore:
     if not settings.url:  # a URL of another scheme is refused by RedisSettings
         return MemoryStateStore()
+    if settings.url.startswith(CLUSTER_SCHEME):
+        from service.state.redis_cluster import RedisClusterStore
+
+        return RedisClusterStore(settings)
     from service.state.redis_store import RedisStateStore
 
     return RedisStateStore(settings)
@@ -300,6 +304,7 @@ async def _probe_store(store: StateStore, readiness: Readiness, interval_s: floa
             else:
                 log.error("session store unreachable (%s): not ready (NOT_SERVING) until it answers", why)
         readiness.update(store_ok=reachable)
+        raise_if_cancelled()  # a stop whose cancellation a store call swallowed (a client library's connect)
         await asyncio.sleep(interval_s)
 
 

@@ -6,6 +6,7 @@ Nested groups read as e.g. `RNNSERVE_REDIS__URL`, `RNNSERVE_BATCHING__MAX_BATCH_
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -20,7 +21,19 @@ def _unset_if_empty(value: object) -> object:
     return None if isinstance(value, str) and not value.strip() else value
 
 
+def _comma_list(value: object) -> object:
+    """A list setting from the environment: "A,B" or a JSON list."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return value
+
+
 SENTINEL_SCHEME = "redis+sentinel://"
+TENANT_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")  # no ":" or "/": tenants sit inside session keys
+CLUSTER_SCHEME = "redis+cluster://"
 
 
 @dataclass(frozen=True)
@@ -124,14 +137,18 @@ class RedisSettings(BaseModel):
     @classmethod
     def _known_scheme(cls, url: str | None) -> str | None:
         """Refused where settings are read (before any worker starts), not where the store opens."""
-        if url and not url.startswith(("redis://", "rediss://", "unix://", SENTINEL_SCHEME)):
+        if url and not url.startswith(("redis://", "rediss://", "unix://", SENTINEL_SCHEME, CLUSTER_SCHEME)):
             # Not the URL itself in the message: it may hold a password.
             raise ValueError(
-                "unsupported store URL scheme: the URL must start with redis://, rediss://, unix:// or "
-                f"{SENTINEL_SCHEME}"
+                "unsupported store URL scheme: the URL must start with redis://, rediss://, unix://, "
+                f"{SENTINEL_SCHEME} or {CLUSTER_SCHEME}"
             )
         if url and url.startswith(SENTINEL_SCHEME):
             parse_sentinel_url(url)
+        if url and url.startswith(CLUSTER_SCHEME):
+            from service.state.redis_cluster import parse_cluster_url
+
+            parse_cluster_url(url)
         return url
 
 
@@ -165,13 +182,7 @@ class RuntimeSettings(BaseModel):
     @field_validator("providers", mode="before")
     @classmethod
     def _comma_separated(cls, value: object) -> object:
-        """From the environment: "A,B" or a JSON list."""
-        if isinstance(value, str):
-            text = value.strip()
-            if text.startswith("["):
-                return json.loads(text)
-            return [item.strip() for item in text.split(",") if item.strip()]
-        return value
+        return _comma_list(value)
 
     cuda_device_id: int = Field(default=0, ge=0, description="the GPU the CUDA provider runs on")
     io_binding: bool = Field(
@@ -243,8 +254,9 @@ class AuthSettings(BaseModel):
         description="live sessions one tenant may hold, counted in the session store across every replica; "
         "a start past it is RESOURCE_EXHAUSTED; none: no limit",
     )
-    admin_tenants: list[str] = Field(
-        default_factory=list, description="tenants that may load and unload models (comma-separated)"
+    admin_tenants: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="tenants that may load and unload models and read statistics (comma-separated)",
     )
     reload_interval_s: float = Field(
         default=5.0, gt=0, description="how often the token file is checked for changes (new and removed tokens)"
@@ -254,6 +266,21 @@ class AuthSettings(BaseModel):
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return _unset_if_empty(value)
+
+    @field_validator("admin_tenants", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        return _comma_list(value)
+
+    @field_validator("admin_tenants")
+    @classmethod
+    def _tenant_names(cls, tenants: list[str]) -> list[str]:
+        bad = [t for t in tenants if not TENANT_PATTERN.fullmatch(t)]
+        if bad:
+            raise ValueError(
+                f"auth.admin_tenants: {bad[0][:70]!r} is not a tenant name (1 to 64 letters, digits or . _ -)"
+            )
+        return tenants
 
     @model_validator(mode="after")
     def _complete(self) -> AuthSettings:
@@ -307,6 +334,15 @@ class Settings(BaseSettings):
     batching: BatchingSettings = Field(default_factory=BatchingSettings)
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
     sessions: SessionSettings = Field(default_factory=SessionSettings)
+
+    @model_validator(mode="after")
+    def _tenant_limits_need_one_slot(self) -> Settings:
+        if self.auth.max_sessions_per_tenant and (self.redis.url or "").startswith(CLUSTER_SCHEME):
+            raise ValueError(
+                "auth.max_sessions_per_tenant is not kept on Redis Cluster (a tenant's count would sit in another "
+                "slot than its sessions); drop the limit, or use one Redis (with Sentinel) for tenants with limits"
+            )
+        return self
 
 
 class CodeSettings(Settings):

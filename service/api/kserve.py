@@ -37,7 +37,7 @@ from service.api.kserve_convert import (
 )
 from service.api.status import classify, grpc_status, unary
 from service.api.streams import StreamGate, answer_all, failed, time_steps
-from service.auth import Authenticator, tenant_of
+from service.auth import Authenticator, tenant_of, while_valid
 from service.errors import InvalidArgument, ModelNotFound, RnnServeError, SessionEnded, SessionNotFound
 from service.loader import ModelLoader
 from service.metrics import Metrics
@@ -164,6 +164,7 @@ class KServeServicer:
 
     @unary
     async def ModelStatistics(self, request: Any, context: Context) -> Any:  # noqa: N802
+        self._require_admin(context)  # every tenant's traffic
         models = self._engine.registry.all()
         if request.name:
             wanted = self._engine.registry.get(request.name, parse_version(request.version))
@@ -204,7 +205,8 @@ class KServeServicer:
         return kv.RepositoryModelUnloadResponse()
 
     def _require_admin(self, context: Context) -> None:
-        """Loading and unloading act for every tenant: with authentication on, only auth.admin_tenants may."""
+        """Loading, unloading and statistics concern every tenant: with authentication on, only
+        auth.admin_tenants may."""
         if self._auth is not None:
             self._auth.require_admin(context.invocation_metadata())
 
@@ -220,7 +222,8 @@ class KServeServicer:
     async def ModelStreamInfer(  # noqa: N802
         self, request_iterator: AsyncIterable[Any], context: Context
     ) -> AsyncIterator[Any]:
-        metadata = {key.lower(): value for key, value in (context.invocation_metadata() or ())}
+        metadata_list = context.invocation_metadata()
+        metadata = {key.lower(): value for key, value in (metadata_list or ())}
         in_band = str(metadata.get(ERROR_HEADER, "")).lower() != "true"
 
         def respond(request: Any, done: asyncio.Future[Any], taken: float) -> Any:
@@ -237,12 +240,11 @@ class KServeServicer:
                 return kv.ModelStreamInferResponse(error_message=message, infer_response=echo)
 
         try:
-            start = partial(self._start, tenant=tenant_of(self._auth, context.invocation_metadata()))
+            start = partial(self._start, tenant=tenant_of(self._auth, metadata_list))
+            requests = while_valid(request_iterator, self._auth, metadata_list)
             with self._gate.admit():
                 limit = self._settings.max_inflight_per_stream
-                answers = answer_all(
-                    request_iterator, start, respond, limit, self._gate, _sequence_key, _weight_of(limit)
-                )
+                answers = answer_all(requests, start, respond, limit, self._gate, _sequence_key, _weight_of(limit))
                 async for response in answers:
                     yield response
         except Exception as err:  # noqa: BLE001 - refused by the gate, or (triton_grpc_error) the first error

@@ -16,7 +16,7 @@ from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from service.api.status import classify, grpc_status, unary
 from service.api.streams import StreamGate, answer_all, failed, time_steps
-from service.auth import Authenticator, tenant_of
+from service.auth import Authenticator, tenant_of, while_valid
 from service.errors import InvalidArgument, Overloaded, RnnServeError, SeqOutOfOrder
 from service.metrics import Metrics
 from service.models import LoadedModel
@@ -88,14 +88,14 @@ class NativeServicer(pb_grpc.RnnServeServicer):
         self, request_iterator: AsyncIterable[pb.StepRequest], context: StreamContext
     ) -> AsyncIterator[pb.StepResponse]:
         try:
-            tenant = tenant_of(self._auth, context.invocation_metadata())
+            metadata = context.invocation_metadata()
+            tenant = tenant_of(self._auth, metadata)
             with self._gate.admit():
                 await context.send_initial_metadata(WORKER_METADATA)
                 limit = self._settings.max_inflight_per_stream
                 submit = partial(self._submit, tenant=tenant)
-                answers = answer_all(
-                    request_iterator, submit, self._respond, limit, self._gate, _session_of, self._weight
-                )
+                requests = while_valid(request_iterator, self._auth, metadata)
+                answers = answer_all(requests, submit, self._respond, limit, self._gate, _session_of, self._weight)
                 async for response in answers:
                     yield response
         except RnnServeError as refusal:  # steps answer in-band: only the gate refuses a whole stream
@@ -106,12 +106,13 @@ class NativeServicer(pb_grpc.RnnServeServicer):
         self, request_iterator: AsyncIterable[pb.StepBatch], context: BatchContext
     ) -> AsyncIterator[pb.StepBatchResult]:
         try:
-            tenant = tenant_of(self._auth, context.invocation_metadata())
+            metadata = context.invocation_metadata()
+            tenant = tenant_of(self._auth, metadata)
             with self._gate.admit():
                 await context.send_initial_metadata(WORKER_METADATA)
                 limit = self._settings.max_inflight_per_stream
                 answers = answer_all(
-                    request_iterator,
+                    while_valid(request_iterator, self._auth, metadata),
                     partial(self._submit_batch, tenant=tenant),
                     self._respond_batch,
                     limit,

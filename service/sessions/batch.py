@@ -340,7 +340,9 @@ class BatchPipeline:
                 tenant = items[i].step.tenant
                 if tenant:
                     commit.live = live_sessions_key(prefix, tenant)
-                    commit.live_limit = -1 if computed[i][0].ended else limit if plans[i].apply.base is None else 0
+                    apply = plans[i].apply
+                    opens = apply.base is None and not apply.restarts  # a restart replaces one live session
+                    commit.live_limit = -1 if computed[i][0].ended else limit if opens else 0
         started = time.perf_counter()
         try:
             outcomes = await self._store.commit_many(commits)

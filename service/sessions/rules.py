@@ -50,11 +50,13 @@ class Ask:
 
 @dataclass(slots=True)
 class Apply:
-    """Apply the step as `seq`, on `base` (None: fresh state), if the store still holds `expected`."""
+    """Apply the step as `seq`, on `base` (None: fresh state), if the store still holds `expected`;
+    `restarts` a start that replaces a live (stored, not ended) session."""
 
     seq: int
     base: SessionRecord | None
     expected: str
+    restarts: bool = False
 
 
 @dataclass(slots=True)
@@ -88,7 +90,8 @@ def judge(ask: Ask, token: str | None, record: SessionRecord | RecordCorrupt | N
     if ask.start:
         if isinstance(record, SessionRecord) and ask.start_id and record.start_id == ask.start_id:
             return _judge_step(ask, 1, record, model)
-        return Apply(1, None, token or ABSENT)
+        live = isinstance(record, SessionRecord) and not record.ended
+        return Apply(1, None, token or ABSENT, restarts=live)
     if isinstance(record, RecordCorrupt):
         return record
     if record is None:

@@ -40,9 +40,10 @@ RECORD_FIELD = "rec"
 # count's part (N > 0: a start, refused while the key is uncounted and N sessions are live; 0: a step that
 # keeps it live; -1: its end). Returns, per key: {0, token} applied, {1, current} conflict, {2, ''} missing,
 # {3, error} refused (OOM, a key of another type), {4, live} the tenant's limit. The live set is scored by
-# expiry (Redis's clock), so an idled-out session stops counting. Every Redis call is a pcall: each key
-# is compared and set on its own, and one key's error never stops the keys after it (a script that stopped
-# half way would leave the keys before it applied and the whole call answered as an error). The exception
+# expiry (Redis's clock), so an idled-out session stops counting, and expires itself with the last of them.
+# Every Redis call is a pcall: each key is compared and set on its own, and one key's error never stops the
+# keys after it (a script that stopped half way would leave the keys before it applied and the whole call
+# answered as an error). The exception
 # is READONLY: this Redis became a replica (a failover), no key of the call can have been written, and
 # the call's error makes the connection go (to the new primary, under Sentinel).
 _COMMIT_MANY = """
@@ -98,7 +99,12 @@ for i = 1, #KEYS do
       if live ~= '' and part < 0 then
         redis.pcall('ZREM', live, KEYS[i])
       elseif live ~= '' then
-        redis.pcall('ZADD', live, clock() + tonumber(ARGV[a + 4]), KEYS[i])
+        local ttl = tonumber(ARGV[a + 4])
+        redis.pcall('ZADD', live, clock() + ttl, KEYS[i])
+        local left = redis.pcall('PTTL', live)
+        if type(left) == 'number' and (left == -1 or (left >= 0 and left < ttl)) then
+          redis.pcall('PEXPIRE', live, ttl)
+        end
       end
       out[i] = {0, token}
     end
@@ -127,8 +133,11 @@ class _Connections:
         self._timeout_s = timeout_s
         self._slots = asyncio.Semaphore(size)
         self._idle: list[Connection] = []
+        self.closed = False  # a connection in use when the pool closed is closed when it comes back
 
     async def acquire(self) -> Connection:
+        if self.closed:
+            raise PoolClosed
         try:
             async with asyncio.timeout(self._timeout_s):
                 await self._slots.acquire()
@@ -137,11 +146,12 @@ class _Connections:
         return self._idle.pop() if self._idle else self._factory()
 
     def release(self, connection: Connection, *, broken: bool) -> None:
-        if not broken:
+        if not broken and not self.closed:
             self._idle.append(connection)
         self._slots.release()
 
     async def close(self) -> None:
+        self.closed = True
         idle, self._idle = self._idle, []
         for connection in idle:
             await connection.disconnect()
@@ -149,6 +159,10 @@ class _Connections:
 
 class PoolExhausted(Exception):
     """Every pooled connection stayed busy for the pool timeout."""
+
+
+class PoolClosed(Exception):
+    """The store was closed (the server is stopping)."""
 
 
 class RedisStateStore(StateStore):
@@ -196,16 +210,13 @@ class RedisStateStore(StateStore):
         self._socket_timeout_s = settings.socket_timeout_s
         self._cas_sha = hashlib.sha1(_COMMIT_MANY.encode()).hexdigest()
 
-    async def _run(self, what: str, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
-        """One pipelined round trip: each command's reply, or the ResponseError Redis answered it with."""
-        try:
-            connection = await self._connections.acquire()
-        except PoolExhausted:
-            raise Unavailable(
-                f"session store at {self._where}: no pooled connection came free in {self._pool_timeout_s:g}s "
-                f"while {what} (Redis slow or not answering, or more load than redis.max_connections "
-                "allows); retry"
-            ) from None
+    async def _run(
+        self, what: str, commands: Sequence[tuple[Any, ...]], connections: _Connections | None = None
+    ) -> list[Any]:
+        """One pipelined round trip (on `connections`, this store's pool by default): each command's reply,
+        or the ResponseError Redis answered it with."""
+        connections = connections or self._connections
+        connection = await self._acquire(connections, what)
         broken = True
         try:
             # connect() is where Sentinel's connections ask for the primary. It is bounded by redis-py's own
@@ -249,9 +260,21 @@ class RedisStateStore(StateStore):
         except RedisError as err:  # Redis answered, and refused: retrying will not help
             raise StoreRefused(f"session store {self._where} refused {what}: {err}") from err
         finally:
-            if broken:
+            if broken or connections.closed:
                 await connection.disconnect()
-            self._connections.release(connection, broken=broken)
+            connections.release(connection, broken=broken)
+
+    async def _acquire(self, connections: _Connections, what: str) -> Connection:
+        try:
+            return await connections.acquire()
+        except PoolExhausted:
+            raise Unavailable(
+                f"session store at {self._where}: no pooled connection came free in {self._pool_timeout_s:g}s "
+                f"while {what} (Redis slow or not answering, or more load than redis.max_connections "
+                "allows); retry"
+            ) from None
+        except PoolClosed:
+            raise Unavailable(f"this server is stopping (its session store closed) while {what}; retry") from None
 
     async def _one(self, what: str, *command: Any) -> Any:
         (reply,) = await self._run(what, [command])

@@ -20,23 +20,24 @@ from tritonclient.utils import InferenceServerException
 
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
-from service.auth import hash_line, parse_token_file
+from service.auth import new_token, parse_token_file
 from service.cli import main as cli_main
 from service.client import StepError, StreamClient, open_channel
-from service.errors import StartupError
+from service.errors import StartupError, Unauthenticated
 from service.settings import Settings
 from service.state.store import live_sessions_key, session_key
 from tests.conftest import TEST_REPO, offline_logits, step_request, vocabulary
 
 FEATURES = len(vocabulary())
 EYE = np.eye(FEATURES, dtype=np.float32)
-TOKENS = {"acme": "acme-token-1", "globex": "globex-token-1", "ops": "ops-token-1"}
+ISSUED = {tenant: new_token(tenant) for tenant in ("acme", "globex", "ops")}
+TOKENS = {tenant: token for tenant, (token, _) in ISSUED.items()}
 
 
 @pytest.fixture
 def token_file(tmp_path: Path) -> Path:
     path = tmp_path / "tokens"
-    path.write_text("# tenants\n" + "".join(hash_line(tenant, token) + "\n" for tenant, token in TOKENS.items()))
+    path.write_text("# tenants\n" + "".join(line + "\n" for _, line in ISSUED.values()))
     return path
 
 
@@ -65,10 +66,12 @@ async def stream_once(target: str, requests: list[pb.StepRequest], metadata=()) 
 def test_rnnserve_token_prints_a_token_and_stores_only_its_salted_hash(tmp_path, capsys):
     path = tmp_path / "tokens"
     assert cli_main(["token", "--file", str(path), "--tenant", "acme"]) == 0
+    path.write_text(path.read_text().rstrip("\n"))  # an editor left the last line without its newline
     assert cli_main(["token", "--file", str(path), "--tenant", "acme"]) == 0
     first, second = capsys.readouterr().out.split()
     text = path.read_text()
     assert first not in text and second not in text and first != second
+    assert all(token.startswith("rns_") for token in (first, second))  # never "-": a flag to a command line
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     entries = parse_token_file(text, "tokens")
     assert [e.tenant for e in entries] == ["acme", "acme"] and entries[0].salt != entries[1].salt
@@ -91,6 +94,33 @@ async def test_a_server_with_a_malformed_token_file_does_not_start(start_server,
     path.write_text("acme not-a-hash\n")
     with pytest.raises(StartupError, match="line 1"):
         await start_server(auth={"token_file": path})
+
+
+def test_admin_tenants_come_comma_separated_from_the_environment_and_must_be_tenant_names(monkeypatch, tmp_path):
+    monkeypatch.setenv("RNNSERVE_AUTH__TOKEN_FILE", str(tmp_path / "tokens"))
+    monkeypatch.setenv("RNNSERVE_AUTH__ADMIN_TENANTS", "ops, dev")
+    assert Settings().auth.admin_tenants == ["ops", "dev"]
+    monkeypatch.setenv("RNNSERVE_AUTH__ADMIN_TENANTS", "ops,a:b")
+    with pytest.raises(pydantic.ValidationError, match="not a tenant name"):
+        Settings()
+
+
+def test_a_token_is_looked_up_by_the_salt_it_carries(tmp_path):
+    """However many lines the file holds, a token is checked against the one line its salt names; a token
+    not of the issued form, or naming no line, is refused without a hash over the file."""
+    from service.auth import Authenticator
+    from service.settings import AuthSettings
+
+    issued = [new_token("acme") for _ in range(2000)]
+    path = tmp_path / "tokens"
+    path.write_text("".join(line + "\n" for _, line in issued))
+    authenticator = Authenticator(AuthSettings(token_file=path))
+    assert authenticator.tenant((("authorization", f"Bearer {issued[1234][0]}"),)) == "acme"
+    forged = issued[5][0][:-1] + ("A" if issued[5][0][-1] != "A" else "B")  # the right salt, a wrong secret
+    unknown = new_token("acme")[0]
+    for token in (forged, unknown, "-leading-dash", "rns_" + "0" * 32 + "_" + "x" * 43):
+        with pytest.raises(Unauthenticated):
+            authenticator.tenant((("authorization", f"Bearer {token}"),))
 
 
 def test_tenant_settings_need_a_token_file():
@@ -156,7 +186,7 @@ def tenant_target(tmp_path_factory) -> str:
     from tests.conftest import server_settings
 
     path = tmp_path_factory.mktemp("tokens") / "tokens"
-    path.write_text(hash_line("acme", TOKENS["acme"]) + "\n")
+    path.write_text(ISSUED["acme"][1] + "\n")
     ready: list[str] = []
     loop = asyncio.new_event_loop()
     stop = asyncio.Event()
@@ -177,12 +207,15 @@ def tenant_target(tmp_path_factory) -> str:
     loop.close()
 
 
-async def test_only_admin_tenants_load_and_unload_models(start_server, token_file):
+async def test_only_admin_tenants_load_and_unload_models_and_read_statistics(start_server, token_file):
     app = await start_server(auth=auth(token_file))
     triton = triton_aio.InferenceServerClient(f"127.0.0.1:{app.port}")
     try:
         with pytest.raises(InferenceServerException, match="may not load or unload"):
             await triton.unload_model("charlm", headers=dict(bearer("acme")))
+        with pytest.raises(InferenceServerException, match="PERMISSION_DENIED|read their statistics"):
+            await triton.get_inference_statistics("charlm", headers=dict(bearer("acme")))  # other tenants' traffic
+        assert await triton.get_inference_statistics("charlm", headers=dict(bearer("ops")))
         assert app.engine.registry.get("charlm")  # still loaded
         await triton.unload_model("charlm", headers=dict(bearer("ops")))
         assert not await triton.is_model_ready("charlm", headers=dict(bearer("acme")))
@@ -192,7 +225,8 @@ async def test_only_admin_tenants_load_and_unload_models(start_server, token_fil
 
 async def test_a_token_added_or_removed_counts_after_the_reload_interval(start_server, tmp_path):
     path = tmp_path / "tokens"
-    path.write_text(hash_line("acme", "old") + "\n")
+    old, new = new_token("acme"), new_token("acme")
+    path.write_text(old[1] + "\n")
     app = await start_server(auth={"token_file": path, "reload_interval_s": 0.1})
     target = f"127.0.0.1:{app.port}"
 
@@ -204,15 +238,15 @@ async def test_a_token_added_or_removed_counts_after_the_reload_interval(start_s
                 return err.code()
             return grpc.StatusCode.OK
 
-    assert await list_models("old") == grpc.StatusCode.OK
-    assert await list_models("new") == grpc.StatusCode.UNAUTHENTICATED
-    path.write_text(hash_line("acme", "new") + "\n")  # rotated: the old token removed
+    assert await list_models(old[0]) == grpc.StatusCode.OK
+    assert await list_models(new[0]) == grpc.StatusCode.UNAUTHENTICATED
+    path.write_text("\ufeff" + new[1] + "\r\n")  # rotated, by an editor that writes a BOM and CRLF
     await asyncio.sleep(0.2)
-    assert await list_models("new") == grpc.StatusCode.OK
-    assert await list_models("old") == grpc.StatusCode.UNAUTHENTICATED
+    assert await list_models(new[0]) == grpc.StatusCode.OK
+    assert await list_models(old[0]) == grpc.StatusCode.UNAUTHENTICATED
     path.write_text("garbage\n")  # a broken file keeps the tokens read last
     await asyncio.sleep(0.2)
-    assert await list_models("new") == grpc.StatusCode.OK
+    assert await list_models(new[0]) == grpc.StatusCode.OK
 
 
 # -- whose session ---------------------------------------------------------------------------------
@@ -355,3 +389,41 @@ async def test_starts_racing_on_two_replicas_never_pass_the_limit(start_server, 
     )
     outcomes = [code for answer in answers for code in codes(answer)]
     assert outcomes.count("OK") == 10 and outcomes.count("RESOURCE_EXHAUSTED") == 30
+
+
+async def test_a_revoked_token_ends_its_open_stream_at_the_next_request(start_server, tmp_path):
+    path = tmp_path / "tokens"
+    kept, revoked = new_token("acme"), new_token("acme")
+    path.write_text(kept[1] + "\n" + revoked[1] + "\n")
+    app = await start_server(auth={"token_file": path, "reload_interval_s": 0.1})
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        call = pb_grpc.RnnServeStub(channel).Stream(metadata=(("authorization", f"Bearer {revoked[0]}"),))
+        await call.write(step_request("s", 1, EYE[[1]], start=True))
+        assert not (await call.read()).HasField("error")
+        path.write_text(kept[1] + "\n")
+        await asyncio.sleep(0.3)
+        await call.write(step_request("s", 2, EYE[[2]]))
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await call.read()
+        assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED and "revoked" in ended.value.details()
+
+
+async def test_sessions_started_before_the_limit_count_once_stepped_and_may_restart(
+    start_server, token_file, redis_store_url
+):
+    """A replica without the limit (a rolling change) starts three sessions; a replica with limit 2 lets
+    them be restarted (a restart replaces a live session: never refused), counts them from then on, and
+    refuses new sessions while they hold the places. The tenant's live set expires with its sessions."""
+    before = await start_server(url=redis_store_url, auth=auth(token_file))
+    after = await start_server(url=redis_store_url, auth=auth(token_file, max_sessions_per_tenant=2))
+    old, new = f"127.0.0.1:{before.port}", f"127.0.0.1:{after.port}"
+    assert codes(await batch(old, "acme", starts("p1", "p2", "p3"))) == ["OK"] * 3
+    restart = [step_request("p1", 1, EYE[[9]], start=True)]
+    restart[0].start_id = 77
+    assert codes(await batch(new, "acme", restart)) == ["OK"]  # over the limit already, and still allowed
+    assert codes(await batch(new, "acme", [step_request("p2", 2, EYE[[1]])])) == ["OK"]
+    assert codes(await batch(new, "acme", starts("n1"))) == ["RESOURCE_EXHAUSTED"]  # p1 and p2 count now
+    import redis
+
+    with redis.Redis.from_url(redis_store_url) as client:
+        assert 0 < client.pttl(live_sessions_key("rnnserve", "acme")) <= 3600 * 1000

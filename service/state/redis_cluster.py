@@ -1,0 +1,354 @@
+"""Session records on Redis Cluster: the same records and compare-and-set as `RedisStateStore`, sharded.
+
+Each session's key hashes to a slot (its braces hold the session's hash tag), each slot is served by one
+primary. The store keeps the slot map (`CLUSTER SLOTS`), a connection pool per primary, and sends each
+node its share of a batch in one pipelined round trip, all nodes at once. A script call's keys must share
+a slot (Redis checks declared keys, and only declared keys get MOVED/ASK during a migration), so the
+commit script runs once per slot: in a batch of sessions that is about once per session, pipelined.
+
+Redirections: a slot that moved (resharding, a failover) answers MOVED, a slot being migrated ASK or
+TRYAGAIN; a call so answered ran nothing, so the store reads the slot map again and sends those keys
+again, a few times, before it answers UNAVAILABLE. A node that does not answer fails its own share of the
+batch (UNAVAILABLE; for commits, "may or may not have been applied", settled by the client's resend) and
+makes the store read the slot map again before the next call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import unquote
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.crc import key_slot
+from redis.exceptions import AskError, MovedError, NoScriptError, ResponseError, TryAgainError
+
+from service.batching import raise_if_cancelled
+from service.errors import RecordCorrupt, RnnServeError, StartupError, StoreRefused, Unavailable
+from service.settings import CLUSTER_SCHEME, RedisSettings
+from service.state.redis_store import (
+    _COMMIT_MANY,
+    _OUTCOMES,
+    KEYS_PER_CALL,
+    RECORD_FIELD,
+    TOKEN_FIELD,
+    RedisStateStore,
+    _Connections,
+    _redacted,
+)
+from service.state.store import Commit, CommitResult, Outcome, Stored
+
+SLOTS = 16384
+# Rounds of "read the slot map again and resend what was redirected" before a call is given up.
+MAX_REDIRECTS = 5
+_REDIRECTED = (MovedError, AskError, TryAgainError)
+
+Node = tuple[str, int]
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ClusterUrl:
+    nodes: list[Node]
+    username: str | None
+    password: str | None
+
+
+def parse_cluster_url(url: str) -> ClusterUrl:
+    """`redis+cluster://[user:password@]host:port[,host:port...][/]`: any nodes of the cluster (the rest are
+    found from them). ValueError, never quoting the URL, for anything else."""
+    rest = url.removeprefix(CLUSTER_SCHEME)
+    credentials, at, rest = rest.rpartition("@")
+    hosts = rest.removesuffix("/")
+    if "/" in hosts or "?" in hosts:
+        raise ValueError("a redis+cluster:// URL names nodes only: redis+cluster://host:port[,host:port...] (db 0)")
+    nodes = []
+    for address in hosts.split(","):
+        host, colon, port = address.rpartition(":")
+        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("a redis+cluster:// URL lists nodes as host:port[,host:port...]")
+        nodes.append((host.removeprefix("[").removesuffix("]"), int(port)))
+    username, _, password = credentials.partition(":") if at else ("", "", "")
+    return ClusterUrl(nodes, unquote(username) or None, unquote(password) if password else None)
+
+
+class RedisClusterStore(RedisStateStore):
+    def __init__(self, settings: RedisSettings) -> None:  # not super().__init__: that opens one standalone pool
+        assert settings.url is not None
+        try:
+            self._address = parse_cluster_url(settings.url)
+        except ValueError as err:
+            raise StartupError(str(err)) from None
+        self._settings = settings
+        self._where = _redacted(settings.url)
+        self._probe_prefix = f"{settings.key_prefix}:replication-probe"
+        self._wait = (settings.wait_replicas, settings.wait_timeout_ms)
+        self._pool_timeout_s = settings.pool_timeout_s
+        self._socket_timeout_s = settings.socket_timeout_s
+        self._cas_sha = hashlib.sha1(_COMMIT_MANY.encode()).hexdigest()
+        self._pools: dict[Node, tuple[aioredis.ConnectionPool, _Connections]] = {}
+        self._slots: list[Node] | None = None  # the primary serving each slot
+        self._refreshing: asyncio.Lock = asyncio.Lock()
+        self._probes: dict[Node, str] = {}
+        self._closed = False
+
+    # -- nodes and slots -----------------------------------------------------------------------
+
+    def _pool(self, node: Node) -> _Connections:
+        if self._closed:
+            raise Unavailable("this server is stopping (its session store closed); retry")
+        if node not in self._pools:
+            factory = aioredis.ConnectionPool(
+                host=node[0],
+                port=node[1],
+                username=self._address.username,
+                password=self._address.password,
+                socket_timeout=self._settings.socket_timeout_s,
+                socket_connect_timeout=self._settings.connect_timeout_s,
+                retry=Retry(NoBackoff(), 0),  # no silent re-sends (see RedisStateStore)
+            )
+            connections = _Connections(
+                factory.make_connection, self._settings.max_connections, self._settings.pool_timeout_s
+            )
+            self._pools[node] = (factory, connections)
+        return self._pools[node][1]
+
+    async def _slot_map(self) -> list[Node]:
+        if self._slots is None:
+            async with self._refreshing:
+                if self._slots is None:
+                    self._slots = await self._read_slot_map()
+        return self._slots
+
+    async def _read_slot_map(self) -> list[Node]:
+        """CLUSTER SLOTS from the first node that answers: the nodes of the URL, then every node known."""
+        candidates = list(dict.fromkeys([*self._address.nodes, *self._pools]))
+        failures = []
+        for node in candidates:
+            try:
+                (reply,) = await self._run("reading the cluster's slot map", [("CLUSTER", "SLOTS")], self._pool(node))
+            except Unavailable as err:
+                raise_if_cancelled()  # a stop that met a failing connect must not become "try the next node"
+                failures.append(f"{node[0]}:{node[1]}: {err.message}")
+                continue
+            if isinstance(reply, ResponseError):
+                raise StoreRefused(f"{node[0]}:{node[1]} refused CLUSTER SLOTS ({reply}): is it a cluster node?")
+            slots: list[Node | None] = [None] * SLOTS
+            for start, end, primary, *_ in reply:
+                host = primary[0].decode() if isinstance(primary[0], bytes) else str(primary[0])
+                for slot in range(int(start), int(end) + 1):
+                    slots[slot] = (host or node[0], int(primary[1]))
+            if any(owner is None for owner in slots):
+                raise Unavailable(f"the cluster at {self._where} does not serve every slot yet (CLUSTERDOWN?); retry")
+            return slots  # type: ignore[return-value]
+        raise Unavailable(f"no node of the cluster at {self._where} answered ({'; '.join(failures)[:400]}); retry")
+
+    def _stale(self) -> None:
+        """Read the slot map again before the next call (a redirection, or a node that did not answer)."""
+        self._slots = None
+
+    async def _per_node(
+        self, what: str, keys: Sequence[str], send: Callable[[Node, list[int]], Awaitable[list[T]]]
+    ) -> list[T | BaseException]:
+        """`send(node, indexes)` for each node's share of `keys`, all nodes at once; each key's result, an
+        exception for a node that failed. Keys whose call was redirected are sent again on a fresh slot
+        map, up to MAX_REDIRECTS rounds."""
+        results: list[T | BaseException | None] = [None] * len(keys)
+        todo = list(range(len(keys)))
+        for _ in range(MAX_REDIRECTS):
+            slots = await self._slot_map()
+            shares: dict[Node, list[int]] = {}
+            for i in todo:
+                shares.setdefault(slots[key_slot(keys[i].encode())], []).append(i)
+            nodes = list(shares)
+            outcomes = await asyncio.gather(*(send(node, shares[node]) for node in nodes), return_exceptions=True)
+            raise_if_cancelled()
+            todo = []
+            for node, outcome in zip(nodes, outcomes, strict=True):
+                if isinstance(outcome, BaseException):
+                    if not isinstance(outcome, Exception):
+                        raise outcome
+                    self._stale()
+                    for i in shares[node]:
+                        results[i] = outcome
+                    continue
+                for i, result in zip(shares[node], outcome, strict=True):
+                    if isinstance(result, _REDIRECTED):
+                        todo.append(i)
+                    else:
+                        results[i] = result
+            if not todo:
+                return results  # type: ignore[return-value]
+            self._stale()
+            await asyncio.sleep(0.05)  # a migration or failover under way: give it a moment
+        for i in todo:
+            results[i] = Unavailable(f"session store at {self._where}: its slot kept moving while {what}; retry")
+        return results  # type: ignore[return-value]
+
+    # -- the store -------------------------------------------------------------------------------
+
+    async def load_many(self, keys: Sequence[str]) -> list[Stored | None | RecordCorrupt]:
+        if not keys:
+            return []
+
+        async def send(node: Node, share: list[int]) -> list[Any]:
+            commands = [("HMGET", keys[i], TOKEN_FIELD, RECORD_FIELD) for i in share]
+            return await self._run("loading sessions", commands, self._pool(node))
+
+        stored: list[Stored | None | RecordCorrupt] = []
+        for key, reply in zip(keys, await self._per_node("loading sessions", keys, send), strict=True):
+            if isinstance(reply, ResponseError):
+                stored.append(RecordCorrupt(f"the store holds something else than a session under {key!r} ({reply})"))
+                continue
+            if isinstance(reply, BaseException):
+                raise reply  # a node that did not answer: the batch's load fails, as on one Redis
+            token, record = reply
+            stored.append(None if token is None or record is None else Stored(token.decode(), record))
+        return stored
+
+    async def commit_many(self, commits: Sequence[Commit]) -> list[CommitResult]:
+        """Each node's share in calls of the batch script (`KEYS_PER_CALL` keys each), then WAIT where
+        `redis.wait_replicas` asks; a call answered MOVED/ASK/TRYAGAIN ran nothing and is sent again."""
+        replicas, wait_ms = self._wait
+
+        async def send(node: Node, share: list[int]) -> list[Any]:
+            by_slot: dict[int, list[int]] = {}
+            for i in share:
+                by_slot.setdefault(key_slot(commits[i].key.encode()), []).append(i)
+            calls = [
+                same[i : i + KEYS_PER_CALL] for same in by_slot.values() for i in range(0, len(same), KEYS_PER_CALL)
+            ]
+            order = [i for call in calls for i in call]  # the share, regrouped by slot
+            pool = self._pool(node)
+            answers: list[Any] = [None] * len(calls)
+            todo = list(range(len(calls)))
+            acknowledged = replicas
+            for attempt in range(2):
+                commands = [self._commit_call([commits[i] for i in calls[c]]) for c in todo]
+                if replicas:
+                    commands.append(("WAIT", replicas, wait_ms))
+                replies = await self._run("committing sessions", commands, pool)
+                if replicas:
+                    waited = replies.pop()
+                    acknowledged = min(acknowledged, 0 if isinstance(waited, ResponseError) else waited)
+                for c, reply in zip(todo, replies, strict=True):
+                    answers[c] = reply
+                todo = [c for c in todo if isinstance(answers[c], NoScriptError)]  # none of such a call ran
+                if not todo or attempt:
+                    break
+                await self._load_script_on(pool)
+            results: list[Any] = []
+            for call, answer in zip(calls, answers, strict=True):
+                if isinstance(answer, _REDIRECTED):  # the node refused the whole call before running it
+                    results += [answer] * len(call)
+                elif isinstance(answer, Exception):  # BUSY, a script error: whether any key was written is unknown
+                    results += [CommitResult(Outcome.UNKNOWN, str(answer))] * len(call)
+                else:
+                    results += [CommitResult(_OUTCOMES[code], current.decode() or None) for code, current in answer]
+            if acknowledged < replicas:  # applied on the primary, which may lose it in a failover
+                why = f"{acknowledged} of {replicas} replicas confirmed the write within {wait_ms} ms"
+                results = [
+                    CommitResult(Outcome.UNKNOWN, why) if isinstance(r, CommitResult) and r.outcome is Outcome.OK else r
+                    for r in results
+                ]
+            by_index = dict(zip(order, results, strict=True))
+            return [by_index[i] for i in share]
+
+        outcomes = await self._per_node("committing sessions", [c.key for c in commits], send)
+        return [
+            outcome if isinstance(outcome, CommitResult) else CommitResult(Outcome.UNKNOWN, _reason(outcome))
+            for outcome in outcomes
+        ]
+
+    async def confirm_replicated(self, records: Sequence[tuple[str, str]]) -> None:
+        replicas, wait_ms = self._wait
+        if not replicas:
+            return
+
+        async def send(node: Node, share: list[int]) -> list[Any]:
+            commands: list[tuple[Any, ...]] = [("HGET", records[i][0], TOKEN_FIELD) for i in share]
+            commands += [("INCR", await self._probe_key_on(node)), ("WAIT", replicas, wait_ms)]
+            *tokens, probe, waited = await self._run("confirming replication", commands, self._pool(node))
+            for reply in (probe, waited):
+                if isinstance(reply, ResponseError):
+                    raise Unavailable(f"session store at {self._where} could not confirm a stored step ({reply})")
+            if waited < replicas:
+                raise Unavailable(
+                    f"session store at {self._where}: {waited} of {replicas} replicas confirmed the stored step "
+                    f"within {wait_ms} ms (redis.wait_replicas); resend it"
+                )
+            return tokens
+
+        outcomes = await self._per_node("confirming replication", [key for key, _ in records], send)
+        for (_, token), stored in zip(records, outcomes, strict=True):
+            if isinstance(stored, RnnServeError):
+                raise stored
+            if isinstance(stored, BaseException) or stored is None or stored.decode() != token:
+                raise Unavailable(
+                    "the session moved on, or this store does not hold it, while confirming a replay; resend it"
+                )
+
+    async def _probe_key_on(self, node: Node) -> str:
+        """A key that lives on `node` (its hash tag chosen for a slot the node serves): the write WAIT waits for."""
+        slots = await self._slot_map()
+        if node not in self._probes:
+            n = 0
+            while slots[key_slot(f"{self._probe_prefix}:{{{n}}}".encode())] != node:
+                n += 1
+            self._probes[node] = f"{self._probe_prefix}:{{{n}}}"
+        return self._probes[node]
+
+    async def _single(self, what: str, key: str, *command: Any) -> Any:
+        async def send(node: Node, share: list[int]) -> list[Any]:
+            return await self._run(what, [command], self._pool(node))
+
+        (reply,) = await self._per_node(what, [key], send)
+        if isinstance(reply, BaseException):
+            if isinstance(reply, ResponseError):
+                raise StoreRefused(f"session store {self._where} refused {what}: {reply}")
+            raise reply
+        return reply
+
+    async def delete(self, key: str, live: str = "") -> bool:
+        if live:  # refused where settings are read (RedisSettings): the live set would sit in another slot
+            raise StoreRefused("per-tenant session limits are not kept on Redis Cluster")
+        return bool(await self._single("deleting a session", key, "DEL", key))
+
+    async def ttl_ms(self, key: str) -> int | None:
+        ttl = await self._single("reading a session's ttl", key, "PTTL", key)
+        return None if ttl == -2 else int(ttl)
+
+    async def _load_script_on(self, pool: _Connections) -> None:
+        (sha,) = await self._run("loading the commit script", [("SCRIPT", "LOAD", _COMMIT_MANY)], pool)
+        if isinstance(sha, ResponseError):
+            raise StoreRefused(f"session store {self._where} refused loading the commit script: {sha}")
+
+    async def ping(self) -> None:
+        """Reads the slot map, loads the commit script on every primary (checks WAIT where asked)."""
+        self._stale()
+        slots = await self._slot_map()
+        for node in dict.fromkeys(slots):
+            pool = self._pool(node)
+            await self._load_script_on(pool)
+            if self._wait[0]:
+                (waited,) = await self._run("checking that WAIT is allowed", [("WAIT", 0, 0)], pool)
+                if isinstance(waited, ResponseError):
+                    raise StoreRefused(f"session store {self._where} refused WAIT: {waited}")
+
+    async def close(self) -> None:
+        self._closed = True
+        for factory, connections in self._pools.values():
+            await connections.close()
+            await factory.aclose()
+        self._pools.clear()
+
+
+def _reason(outcome: BaseException | object) -> str:
+    if isinstance(outcome, RnnServeError):
+        return outcome.message
+    return str(outcome)
