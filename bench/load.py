@@ -251,6 +251,9 @@ async def run_load(spec: LoadSpec) -> LoadResult:
     # Up to four connections (each its own: see CHANNEL_OPTIONS), spread over a server's worker processes.
     channels = [grpc.aio.insecure_channel(spec.target, options=CHANNEL_OPTIONS) for _ in range(min(spec.streams, 4))]
     try:
+        # Connected first: CHANNEL_OPTIONS give a connection attempt little time (quick reconnects), and a
+        # call on a channel still in its first failed attempt fails at once instead of waiting for the next.
+        await asyncio.wait_for(asyncio.gather(*(channel.channel_ready() for channel in channels)), 60)
         streams: list[_Stream | _BatchStream] = [
             _BatchStream(spec, channels[k % len(channels)], ids[k :: spec.streams], result)
             if spec.per_message > 1

@@ -55,9 +55,9 @@ async def _one_chunk(target: str) -> None:
 
 
 def test_a_server_holds_bounded_memory_for_clients_that_never_read(tmp_path, capsys):
-    """Rounds of 8 streams that write and never read, each offering more than the last: the server takes
-    the same few chunks a stream each time (its limit, plus what gRPC's transport buffers), and the memory
-    it holds for them while they stay open does not grow with what they offer."""
+    """Rounds of 8 streams that write and never read, each offering twice the last: the memory the server
+    holds for them while they stay open (its limit's worth of steps a stream, plus what gRPC's transport
+    buffers) does not grow with what they offer."""
     port = free_port()
     server = ServerProcess.rnnserve(port, TEST_REPO, None, metrics_port=0, log=tmp_path / "log")
     server.start()
@@ -77,7 +77,8 @@ def test_a_server_holds_bounded_memory_for_clients_that_never_read(tmp_path, cap
                 f"\n{STREAMS} streams offered {STREAMS * offered} chunks ({megabytes:.0f} MB): {written} taken "
                 f"or buffered; server RSS {started:.0f} MB at rest, {held:.0f} MB holding them"
             )
-    (small, taken_small, held_small), _, (large, taken_large, held_large) = rounds
-    assert taken_large < 1.5 * taken_small  # offered four times as much: took about the same
-    offered_more = STREAMS * (large - small) * CHUNK.nbytes / 2**20
-    assert held_large - held_small < offered_more / 4  # and held about the same
+    # The client's count includes what its own gRPC core and both kernels buffer: reported, not judged.
+    # The server's memory is: offered twice as much (the last two rounds), it held about the same.
+    _, (middle, _, held_middle), (large, _, held_large) = rounds
+    offered_more = STREAMS * (large - middle) * CHUNK.nbytes / 2**20
+    assert held_large - held_middle < offered_more / 4
