@@ -50,22 +50,51 @@ class SentinelUrl:
 def parse_sentinel_url(url: str) -> SentinelUrl:
     """`redis+sentinel://[user:password@]host:port[,host:port...]/master-name[/db]`; ValueError (which never
     quotes the URL: it may hold a password) for anything else. IPv6 hosts go in brackets."""
-    rest = url.removeprefix(SENTINEL_SCHEME)
-    credentials, at, rest = rest.rpartition("@")
+    credentials, at, rest = url.removeprefix(SENTINEL_SCHEME).rpartition("@")
     hosts, _, path = rest.partition("/")
     master, _, db = path.partition("/")
-    sentinels = []
+    sentinels = _addresses(hosts, "a redis+sentinel:// URL lists its sentinels as host:port[,host:port...]")
+    if not master or not (db == "" or db.isdigit()) or "?" in path:
+        raise ValueError("a redis+sentinel:// URL ends with /master-name or /master-name/db (db a number)")
+    username, password = _credentials(credentials if at else "")
+    return SentinelUrl(sentinels, unquote(master), int(db or 0), username, password)
+
+
+@dataclass(frozen=True)
+class ClusterUrl:
+    """What a redis+cluster:// URL names: some nodes of the cluster, and how to log in to every node."""
+
+    nodes: list[tuple[str, int]]
+    username: str | None
+    password: str | None
+
+
+def parse_cluster_url(url: str) -> ClusterUrl:
+    """`redis+cluster://[user:password@]host:port[,host:port...][/]`: any nodes of the cluster (the rest are
+    found from them). ValueError, never quoting the URL, for anything else."""
+    credentials, at, rest = url.removeprefix(CLUSTER_SCHEME).rpartition("@")
+    hosts = rest.removesuffix("/")
+    if "/" in hosts or "?" in hosts:
+        raise ValueError("a redis+cluster:// URL names nodes only: redis+cluster://host:port[,host:port...] (db 0)")
+    nodes = _addresses(hosts, "a redis+cluster:// URL lists nodes as host:port[,host:port...]")
+    return ClusterUrl(nodes, *_credentials(credentials if at else ""))
+
+
+def _addresses(hosts: str, expected: str) -> list[tuple[str, int]]:
+    """`host:port[,host:port...]` (IPv6 hosts in brackets); ValueError(`expected`) for anything else."""
+    addresses = []
     for address in hosts.split(","):
         host, colon, port = address.rpartition(":")
         if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError("a redis+sentinel:// URL lists its sentinels as host:port[,host:port...]")
-        sentinels.append((host.removeprefix("[").removesuffix("]"), int(port)))
-    if not master or not (db == "" or db.isdigit()) or "?" in path:
-        raise ValueError("a redis+sentinel:// URL ends with /master-name or /master-name/db (db a number)")
-    username, _, password = credentials.partition(":") if at else ("", "", "")
-    return SentinelUrl(
-        sentinels, unquote(master), int(db or 0), unquote(username) or None, unquote(password) if password else None
-    )
+            raise ValueError(expected)
+        addresses.append((host.removeprefix("[").removesuffix("]"), int(port)))
+    return addresses
+
+
+def _credentials(credentials: str) -> tuple[str | None, str | None]:
+    """(user, password) of a URL's `user:password` part, percent-decoded; None for either left out."""
+    username, _, password = credentials.partition(":")
+    return unquote(username) or None, unquote(password) if password else None
 
 
 class RedisSettings(BaseModel):
@@ -146,8 +175,6 @@ class RedisSettings(BaseModel):
         if url and url.startswith(SENTINEL_SCHEME):
             parse_sentinel_url(url)
         if url and url.startswith(CLUSTER_SCHEME):
-            from service.state.redis_cluster import parse_cluster_url
-
             parse_cluster_url(url)
         return url
 

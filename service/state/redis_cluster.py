@@ -18,9 +18,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import unquote
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -30,7 +28,7 @@ from redis.exceptions import AskError, MovedError, NoScriptError, ResponseError,
 
 from service.batching import raise_if_cancelled
 from service.errors import RecordCorrupt, RnnServeError, StartupError, StoreRefused, Unavailable
-from service.settings import CLUSTER_SCHEME, RedisSettings
+from service.settings import RedisSettings, parse_cluster_url
 from service.state.redis_store import (
     _COMMIT_MANY,
     _OUTCOMES,
@@ -50,31 +48,6 @@ _REDIRECTED = (MovedError, AskError, TryAgainError)
 
 Node = tuple[str, int]
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class ClusterUrl:
-    nodes: list[Node]
-    username: str | None
-    password: str | None
-
-
-def parse_cluster_url(url: str) -> ClusterUrl:
-    """`redis+cluster://[user:password@]host:port[,host:port...][/]`: any nodes of the cluster (the rest are
-    found from them). ValueError, never quoting the URL, for anything else."""
-    rest = url.removeprefix(CLUSTER_SCHEME)
-    credentials, at, rest = rest.rpartition("@")
-    hosts = rest.removesuffix("/")
-    if "/" in hosts or "?" in hosts:
-        raise ValueError("a redis+cluster:// URL names nodes only: redis+cluster://host:port[,host:port...] (db 0)")
-    nodes = []
-    for address in hosts.split(","):
-        host, colon, port = address.rpartition(":")
-        if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError("a redis+cluster:// URL lists nodes as host:port[,host:port...]")
-        nodes.append((host.removeprefix("[").removesuffix("]"), int(port)))
-    username, _, password = credentials.partition(":") if at else ("", "", "")
-    return ClusterUrl(nodes, unquote(username) or None, unquote(password) if password else None)
 
 
 class RedisClusterStore(RedisStateStore):

@@ -19,9 +19,8 @@ from bench.process import RedisCluster, free_port
 from service.client import BatchClient, StepReply
 from service.errors import Unavailable
 from service.server import open_store
-from service.settings import RedisSettings, Settings
+from service.settings import RedisSettings, Settings, parse_cluster_url
 from service.state.record import decode
-from service.state.redis_cluster import parse_cluster_url
 from service.state.store import ABSENT, Commit, Outcome, session_key
 from tests.conftest import TEST_REPO, offline_logits, vocabulary
 from tests.service.test_session_contract import TOLERANCE
