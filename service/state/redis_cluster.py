@@ -16,7 +16,6 @@ makes the store read the slot map again before the next call.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -30,14 +29,12 @@ from service.batching import raise_if_cancelled
 from service.errors import RecordCorrupt, RnnServeError, StartupError, StoreRefused, Unavailable
 from service.settings import RedisSettings, parse_cluster_url
 from service.state.redis_store import (
-    _COMMIT_MANY,
     _OUTCOMES,
     KEYS_PER_CALL,
     RECORD_FIELD,
     TOKEN_FIELD,
     RedisStateStore,
     _Connections,
-    _redacted,
 )
 from service.state.store import Commit, CommitResult, Outcome, Stored
 
@@ -58,12 +55,7 @@ class RedisClusterStore(RedisStateStore):
         except ValueError as err:
             raise StartupError(str(err)) from None
         self._settings = settings
-        self._where = _redacted(settings.url)
-        self._probe_prefix = f"{settings.key_prefix}:replication-probe"
-        self._wait = (settings.wait_replicas, settings.wait_timeout_ms)
-        self._pool_timeout_s = settings.pool_timeout_s
-        self._socket_timeout_s = settings.socket_timeout_s
-        self._cas_sha = hashlib.sha1(_COMMIT_MANY.encode()).hexdigest()
+        self._configure(settings)
         self._pools: dict[Node, tuple[aioredis.ConnectionPool, _Connections]] = {}
         self._slots: list[Node] | None = None  # the primary serving each slot
         self._refreshing: asyncio.Lock = asyncio.Lock()
@@ -214,7 +206,7 @@ class RedisClusterStore(RedisStateStore):
                 todo = [c for c in todo if isinstance(answers[c], NoScriptError)]  # none of such a call ran
                 if not todo or attempt:
                     break
-                await self._load_script_on(pool)
+                await self._load_script(pool)
             results: list[Any] = []
             for call, answer in zip(calls, answers, strict=True):
                 if isinstance(answer, _REDIRECTED):  # the node refused the whole call before running it
@@ -271,9 +263,9 @@ class RedisClusterStore(RedisStateStore):
         slots = await self._slot_map()
         if node not in self._probes:
             n = 0
-            while slots[key_slot(f"{self._probe_prefix}:{{{n}}}".encode())] != node:
+            while slots[key_slot(f"{self._probe_key}:{{{n}}}".encode())] != node:
                 n += 1
-            self._probes[node] = f"{self._probe_prefix}:{{{n}}}"
+            self._probes[node] = f"{self._probe_key}:{{{n}}}"
         return self._probes[node]
 
     async def _single(self, what: str, key: str, *command: Any) -> Any:
@@ -296,22 +288,14 @@ class RedisClusterStore(RedisStateStore):
         ttl = await self._single("reading a session's ttl", key, "PTTL", key)
         return None if ttl == -2 else int(ttl)
 
-    async def _load_script_on(self, pool: _Connections) -> None:
-        (sha,) = await self._run("loading the commit script", [("SCRIPT", "LOAD", _COMMIT_MANY)], pool)
-        if isinstance(sha, ResponseError):
-            raise StoreRefused(f"session store {self._where} refused loading the commit script: {sha}")
-
     async def ping(self) -> None:
         """Reads the slot map, loads the commit script on every primary (checks WAIT where asked)."""
         self._stale()
         slots = await self._slot_map()
         for node in dict.fromkeys(slots):
             pool = self._pool(node)
-            await self._load_script_on(pool)
-            if self._wait[0]:
-                (waited,) = await self._run("checking that WAIT is allowed", [("WAIT", 0, 0)], pool)
-                if isinstance(waited, ResponseError):
-                    raise StoreRefused(f"session store {self._where} refused WAIT: {waited}")
+            await self._load_script(pool)
+            await self._check_wait(pool)
 
     async def close(self) -> None:
         self._closed = True

@@ -169,10 +169,8 @@ class RedisStateStore(StateStore):
     def __init__(self, settings: RedisSettings) -> None:
         if not settings.url:
             raise ValueError("RedisStateStore needs a redis:// or rediss:// URL")
-        self._where = _redacted(settings.url)
+        self._configure(settings)
         # redis-py parses the URL (TLS, auth, database, unix sockets) and makes the connections.
-        self._probe_key = f"{settings.key_prefix}:replication-probe"
-        self._wait = (settings.wait_replicas, settings.wait_timeout_ms)
         tls: dict[str, Any] = {}
         if settings.url.startswith(SENTINEL_SCHEME):
             self._finish_init(settings, _sentinel_pool(settings))
@@ -203,12 +201,19 @@ class RedisStateStore(StateStore):
             ) from None
         self._finish_init(settings, factory)
 
-    def _finish_init(self, settings: RedisSettings, factory: aioredis.ConnectionPool) -> None:
-        self._factory = factory
-        self._connections = _Connections(factory.make_connection, settings.max_connections, settings.pool_timeout_s)
+    def _configure(self, settings: RedisSettings) -> None:
+        """What every Redis store keeps of its settings (the cluster store, which opens no single pool, too)."""
+        assert settings.url is not None
+        self._where = _redacted(settings.url)
+        self._probe_key = f"{settings.key_prefix}:replication-probe"
+        self._wait = (settings.wait_replicas, settings.wait_timeout_ms)
         self._pool_timeout_s = settings.pool_timeout_s
         self._socket_timeout_s = settings.socket_timeout_s
         self._cas_sha = hashlib.sha1(_COMMIT_MANY.encode()).hexdigest()
+
+    def _finish_init(self, settings: RedisSettings, factory: aioredis.ConnectionPool) -> None:
+        self._factory = factory
+        self._connections = _Connections(factory.make_connection, settings.max_connections, settings.pool_timeout_s)
 
     async def _run(
         self, what: str, commands: Sequence[tuple[Any, ...]], connections: _Connections | None = None
@@ -276,8 +281,8 @@ class RedisStateStore(StateStore):
         except PoolClosed:
             raise Unavailable(f"this server is stopping (its session store closed) while {what}; retry") from None
 
-    async def _one(self, what: str, *command: Any) -> Any:
-        (reply,) = await self._run(what, [command])
+    async def _one(self, what: str, *command: Any, connections: _Connections | None = None) -> Any:
+        (reply,) = await self._run(what, [command], connections)
         if isinstance(reply, ResponseError):
             raise StoreRefused(f"session store {self._where} refused {what}: {reply}")
         return reply
@@ -367,8 +372,8 @@ class RedisStateStore(StateStore):
             args += (c.expected or "", c.token, c.record, max(1, int(c.ttl_s * 1000)), c.live, c.live_limit)
         return tuple(args)
 
-    async def _load_script(self) -> None:
-        sha = await self._one("loading the commit script", "SCRIPT", "LOAD", _COMMIT_MANY)
+    async def _load_script(self, connections: _Connections | None = None) -> None:
+        sha = await self._one("loading the commit script", "SCRIPT", "LOAD", _COMMIT_MANY, connections=connections)
         self._cas_sha = sha.decode() if isinstance(sha, bytes) else str(sha)
 
     async def delete(self, key: str, live: str = "") -> bool:
@@ -388,8 +393,11 @@ class RedisStateStore(StateStore):
         """Also loads the commit script, so the first commits need not; with `redis.wait_replicas`, checks
         that WAIT is allowed (an ACL that refuses it would leave every step unconfirmed)."""
         await self._load_script()
+        await self._check_wait()
+
+    async def _check_wait(self, connections: _Connections | None = None) -> None:
         if self._wait[0]:
-            await self._one("checking that WAIT is allowed", "WAIT", 0, 0)
+            await self._one("checking that WAIT is allowed", "WAIT", 0, 0, connections=connections)
 
     async def close(self) -> None:
         await self._connections.close()
