@@ -23,13 +23,13 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
-from redis.exceptions import AskError, MovedError, NoScriptError, ResponseError, TryAgainError
+from redis.exceptions import AskError, MovedError, ResponseError, TryAgainError
 
 from service.batching import raise_if_cancelled
 from service.errors import RecordCorrupt, RnnServeError, StartupError, StoreRefused, Unavailable
 from service.settings import RedisSettings, parse_cluster_url
 from service.state.redis_store import (
-    _OUTCOMES,
+    _MOVED_ON,
     KEYS_PER_CALL,
     RECORD_FIELD,
     TOKEN_FIELD,
@@ -177,9 +177,9 @@ class RedisClusterStore(RedisStateStore):
         return stored
 
     async def commit_many(self, commits: Sequence[Commit]) -> list[CommitResult]:
-        """Each node's share in calls of the batch script (`KEYS_PER_CALL` keys each), then WAIT where
-        `redis.wait_replicas` asks; a call answered MOVED/ASK/TRYAGAIN ran nothing and is sent again."""
-        replicas, wait_ms = self._wait
+        """Each node's share in calls of the batch script, one slot a call (`KEYS_PER_CALL` keys at most),
+        then WAIT where `redis.wait_replicas` asks; a call answered MOVED/ASK/TRYAGAIN ran nothing and is
+        sent again."""
 
         async def send(node: Node, share: list[int]) -> list[Any]:
             by_slot: dict[int, list[int]] = {}
@@ -188,40 +188,10 @@ class RedisClusterStore(RedisStateStore):
             calls = [
                 same[i : i + KEYS_PER_CALL] for same in by_slot.values() for i in range(0, len(same), KEYS_PER_CALL)
             ]
-            order = [i for call in calls for i in call]  # the share, regrouped by slot
-            pool = self._pool(node)
-            answers: list[Any] = [None] * len(calls)
-            todo = list(range(len(calls)))
-            acknowledged = replicas
-            for attempt in range(2):
-                commands = [self._commit_call([commits[i] for i in calls[c]]) for c in todo]
-                if replicas:
-                    commands.append(("WAIT", replicas, wait_ms))
-                replies = await self._run("committing sessions", commands, pool)
-                if replicas:
-                    waited = replies.pop()
-                    acknowledged = min(acknowledged, 0 if isinstance(waited, ResponseError) else waited)
-                for c, reply in zip(todo, replies, strict=True):
-                    answers[c] = reply
-                todo = [c for c in todo if isinstance(answers[c], NoScriptError)]  # none of such a call ran
-                if not todo or attempt:
-                    break
-                await self._load_script(pool)
-            results: list[Any] = []
-            for call, answer in zip(calls, answers, strict=True):
-                if isinstance(answer, _REDIRECTED):  # the node refused the whole call before running it
-                    results += [answer] * len(call)
-                elif isinstance(answer, Exception):  # BUSY, a script error: whether any key was written is unknown
-                    results += [CommitResult(Outcome.UNKNOWN, str(answer))] * len(call)
-                else:
-                    results += [CommitResult(_OUTCOMES[code], current.decode() or None) for code, current in answer]
-            if acknowledged < replicas:  # applied on the primary, which may lose it in a failover
-                why = f"{acknowledged} of {replicas} replicas confirmed the write within {wait_ms} ms"
-                results = [
-                    CommitResult(Outcome.UNKNOWN, why) if isinstance(r, CommitResult) and r.outcome is Outcome.OK else r
-                    for r in results
-                ]
-            by_index = dict(zip(order, results, strict=True))
+            results = await self._commit_calls(
+                [[commits[i] for i in call] for call in calls], self._pool(node), passed=_REDIRECTED
+            )
+            by_index = dict(zip((i for call in calls for i in call), results, strict=True))
             return [by_index[i] for i in share]
 
         outcomes = await self._per_node("committing sessions", [c.key for c in commits], send)
@@ -231,32 +201,18 @@ class RedisClusterStore(RedisStateStore):
         ]
 
     async def confirm_replicated(self, records: Sequence[tuple[str, str]]) -> None:
-        replicas, wait_ms = self._wait
-        if not replicas:
+        if not self._wait[0]:
             return
 
         async def send(node: Node, share: list[int]) -> list[Any]:
-            commands: list[tuple[Any, ...]] = [("HGET", records[i][0], TOKEN_FIELD) for i in share]
-            commands += [("INCR", await self._probe_key_on(node)), ("WAIT", replicas, wait_ms)]
-            *tokens, probe, waited = await self._run("confirming replication", commands, self._pool(node))
-            for reply in (probe, waited):
-                if isinstance(reply, ResponseError):
-                    raise Unavailable(f"session store at {self._where} could not confirm a stored step ({reply})")
-            if waited < replicas:
-                raise Unavailable(
-                    f"session store at {self._where}: {waited} of {replicas} replicas confirmed the stored step "
-                    f"within {wait_ms} ms (redis.wait_replicas); resend it"
-                )
-            return tokens
+            probe = await self._probe_key_on(node)
+            return await self._confirm_round([records[i] for i in share], probe, self._pool(node), _REDIRECTED)
 
-        outcomes = await self._per_node("confirming replication", [key for key, _ in records], send)
-        for (_, token), stored in zip(records, outcomes, strict=True):
-            if isinstance(stored, RnnServeError):
-                raise stored
-            if isinstance(stored, BaseException) or stored is None or stored.decode() != token:
-                raise Unavailable(
-                    "the session moved on, or this store does not hold it, while confirming a replay; resend it"
-                )
+        for held in await self._per_node("confirming replication", [key for key, _ in records], send):
+            if isinstance(held, RnnServeError):
+                raise held
+            if held is not True:
+                raise Unavailable(_MOVED_ON)
 
     async def _probe_key_on(self, node: Node) -> str:
         """A key that lives on `node` (its hash tag chosen for a slot the node serves): the write WAIT waits for."""

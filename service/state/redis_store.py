@@ -16,7 +16,7 @@ import math
 import re
 import ssl
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection as Connection
@@ -155,6 +155,9 @@ class _Connections:
         idle, self._idle = self._idle, []
         for connection in idle:
             await connection.disconnect()
+
+
+_MOVED_ON = "the session moved on, or this store does not hold it, while confirming a replay; resend it"
 
 
 class PoolExhausted(Exception):
@@ -301,11 +304,21 @@ class RedisStateStore(StateStore):
         return stored
 
     async def commit_many(self, commits: Sequence[Commit]) -> list[CommitResult]:
-        """One round trip: the commits in calls of the batch script (`KEYS_PER_CALL` keys each). A call's
-        reply is a list of per-key results, or one error for the whole call: NOSCRIPT (Redis lost its
-        script cache, and none of the call ran: loaded again and resent once), or any other, after which
-        each of its commits may or may not have been applied (UNKNOWN)."""
         calls = [commits[i : i + KEYS_PER_CALL] for i in range(0, len(commits), KEYS_PER_CALL)]
+        return cast(list[CommitResult], await self._commit_calls(calls))  # no error types passed through
+
+    async def _commit_calls(
+        self,
+        calls: Sequence[Sequence[Commit]],
+        connections: _Connections | None = None,
+        passed: tuple[type[ResponseError], ...] = (),
+    ) -> list[CommitResult | ResponseError]:
+        """One round trip: each call of the batch script (`KEYS_PER_CALL` keys at most), then WAIT where
+        `redis.wait_replicas` asks; each commit's result, in the calls' order. A call's reply is a list of
+        per-key results, or one error for the whole call: NOSCRIPT (Redis lost its script cache, and none
+        of the call ran: loaded again and resent once), an error of the `passed` types (a cluster's
+        redirection: none of the call ran), returned for each of its commits, or any other, after which each
+        of its commits may or may not have been applied (UNKNOWN)."""
         replies: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
         replicas, wait_ms = self._wait
@@ -314,7 +327,7 @@ class RedisStateStore(StateStore):
             commands = [self._commit_call(calls[i]) for i in todo]
             if replicas:  # in the same round trip: the replicas that hold every write of this connection
                 commands.append(("WAIT", replicas, wait_ms))
-            answers = await self._run("committing sessions", commands)
+            answers = await self._run("committing sessions", commands, connections)
             if replicas:
                 waited = answers.pop()
                 if isinstance(waited, ResponseError):  # WAIT refused (an ACL without it): applied, unconfirmed
@@ -327,43 +340,58 @@ class RedisStateStore(StateStore):
             if not todo:
                 break
             if attempt == 0:
-                await self._load_script()
-        results: list[CommitResult] = []
+                await self._load_script(connections)
+        results: list[CommitResult | ResponseError] = []
         for call, reply in zip(calls, replies, strict=True):
-            if isinstance(reply, RedisError):  # BUSY, a script error: whether any key was written is unknown
+            if isinstance(reply, passed):
+                results += [reply] * len(call)
+            elif isinstance(reply, RedisError):  # BUSY, a script error: whether any key was written is unknown
                 results += [CommitResult(Outcome.UNKNOWN, str(reply))] * len(call)
             else:
                 results += [CommitResult(_OUTCOMES[code], current.decode() or None) for code, current in reply]
         if acknowledged < replicas:  # applied on the primary, which may lose it in a failover: not acknowledged
             why = refused or f"{acknowledged} of {replicas} replicas confirmed the write within {wait_ms} ms"
-            results = [CommitResult(Outcome.UNKNOWN, why) if r.outcome is Outcome.OK else r for r in results]
+            results = [
+                CommitResult(Outcome.UNKNOWN, why) if isinstance(r, CommitResult) and r.outcome is Outcome.OK else r
+                for r in results
+            ]
         return results
 
     async def confirm_replicated(self, records: Sequence[tuple[str, str]]) -> None:
-        """In one round trip on one connection (to the primary the records must be on): each record's token
-        still there, a write of its own, then WAIT. Replicas apply the primary's writes in order, so once
-        they hold this write they hold every record written before it."""
-        replicas, wait_ms = self._wait
-        if not replicas:
+        if not self._wait[0]:
             return
+        if not all(await self._confirm_round(records, self._probe_key)):
+            raise Unavailable(_MOVED_ON)
+
+    async def _confirm_round(
+        self,
+        records: Sequence[tuple[str, str]],
+        probe_key: str,
+        connections: _Connections | None = None,
+        passed: tuple[type[ResponseError], ...] = (),
+    ) -> list[bool | ResponseError]:
+        """In one round trip on one connection (to the primary the records must be on): each record's token
+        read, a write of its own to `probe_key`, then WAIT. Replicas apply the primary's writes in order, so
+        once they hold this write they hold every record written before it. Whether each record still holds
+        its token (or its read's error, of the `passed` types); Unavailable when replication is not confirmed."""
+        replicas, wait_ms = self._wait
         commands: list[tuple[Any, ...]] = [("HGET", key, TOKEN_FIELD) for key, _ in records]
-        commands += [("INCR", self._probe_key), ("WAIT", replicas, wait_ms)]
-        replies = await self._run("confirming replication", commands)
-        *tokens, probe, waited = replies
-        for reply in (probe, waited, *tokens):
-            if isinstance(reply, ResponseError):
-                raise Unavailable(
-                    f"session store at {self._where} could not confirm a stored step ({reply}); resend it"
-                )
-        if any(stored is None or stored.decode() != token for stored, (_, token) in zip(tokens, records, strict=True)):
-            raise Unavailable(
-                "the session moved on, or this store does not hold it, while confirming a replay; resend it"
-            )
+        commands += [("INCR", probe_key), ("WAIT", replicas, wait_ms)]
+        *tokens, probe, waited = await self._run("confirming replication", commands, connections)
+        refused = [r for r in (probe, waited) if isinstance(r, ResponseError)]
+        refused += [t for t in tokens if isinstance(t, ResponseError) and not isinstance(t, passed)]
+        if refused:
+            why = refused[0]
+            raise Unavailable(f"session store at {self._where} could not confirm a stored step ({why}); resend it")
         if waited < replicas:
             raise Unavailable(
                 f"session store at {self._where}: {waited} of {replicas} replicas confirmed the stored step within "
                 f"{wait_ms} ms (redis.wait_replicas); resend it"
             )
+        return [
+            stored if isinstance(stored, ResponseError) else stored is not None and stored.decode() == token
+            for stored, (_, token) in zip(tokens, records, strict=True)
+        ]
 
     def _commit_call(self, commits: Sequence[Commit]) -> tuple[Any, ...]:
         args: list[Any] = ["EVALSHA", self._cas_sha, len(commits)]
