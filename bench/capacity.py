@@ -24,8 +24,7 @@ from typing import Any
 import numpy as np
 import redis
 
-from bench.process import RedisCluster, RedisProcess
-from bench.suite import cpu_seconds
+from bench.process import RedisCluster, RedisProcess, cpu_seconds
 from service.api.convert import fill_tensors
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.server import open_store

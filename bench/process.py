@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -22,6 +23,38 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def _family(pid: int) -> Iterator[tuple[Path, list[str]]]:
+    """/proc's entry of a process and of each of its direct children (a server's workers), with the fields
+    of its stat file after the command name (state, ppid, ..., utime at 11, stime at 12)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if entry.name == str(pid) or fields[1] == str(pid):
+            yield entry, fields
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a process and its direct children, from /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    return sum((int(fields[11]) + int(fields[12])) / ticks for _, fields in _family(pid))
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process and its direct children, from /proc."""
+    total = 0
+    for entry, _ in _family(pid):
+        try:
+            status = (entry / "status").read_text()
+        except OSError:
+            continue
+        total += sum(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+    return round(total / 1024, 1)
 
 
 class ServerProcess:

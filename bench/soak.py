@@ -28,7 +28,7 @@ import numpy as np
 import redis
 from hdrh.histogram import HdrHistogram
 
-from bench.process import RedisProcess, ServerProcess, free_port
+from bench.process import RedisProcess, ServerProcess, free_port, rss_mb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from service.client import CHANNEL_OPTIONS
@@ -147,24 +147,6 @@ class _Stream:
                     self.drained.set()
         finally:  # the stream broke or ended: what is in flight goes again on the next one
             self.drained.set()
-
-
-def rss_mb(pid: int) -> float:
-    """Resident memory of a process and its direct children (a server's workers), from /proc."""
-    total = 0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = (entry / "stat").read_text().rpartition(")")[2].split()[1]
-            if entry.name != str(pid) and ppid != str(pid):
-                continue
-            for line in (entry / "status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-        except (OSError, IndexError):
-            continue
-    return round(total / 1024, 1)
 
 
 async def run(

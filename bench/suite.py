@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import platform
 import re
 import time
@@ -22,7 +21,7 @@ from typing import Any
 import onnxruntime
 
 from bench.load import LoadSpec, run_load
-from bench.process import RedisProcess, ServerProcess, free_port
+from bench.process import RedisProcess, ServerProcess, cpu_seconds, free_port
 from bench.step_latency import MODEL, VERSION, pipelined_commit_floor, redis_floor, runtime_floor
 
 
@@ -99,22 +98,6 @@ class Servers:
     def stop(self) -> None:
         for server, _ in self.running.values():
             server.stop()
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time (user + system) of a process and its direct children (a server's workers), from /proc."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        if entry.name == str(pid) or fields[1] == str(pid):  # fields: state, ppid, ..., utime (11), stime (12)
-            total += (int(fields[11]) + int(fields[12])) / ticks
-    return total
 
 
 def batch_totals(metrics_port: int) -> tuple[float, float]:

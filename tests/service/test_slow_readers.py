@@ -9,8 +9,7 @@ import contextlib
 import grpc
 import numpy as np
 
-from bench.process import ServerProcess, free_port
-from bench.soak import rss_mb
+from bench.process import ServerProcess, free_port, rss_mb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from service.client import CHANNEL_OPTIONS
 from tests.conftest import TEST_REPO, step_request, vocabulary
