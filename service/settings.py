@@ -108,7 +108,8 @@ class RedisSettings(BaseModel):
         description=(
             "redis:// or rediss:// URL (user, password and db in the URL), or "
             "redis+sentinel://[user:password@]host:port[,host:port...]/master-name[/db] to follow a Sentinel "
-            "group's primary; unset: in-memory store"
+            "group's primary, or redis+cluster://[user:password@]host:port[,host:port...] for a Redis Cluster "
+            "(any of its nodes); unset: in-memory store"
         ),
     )
     wait_replicas: int = Field(
