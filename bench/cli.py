@@ -75,6 +75,17 @@ def add_bench_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     )
     capacity.add_argument("--json", type=Path, default=Path("docs/bench-capacity.json"), help="figures (JSON)")
 
+    failover = kinds.add_parser(
+        "failover",
+        parents=[common],
+        help="steps lost and refused when a Redis Cluster primary is killed, with --redis-wait-replicas 0 and 1",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    failover.add_argument("--model-repo", type=Path, default=Path("models"), help="the model repository")
+    failover.add_argument("--kills", type=int, default=3, help="primaries killed in each run, a shard at a time")
+    failover.add_argument("--sessions", type=int, default=1000, help="concurrent sessions")
+    failover.add_argument("--json", type=Path, default=Path("docs/bench-failover.json"), help="figures (JSON)")
+
     soak = kinds.add_parser(
         "soak",
         parents=[common],
@@ -140,6 +151,10 @@ def run_bench(args: argparse.Namespace) -> int:
         from bench.capacity import main as capacity_main
 
         return capacity_main(args.json)
+    if args.bench_command == "failover":
+        from bench.failover import main as failover_main
+
+        return failover_main(args.model_repo, args.json, args.kills, args.sessions)
     if args.bench_command == "soak":
         from bench.soak import main as soak_main
 

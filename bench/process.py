@@ -272,6 +272,16 @@ class RedisCluster:
                     return next(node for node in self.nodes if node.port == int(primary[1]))
         raise LookupError(key)
 
+    def replicas_of(self, primary: RedisProcess) -> list[RedisProcess]:
+        """The nodes replicating `primary` now."""
+        found = []
+        for node in self.alive():
+            with redis.Redis(port=node.port) as client:
+                info = client.info("replication")
+            if info.get("role") == "slave" and int(info.get("master_port", 0)) == primary.port:
+                found.append(node)
+        return found
+
     def alive(self) -> list[RedisProcess]:
         return [node for node in self.nodes if node.process is not None]
 

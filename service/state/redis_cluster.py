@@ -23,7 +23,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
-from redis.exceptions import AskError, MovedError, ResponseError, TryAgainError
+from redis.exceptions import AskError, ClusterDownError, MovedError, ResponseError, TryAgainError
 
 from service.batching import raise_if_cancelled
 from service.errors import RecordCorrupt, RnnServeError, StartupError, StoreRefused, Unavailable
@@ -42,6 +42,7 @@ SLOTS = 16384
 # Rounds of "read the slot map again and resend what was redirected" before a call is given up.
 MAX_REDIRECTS = 5
 _REDIRECTED = (MovedError, AskError, TryAgainError)
+_PASSED = (*_REDIRECTED, ClusterDownError)  # answers that mean a call ran nothing: sorted out per key
 
 Node = tuple[str, int]
 T = TypeVar("T")
@@ -145,6 +146,12 @@ class RedisClusterStore(RedisStateStore):
                 for i, result in zip(shares[node], outcome, strict=True):
                     if isinstance(result, _REDIRECTED):
                         todo.append(i)
+                    elif isinstance(result, ClusterDownError):  # no primary for the slot yet (a failover): ran nothing
+                        self._stale()
+                        results[i] = Unavailable(
+                            f"session store at {self._where}: the cluster serves this session's slot on no primary "
+                            f"right now ({result}) while {what}; retry"
+                        )
                     else:
                         results[i] = result
             if not todo:
@@ -165,16 +172,8 @@ class RedisClusterStore(RedisStateStore):
             commands = [("HMGET", keys[i], TOKEN_FIELD, RECORD_FIELD) for i in share]
             return await self._run("loading sessions", commands, self._pool(node))
 
-        stored: list[Stored | None | RecordCorrupt] = []
-        for key, reply in zip(keys, await self._per_node("loading sessions", keys, send), strict=True):
-            if isinstance(reply, ResponseError):
-                stored.append(RecordCorrupt(f"the store holds something else than a session under {key!r} ({reply})"))
-                continue
-            if isinstance(reply, BaseException):
-                raise reply  # a node that did not answer: the batch's load fails, as on one Redis
-            token, record = reply
-            stored.append(None if token is None or record is None else Stored(token.decode(), record))
-        return stored
+        replies = await self._per_node("loading sessions", keys, send)
+        return [self._stored(key, reply) for key, reply in zip(keys, replies, strict=True)]  # a failed node fails all
 
     async def commit_many(self, commits: Sequence[Commit]) -> list[CommitResult]:
         """Each node's share in calls of the batch script, one slot a call (`KEYS_PER_CALL` keys at most),
@@ -189,7 +188,7 @@ class RedisClusterStore(RedisStateStore):
                 same[i : i + KEYS_PER_CALL] for same in by_slot.values() for i in range(0, len(same), KEYS_PER_CALL)
             ]
             results = await self._commit_calls(
-                [[commits[i] for i in call] for call in calls], self._pool(node), passed=_REDIRECTED
+                [[commits[i] for i in call] for call in calls], self._pool(node), passed=_PASSED
             )
             by_index = dict(zip((i for call in calls for i in call), results, strict=True))
             return [by_index[i] for i in share]
@@ -206,7 +205,7 @@ class RedisClusterStore(RedisStateStore):
 
         async def send(node: Node, share: list[int]) -> list[Any]:
             probe = await self._probe_key_on(node)
-            return await self._confirm_round([records[i] for i in share], probe, self._pool(node), _REDIRECTED)
+            return await self._confirm_round([records[i] for i in share], probe, self._pool(node), _PASSED)
 
         for held in await self._per_node("confirming replication", [key for key, _ in records], send):
             if isinstance(held, RnnServeError):

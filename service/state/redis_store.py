@@ -294,14 +294,20 @@ class RedisStateStore(StateStore):
         if not keys:
             return []
         replies = await self._run("loading sessions", [("HMGET", key, TOKEN_FIELD, RECORD_FIELD) for key in keys])
-        stored: list[Stored | None | RecordCorrupt] = []
-        for key, reply in zip(keys, replies, strict=True):
-            if isinstance(reply, ResponseError):  # another type under the key (WRONGTYPE): that session only
-                stored.append(RecordCorrupt(f"the store holds something else than a session under {key!r} ({reply})"))
-                continue
-            token, record = reply
-            stored.append(None if token is None or record is None else Stored(token.decode(), record))
-        return stored
+        return [self._stored(key, reply) for key, reply in zip(keys, replies, strict=True)]
+
+    def _stored(self, key: str, reply: Any) -> Stored | None | RecordCorrupt:
+        """What a session's HMGET answered: its record, None where nothing is stored, RecordCorrupt where
+        the key holds another type (WRONGTYPE: that session only). Any other error is raised: the store's
+        trouble (a cluster without a primary for the slot, a command the ACL refuses), not the session's."""
+        if isinstance(reply, ResponseError):
+            if str(reply).startswith("WRONGTYPE"):
+                return RecordCorrupt(f"the store holds something else than a session under {key!r} ({reply})")
+            raise StoreRefused(f"session store {self._where} refused loading sessions: {reply}")
+        if isinstance(reply, BaseException):
+            raise reply
+        token, record = reply
+        return None if token is None or record is None else Stored(token.decode(), record)
 
     async def commit_many(self, commits: Sequence[Commit]) -> list[CommitResult]:
         calls = [commits[i : i + KEYS_PER_CALL] for i in range(0, len(commits), KEYS_PER_CALL)]

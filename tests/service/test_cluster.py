@@ -148,6 +148,38 @@ async def test_a_cluster_no_node_of_which_answers_is_unavailable():
         await store.close()
 
 
+async def test_a_shard_without_any_node_left_is_unavailable_never_data_loss(cluster, start_server):
+    """A primary and its replica both gone: Redis answers CLUSTERDOWN for the slots (every slot, with the
+    default cluster-require-full-coverage). That is the store's trouble, not the session's: UNAVAILABLE,
+    never DATA_LOSS, and nothing stored changes."""
+    app = await start_server(url=cluster.url, redis={"socket_timeout_s": 1.0, "connect_timeout_s": 0.5})
+    x = next(iter(inputs().values()))[:1]
+    sids = [f"d{i}" for i in range(30)]
+    async with BatchClient(f"127.0.0.1:{app.port}", reconnect_timeout_s=5) as gateway:
+        assert all(isinstance(r, StepReply) for r in (await gateway.step("charlm", dict.fromkeys(sids, x))).values())
+        victim = cluster.primary_of(session_key("rnnserve", "charlm", sids[0]))
+        shard = [victim, *cluster.replicas_of(victim)]
+        survivor = next(node for node in cluster.nodes if node not in shard)
+        elsewhere = [sid for sid in sids if cluster.primary_of(session_key("rnnserve", "charlm", sid)) not in shard]
+        for node in shard:
+            node.kill()
+        with redis.Redis(port=survivor.port) as client:
+            deadline = time.monotonic() + 15
+            while b"cluster_state:fail" not in client.execute_command("CLUSTER", "INFO"):
+                assert time.monotonic() < deadline, "the cluster never noticed its lost shard"
+                time.sleep(0.1)
+        replies = await gateway.step("charlm", dict.fromkeys(elsewhere, x))  # their primaries answer CLUSTERDOWN
+        codes = {r.code for r in replies.values() if not isinstance(r, StepReply)}
+        assert codes == {grpc.StatusCode.UNAVAILABLE}, [r for r in replies.values() if not isinstance(r, StepReply)]
+        assert all(gateway.acked_seq("charlm", sid) == 1 for sid in sids)  # refused steps left the sessions at 1
+    store = open_store(RedisSettings(url=f"redis+cluster://127.0.0.1:{survivor.port}"))
+    try:
+        with pytest.raises(Unavailable, match="no primary"):  # their own primaries answer: CLUSTERDOWN
+            await store.load_many([session_key("rnnserve", "charlm", sid) for sid in elsewhere])
+    finally:
+        await store.close()
+
+
 async def test_1000_sessions_survive_a_killed_primary(cluster, start_server):
     """With redis.wait_replicas 1 a step is acknowledged once the primary's replica holds it, so the replica
     that takes over holds every acknowledged step. The killed node comes back (as a pod would) and joins
