@@ -42,8 +42,10 @@ _FATAL = {grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.UNAUTHENTICATED, grpc.S
 # Reconnect quickly after a replica goes away (gRPC's defaults back off to two minutes), and find a dead
 # peer without waiting for TCP (servers permit pings this frequent: see service/server.py).
 CHANNEL_OPTIONS = [
+    # Reconnect soon after a drain or a lost server. (Not grpc.min_reconnect_backoff_ms: gRPC also takes it
+    # for the least time a connect attempt is given, and a busy server that answers its handshake later than
+    # that would fail calls waiting on the attempt.)
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 2000),
     ("grpc.keepalive_time_ms", 20_000),
     ("grpc.keepalive_timeout_ms", 10_000),

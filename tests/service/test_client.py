@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.client import StreamClient
+from service.client import StreamClient, open_channel
 from tests.service.test_session_contract import EXPECTED, TOLERANCE, X
 
 
@@ -34,3 +36,33 @@ async def test_concurrent_steps_of_one_session_go_in_order(start_server):
     assert [r.seq for r in replies] == [1, 2, 3, 4, 5, 6]  # gather keeps call order; the lock keeps seq order
     for t, reply in enumerate(replies):
         assert abs(reply.outputs["logits"][0] - EXPECTED[t]).max() <= TOLERANCE
+
+
+async def test_a_server_slow_to_answer_its_handshake_is_reached_on_the_first_call(start_server):
+    """A busy server may send its HTTP/2 settings some hundreds of milliseconds after the TCP connect. The
+    channel's first connect attempt must wait for them rather than time out and fail the call."""
+    app = await start_server()
+
+    async def delayed(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", app.port)
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter, delay_s: float) -> None:
+            await asyncio.sleep(delay_s)
+            with contextlib.suppress(ConnectionError):
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            sink.close()
+
+        await asyncio.gather(pipe(reader, upstream_writer, 0), pipe(upstream_reader, writer, 0.5))
+
+    proxy = await asyncio.start_server(delayed, "127.0.0.1", 0)
+    port = proxy.sockets[0].getsockname()[1]
+    try:
+        async with open_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=10)  # not wait_for_ready
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        proxy.close()
+        await proxy.wait_closed()
