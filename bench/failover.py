@@ -4,9 +4,12 @@ the time until every session steps again.
 A cluster of three primaries with a replica each (redis-server on loopback, no persistence, node timeout
 1 s), one `rnnserve serve` on it, and 1,000 sessions streaming through `StreamBatch` (250 a message, four
 messages in flight), each as fast as it is answered. Every few seconds a primary is SIGKILLed (each shard
-in turn); its replica takes over after the node timeout and a vote, and the killed node comes back 3 s
-after its kill as the new primary's replica. The whole run goes once with `--redis-wait-replicas 0`
-(Redis's default: a write is acknowledged before any replica holds it) and once with 1.
+in turn); its replica takes over after the node timeout and a vote. The killed node comes back 3 s after
+its kill, or once its replica has taken over if that took longer, as the new primary's replica. (A node
+without persistence that came back sooner would return empty as its slots' primary, and its replica would
+copy the emptiness: Redis's own warning about replication without persistence.) The whole run goes once
+with `--redis-wait-replicas 0` (Redis's default: a write is acknowledged before any replica holds it) and
+once with 1.
 
 The client numbers every step (BatchClient), so an acknowledged step that the promoted replica never
 received cannot pass unseen: the session's next step is refused as out of order (FAILED_PRECONDITION,
@@ -39,7 +42,7 @@ from service.state.store import session_key
 MODEL = "charlm-lstm"
 FEATURES = 84
 GROUP = 250
-DOWN_S = 3.0  # a killed node comes back this long after its kill (as a pod would be restarted)
+DOWN_S = 3.0  # a killed node comes back this long after its kill, and not before its replica took over
 SETTLE_S = 3.0  # streaming between a node's return and the next kill
 
 
@@ -104,6 +107,7 @@ async def _one_run(model_repo: Path, wait: int, kills: int, sessions: int) -> di
         shards = _shard_keys(cluster, sids)
         tally, stop = Tally(), asyncio.Event()
         windows: list[tuple[float, float]] = []
+        promoted: list[float] = []
         async with BatchClient(f"127.0.0.1:{port}", reconnect_timeout_s=60) as gateway:
             groups = [
                 asyncio.create_task(_stream(gateway, sids[i : i + GROUP], x, stop, tally))
@@ -112,12 +116,16 @@ async def _one_run(model_repo: Path, wait: int, kills: int, sessions: int) -> di
             started = time.monotonic()
             await asyncio.sleep(SETTLE_S)
             for k in range(kills):
-                victim = cluster.primary_of(shards[k % len(shards)])
+                key = shards[k % len(shards)]
+                victim = cluster.primary_of(key)
                 killed = time.monotonic()
                 await asyncio.to_thread(victim.kill)
-                await asyncio.sleep(DOWN_S)
+                await asyncio.to_thread(cluster.wait_promoted, victim, key)
+                promoted.append(round(time.monotonic() - killed, 2))
+                await asyncio.sleep(max(0.0, killed + DOWN_S - time.monotonic()))
                 await asyncio.to_thread(victim.start)
                 await asyncio.to_thread(cluster.wait_ok, [node.port for node in cluster.nodes])
+                await asyncio.to_thread(cluster.wait_synced)
                 await asyncio.sleep(SETTLE_S)
                 windows.append((killed, time.monotonic()))
             stop.set()
@@ -152,6 +160,7 @@ async def _one_run(model_repo: Path, wait: int, kills: int, sessions: int) -> di
             "other_refusals": tally.other[:10],
             "sessions_behind_the_store_unseen": behind,
             "sessions_ahead_of_the_store": ahead,
+            "seconds_from_kill_to_promotion": promoted,
             "seconds_from_kill_to_last_refusal": recovery,
         }
     finally:
@@ -168,13 +177,14 @@ def main(model_repo: Path, json_path: Path | None, kills: int = 3, sessions: int
     if json_path is not None:
         json_path.write_text(json.dumps(figures, indent=2) + "\n")
     print("| wait_replicas | kills | steps acknowledged | refused, resent | sessions that lost steps | "
-          "steps lost | unseen loss | s from kill to last refusal |")  # fmt: skip
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+          "steps lost | unseen loss | s from kill to promotion | s from kill to last refusal |")  # fmt: skip
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |")
     for r in runs:
         print(
             f"| {r['wait_replicas']} | {r['kills']} | {r['steps_acknowledged']} | {r['steps_refused_and_resent']} | "
             f"{r['sessions_that_lost_steps']} | {r['acknowledged_steps_lost']} | "
-            f"{r['sessions_behind_the_store_unseen']} | {', '.join(map(str, r['seconds_from_kill_to_last_refusal']))} |"
+            f"{r['sessions_behind_the_store_unseen']} | {', '.join(map(str, r['seconds_from_kill_to_promotion']))} | "
+            f"{', '.join(map(str, r['seconds_from_kill_to_last_refusal']))} |"
         )
     unseen = sum(r["sessions_behind_the_store_unseen"] + r["sessions_ahead_of_the_store"] for r in runs)
     waited_loss = runs[1]["acknowledged_steps_lost"]

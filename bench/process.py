@@ -175,6 +175,10 @@ class RedisProcess:
                 str(self.cluster_node_timeout_ms),
                 "--cluster-port",
                 str(free_port()),
+                # A replica's first copy at once (by default a primary waits 5 s for more replicas to join);
+                # a replica that holds no copy yet cannot take over.
+                "--repl-diskless-sync-delay",
+                "0",
             ]
         self.process = subprocess.Popen(
             [
@@ -249,6 +253,21 @@ class RedisCluster:
             timeout=60,
         )
         self.wait_ok([node.port for node in self.nodes])
+        self.wait_synced()
+
+    def wait_synced(self, timeout_s: float = 30) -> None:
+        """Until every replica running holds a copy of its primary and follows it (master_link_status up):
+        only such a replica can take over when its primary dies."""
+        deadline = time.monotonic() + timeout_s
+        for node in self.alive():
+            with redis.Redis(port=node.port) as client:
+                while True:
+                    info = client.info("replication")
+                    if info.get("role") != "slave" or info.get("master_link_status") == "up":
+                        break
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"cluster replica {node.port} did not sync with its primary in time")
+                    time.sleep(0.05)
 
     def wait_ok(self, ports: list[int], timeout_s: float = 30) -> None:
         """Until each of these nodes says cluster_state:ok and knows every slot's primary."""
@@ -271,6 +290,21 @@ class RedisCluster:
                 if start <= slot <= end:
                     return next(node for node in self.nodes if node.port == int(primary[1]))
         raise LookupError(key)
+
+    def wait_promoted(self, victim: RedisProcess, key: str, timeout_s: float = 30) -> None:
+        """Until a node other than `victim` serves `key` (its replica took over). A killed node without
+        persistence must not come back before then: it would return empty as the primary of its slots, and
+        its replica would copy the emptiness."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if self.primary_of(key) is not victim:
+                    return
+            except redis.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no replica took over from the node on port {victim.port} in time")
+            time.sleep(0.05)
 
     def replicas_of(self, primary: RedisProcess) -> list[RedisProcess]:
         """The nodes replicating `primary` now."""

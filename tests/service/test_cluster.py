@@ -193,7 +193,8 @@ async def test_1000_sessions_survive_a_killed_primary(cluster, start_server):
 
     def kill_then_restart() -> None:
         victim.kill()
-        time.sleep(4)  # the replica is promoted after the node timeout (1 s) and a vote
+        cluster.wait_promoted(victim, session_key("rnnserve", "charlm", "c0"))  # after the node timeout and a vote
+        time.sleep(1)
         victim.start()
 
     got, refused, recovered_s = await stream_all(f"127.0.0.1:{app.port}", xs, 4, kill_then_restart)
