@@ -306,6 +306,36 @@ class RedisCluster:
                 raise TimeoutError(f"no replica took over from the node on port {victim.port} in time")
             time.sleep(0.05)
 
+    def move_slot(self, slot: int, to: RedisProcess, *, finish: bool = True) -> None:
+        """Migrate one slot by hand: IMPORTING on `to`, MIGRATING on its primary, its keys MIGRATEd; with
+        `finish`, every primary told the slot's new owner. Without, the slot stays half-migrated (its keys on
+        `to` already), so the source answers ASK for them."""
+        with redis.Redis(port=self.alive()[0].port) as client:
+            source = next(
+                int(primary[1])
+                for start, end, primary, *_ in client.execute_command("CLUSTER", "SLOTS")
+                if start <= slot <= end
+            )
+        with redis.Redis(port=source) as src, redis.Redis(port=to.port) as dst:
+            source_id, target_id = src.execute_command("CLUSTER", "MYID"), dst.execute_command("CLUSTER", "MYID")
+            dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+            while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+                src.execute_command("MIGRATE", "127.0.0.1", to.port, "", 0, 5000, "KEYS", *keys)
+        if finish:
+            for node in self.primaries():
+                with redis.Redis(port=node.port) as client:
+                    client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
+
+    def primaries(self) -> list[RedisProcess]:
+        """The nodes running as primaries now."""
+        found = []
+        for node in self.alive():
+            with redis.Redis(port=node.port) as client:
+                if client.info("replication").get("role") == "master":
+                    found.append(node)
+        return found
+
     def replicas_of(self, primary: RedisProcess) -> list[RedisProcess]:
         """The nodes replicating `primary` now."""
         found = []

@@ -6,11 +6,13 @@ node its share of a batch in one pipelined round trip, all nodes at once. A scri
 a slot (Redis checks declared keys, and only declared keys get MOVED/ASK during a migration), so the
 commit script runs once per slot: in a batch of sessions that is about once per session, pipelined.
 
-Redirections: a slot that moved (resharding, a failover) answers MOVED, a slot being migrated ASK or
-TRYAGAIN; a call so answered ran nothing, so the store reads the slot map again and sends those keys
-again, a few times, before it answers UNAVAILABLE. A node that does not answer fails its own share of the
-batch (UNAVAILABLE; for commits, "may or may not have been applied", settled by the client's resend) and
-makes the store read the slot map again before the next call.
+Redirections: a slot that moved (resharding, a failover) answers MOVED, a slot being migrated ASK (the
+key is on the importing node: sent there after ASKING) or TRYAGAIN; a call so answered ran nothing, so
+the store sends those keys again (on a fresh slot map, but for ASK), a few times, before it answers
+UNAVAILABLE. A slot with no primary (CLUSTERDOWN, during a failover) is UNAVAILABLE at once. A node
+that does not answer fails its own share of the batch (UNAVAILABLE; for commits, "may or may not have
+been applied", settled by the client's resend) and makes the store read the slot map again before the
+next call. Pools of nodes that serve no slot on a new map are closed.
 """
 
 from __future__ import annotations
@@ -89,21 +91,25 @@ class RedisClusterStore(RedisStateStore):
             async with self._refreshing:
                 if self._slots is None:
                     self._slots = await self._read_slot_map()
+                    await self._forget_all_but(set(self._slots))
         return self._slots
 
     async def _read_slot_map(self) -> list[Node]:
         """CLUSTER SLOTS from the first node that answers: the nodes of the URL, then every node known."""
         candidates = list(dict.fromkeys([*self._address.nodes, *self._pools]))
-        failures = []
+        failures, refusals = [], []
         for node in candidates:
             try:
                 (reply,) = await self._run("reading the cluster's slot map", [("CLUSTER", "SLOTS")], self._pool(node))
+            except StoreRefused:  # credentials, TLS: the same for every node, and retrying will not help
+                raise
             except Unavailable as err:
                 raise_if_cancelled()  # a stop that met a failing connect must not become "try the next node"
                 failures.append(f"{node[0]}:{node[1]}: {err.message}")
                 continue
             if isinstance(reply, ResponseError):
-                raise StoreRefused(f"{node[0]}:{node[1]} refused CLUSTER SLOTS ({reply}): is it a cluster node?")
+                refusals.append(f"{node[0]}:{node[1]} refused CLUSTER SLOTS ({reply})")
+                continue
             slots: list[Node | None] = [None] * SLOTS
             for start, end, primary, *_ in reply:
                 host = primary[0].decode() if isinstance(primary[0], bytes) else str(primary[0])
@@ -112,55 +118,76 @@ class RedisClusterStore(RedisStateStore):
             if any(owner is None for owner in slots):
                 raise Unavailable(f"the cluster at {self._where} does not serve every slot yet (CLUSTERDOWN?); retry")
             return slots  # type: ignore[return-value]
+        if refusals:
+            raise StoreRefused(f"{'; '.join(refusals)[:400]}: is {self._where} a Redis Cluster?")
         raise Unavailable(f"no node of the cluster at {self._where} answered ({'; '.join(failures)[:400]}); retry")
+
+    async def _forget_all_but(self, primaries: set[Node]) -> None:
+        """Close the pools of nodes that serve no slot now (demoted in a failover, emptied by a resharding,
+        or a node of the URL that is a replica); a connection still out is closed when it comes back."""
+        for node in [node for node in self._pools if node not in primaries]:
+            factory, connections = self._pools.pop(node)
+            self._probes.pop(node, None)
+            await connections.close()
+            await factory.aclose()
 
     def _stale(self) -> None:
         """Read the slot map again before the next call (a redirection, or a node that did not answer)."""
         self._slots = None
+        self._probes.clear()
 
     async def _per_node(
-        self, what: str, keys: Sequence[str], send: Callable[[Node, list[int]], Awaitable[list[T]]]
+        self, what: str, keys: Sequence[str], send: Callable[[Node, list[int], bool], Awaitable[list[T]]]
     ) -> list[T | BaseException]:
-        """`send(node, indexes)` for each node's share of `keys`, all nodes at once; each key's result, an
-        exception for a node that failed. Keys whose call was redirected are sent again on a fresh slot
-        map, up to MAX_REDIRECTS rounds."""
+        """`send(node, indexes, asking)` for each node's share of `keys`, all nodes at once; each key's
+        result, an exception for a node that failed. A key answered ASK (its slot is being migrated, and
+        the key is not, or no longer, on the source) goes to the importing node, after ASKING; keys answered
+        MOVED or TRYAGAIN are sent again on a fresh slot map; up to MAX_REDIRECTS rounds in all."""
         results: list[T | BaseException | None] = [None] * len(keys)
         todo = list(range(len(keys)))
+        asked: dict[int, Node] = {}  # key -> the node importing its slot
         for _ in range(MAX_REDIRECTS):
-            slots = await self._slot_map()
-            shares: dict[Node, list[int]] = {}
-            for i in todo:
-                shares.setdefault(slots[key_slot(keys[i].encode())], []).append(i)
-            nodes = list(shares)
-            outcomes = await asyncio.gather(*(send(node, shares[node]) for node in nodes), return_exceptions=True)
+            shares = _shares(keys, todo, asked, await self._slot_map())
+            routes = list(shares)
+            outcomes = await asyncio.gather(
+                *(send(node, shares[node, asking], asking) for node, asking in routes), return_exceptions=True
+            )
             raise_if_cancelled()
-            todo = []
-            for node, outcome in zip(nodes, outcomes, strict=True):
+            todo, asked, moved = [], {}, False
+            for route, outcome in zip(routes, outcomes, strict=True):
                 if isinstance(outcome, BaseException):
                     if not isinstance(outcome, Exception):
                         raise outcome
                     self._stale()
-                    for i in shares[node]:
+                    for i in shares[route]:
                         results[i] = outcome
                     continue
-                for i, result in zip(shares[node], outcome, strict=True):
-                    if isinstance(result, _REDIRECTED):
+                for i, result in zip(shares[route], outcome, strict=True):
+                    if isinstance(result, AskError) and not isinstance(result, MovedError):  # MovedError is one
                         todo.append(i)
-                    elif isinstance(result, ClusterDownError):  # no primary for the slot yet (a failover): ran nothing
-                        self._stale()
-                        results[i] = Unavailable(
-                            f"session store at {self._where}: the cluster serves this session's slot on no primary "
-                            f"right now ({result}) while {what}; retry"
-                        )
+                        asked[i] = (str(result.host), int(result.port))
+                    elif isinstance(result, _REDIRECTED):
+                        todo.append(i)
+                        moved = True
                     else:
-                        results[i] = result
+                        results[i] = self._unless_down(what, result)
             if not todo:
                 return results  # type: ignore[return-value]
-            self._stale()
-            await asyncio.sleep(0.05)  # a migration or failover under way: give it a moment
+            if moved:
+                self._stale()
+                await asyncio.sleep(0.05)  # a migration or failover under way: give it a moment
         for i in todo:
             results[i] = Unavailable(f"session store at {self._where}: its slot kept moving while {what}; retry")
         return results  # type: ignore[return-value]
+
+    def _unless_down(self, what: str, result: T) -> T | Unavailable:
+        if not isinstance(result, ClusterDownError):
+            return result
+        self._stale()  # no primary for the slot yet (a failover): the call ran nothing
+        return Unavailable(
+            f"session store at {self._where}: the cluster serves this session's slot on no primary right now "
+            f"({result}) while {what}; retry"
+        )
 
     # -- the store -------------------------------------------------------------------------------
 
@@ -168,9 +195,9 @@ class RedisClusterStore(RedisStateStore):
         if not keys:
             return []
 
-        async def send(node: Node, share: list[int]) -> list[Any]:
+        async def send(node: Node, share: list[int], asking: bool) -> list[Any]:
             commands = [("HMGET", keys[i], TOKEN_FIELD, RECORD_FIELD) for i in share]
-            return await self._run("loading sessions", commands, self._pool(node))
+            return await self._run("loading sessions", commands, self._pool(node), asking)
 
         replies = await self._per_node("loading sessions", keys, send)
         return [self._stored(key, reply) for key, reply in zip(keys, replies, strict=True)]  # a failed node fails all
@@ -180,7 +207,7 @@ class RedisClusterStore(RedisStateStore):
         then WAIT where `redis.wait_replicas` asks; a call answered MOVED/ASK/TRYAGAIN ran nothing and is
         sent again."""
 
-        async def send(node: Node, share: list[int]) -> list[Any]:
+        async def send(node: Node, share: list[int], asking: bool) -> list[Any]:
             by_slot: dict[int, list[int]] = {}
             for i in share:
                 by_slot.setdefault(key_slot(commits[i].key.encode()), []).append(i)
@@ -188,7 +215,7 @@ class RedisClusterStore(RedisStateStore):
                 same[i : i + KEYS_PER_CALL] for same in by_slot.values() for i in range(0, len(same), KEYS_PER_CALL)
             ]
             results = await self._commit_calls(
-                [[commits[i] for i in call] for call in calls], self._pool(node), passed=_PASSED
+                [[commits[i] for i in call] for call in calls], self._pool(node), _PASSED, asking
             )
             by_index = dict(zip((i for call in calls for i in call), results, strict=True))
             return [by_index[i] for i in share]
@@ -203,9 +230,11 @@ class RedisClusterStore(RedisStateStore):
         if not self._wait[0]:
             return
 
-        async def send(node: Node, share: list[int]) -> list[Any]:
+        async def send(node: Node, share: list[int], asking: bool) -> list[Any]:
             probe = await self._probe_key_on(node)
-            return await self._confirm_round([records[i] for i in share], probe, self._pool(node), _PASSED)
+            if probe is None:  # the node serves no slot on the map read since its share was made: send again
+                return [TryAgainError(f"{node[0]}:{node[1]} serves no slot now")] * len(share)
+            return await self._confirm_round([records[i] for i in share], probe, self._pool(node), _PASSED, asking)
 
         for held in await self._per_node("confirming replication", [key for key, _ in records], send):
             if isinstance(held, RnnServeError):
@@ -213,9 +242,12 @@ class RedisClusterStore(RedisStateStore):
             if held is not True:
                 raise Unavailable(_MOVED_ON)
 
-    async def _probe_key_on(self, node: Node) -> str:
-        """A key that lives on `node` (its hash tag chosen for a slot the node serves): the write WAIT waits for."""
+    async def _probe_key_on(self, node: Node) -> str | None:
+        """A key that lives on `node` (its hash tag chosen for a slot the node serves): the write WAIT waits
+        for. None if the node serves no slot."""
         slots = await self._slot_map()
+        if node not in slots:
+            return None
         if node not in self._probes:
             n = 0
             while slots[key_slot(f"{self._probe_key}:{{{n}}}".encode())] != node:
@@ -224,8 +256,8 @@ class RedisClusterStore(RedisStateStore):
         return self._probes[node]
 
     async def _single(self, what: str, key: str, *command: Any) -> Any:
-        async def send(node: Node, share: list[int]) -> list[Any]:
-            return await self._run(what, [command], self._pool(node))
+        async def send(node: Node, share: list[int], asking: bool) -> list[Any]:
+            return await self._run(what, [command], self._pool(node), asking)
 
         (reply,) = await self._per_node(what, [key], send)
         if isinstance(reply, BaseException):
@@ -258,6 +290,18 @@ class RedisClusterStore(RedisStateStore):
             await connections.close()
             await factory.aclose()
         self._pools.clear()
+
+
+def _shares(
+    keys: Sequence[str], todo: list[int], asked: dict[int, Node], slots: list[Node]
+) -> dict[tuple[Node, bool], list[int]]:
+    """The keys to send (indexes into `keys`) by node, and whether after ASKING: a key answered ASK goes to
+    the node importing its slot, any other to its slot's primary."""
+    shares: dict[tuple[Node, bool], list[int]] = {}
+    for i in todo:
+        node = asked.get(i) or slots[key_slot(keys[i].encode())]
+        shares.setdefault((node, i in asked), []).append(i)
+    return shares
 
 
 def _reason(outcome: BaseException | object) -> str:

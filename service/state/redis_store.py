@@ -22,7 +22,14 @@ import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection as Connection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import AuthenticationError, NoScriptError, ReadOnlyError, RedisError, ResponseError
+from redis.exceptions import (
+    AuthenticationError,
+    NoScriptError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -219,11 +226,18 @@ class RedisStateStore(StateStore):
         self._connections = _Connections(factory.make_connection, settings.max_connections, settings.pool_timeout_s)
 
     async def _run(
-        self, what: str, commands: Sequence[tuple[Any, ...]], connections: _Connections | None = None
+        self,
+        what: str,
+        commands: Sequence[tuple[Any, ...]],
+        connections: _Connections | None = None,
+        asking: bool = False,
     ) -> list[Any]:
         """One pipelined round trip (on `connections`, this store's pool by default): each command's reply,
-        or the ResponseError Redis answered it with."""
+        or the ResponseError Redis answered it with. With `asking`, each command goes after an ASKING (a
+        cluster node importing the slot serves it)."""
         connections = connections or self._connections
+        if asking:
+            commands = [sent for command in commands for sent in (("ASKING",), command)]
         connection = await self._acquire(connections, what)
         broken = True
         try:
@@ -244,7 +258,7 @@ class RedisStateStore(StateStore):
                     except ResponseError as refused:  # this command only; the others stand
                         replies.append(refused)
             broken = False
-            return replies
+            return replies[1::2] if asking else replies
         except ReadOnlyError as err:
             raise Unavailable(
                 f"session store at {self._where} is a read-only replica now (a failover?) while {what}; retry"
@@ -318,6 +332,7 @@ class RedisStateStore(StateStore):
         calls: Sequence[Sequence[Commit]],
         connections: _Connections | None = None,
         passed: tuple[type[ResponseError], ...] = (),
+        asking: bool = False,
     ) -> list[CommitResult | ResponseError]:
         """One round trip: each call of the batch script (`KEYS_PER_CALL` keys at most), then WAIT where
         `redis.wait_replicas` asks; each commit's result, in the calls' order. A call's reply is a list of
@@ -333,7 +348,7 @@ class RedisStateStore(StateStore):
             commands = [self._commit_call(calls[i]) for i in todo]
             if replicas:  # in the same round trip: the replicas that hold every write of this connection
                 commands.append(("WAIT", replicas, wait_ms))
-            answers = await self._run("committing sessions", commands, connections)
+            answers = await self._run("committing sessions", commands, connections, asking)
             if replicas:
                 waited = answers.pop()
                 if isinstance(waited, ResponseError):  # WAIT refused (an ACL without it): applied, unconfirmed
@@ -375,6 +390,7 @@ class RedisStateStore(StateStore):
         probe_key: str,
         connections: _Connections | None = None,
         passed: tuple[type[ResponseError], ...] = (),
+        asking: bool = False,
     ) -> list[bool | ResponseError]:
         """In one round trip on one connection (to the primary the records must be on): each record's token
         read, a write of its own to `probe_key`, then WAIT. Replicas apply the primary's writes in order, so
@@ -383,7 +399,9 @@ class RedisStateStore(StateStore):
         replicas, wait_ms = self._wait
         commands: list[tuple[Any, ...]] = [("HGET", key, TOKEN_FIELD) for key, _ in records]
         commands += [("INCR", probe_key), ("WAIT", replicas, wait_ms)]
-        *tokens, probe, waited = await self._run("confirming replication", commands, connections)
+        *tokens, probe, waited = await self._run("confirming replication", commands, connections, asking)
+        if isinstance(probe, passed):  # the probe key's slot moved: nothing confirmed, all sent again
+            return [TryAgainError(f"the replication probe's slot moved ({probe})")] * len(records)
         refused = [r for r in (probe, waited) if isinstance(r, ResponseError)]
         refused += [t for t in tokens if isinstance(t, ResponseError) and not isinstance(t, passed)]
         if refused:

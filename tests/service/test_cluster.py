@@ -6,6 +6,7 @@ must end exactly as its offline run, step for step, and its stored seq must be i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -14,10 +15,11 @@ import grpc
 import numpy as np
 import pytest
 import redis
+from redis.crc import key_slot
 
 from bench.process import RedisCluster, free_port
 from service.client import BatchClient, StepReply
-from service.errors import Unavailable
+from service.errors import StoreRefused, Unavailable
 from service.server import open_store
 from service.settings import RedisSettings, Settings, parse_cluster_url
 from service.state.record import decode
@@ -127,6 +129,86 @@ async def test_the_store_contract_holds_on_a_cluster(cluster):
         assert sum(1 for n in per_node if n > 150) >= 3  # spread over every primary (and its replica)
     finally:
         await store.close()
+
+
+async def test_a_half_migrated_slot_is_served_through_asking(cluster):
+    """A slot left MIGRATING/IMPORTING (a resharding stopped half way) with the session's key already moved:
+    the source answers ASK, and the store asks the importing node, for loads, commits and new sessions."""
+    store = open_store(RedisSettings(url=cluster.url))
+    await store.ping()
+    try:
+        key = session_key("rnnserve", "charlm", "a")
+        assert (await store.commit_many([Commit(key, ABSENT, "e:1", b"one", 60)]))[0].outcome is Outcome.OK
+        source = cluster.primary_of(key)
+        target = next(node for node in cluster.primaries() if node is not source)
+        slot = key_slot(key.encode())
+        cluster.move_slot(slot, target, finish=False)
+        (loaded,) = await store.load_many([key])
+        assert loaded is not None and loaded.record == b"one"  # type: ignore[union-attr]
+        assert (await store.commit_many([Commit(key, "e:1", "e:2", b"two", 60)]))[0].outcome is Outcome.OK
+        other = next(
+            session_key("rnnserve", "charlm", f"b{i}")
+            for i in range(100_000)
+            if key_slot(session_key("rnnserve", "charlm", f"b{i}").encode()) == slot
+        )
+        assert (await store.commit_many([Commit(other, ABSENT, "e:1", b"new", 60)]))[0].outcome is Outcome.OK
+        with redis.Redis(port=target.port) as client:
+            client.execute_command("ASKING")
+            assert client.hget(key, "rec") == b"two"
+    finally:
+        await store.close()
+
+
+async def test_a_replay_is_confirmed_after_the_probe_keys_slot_moved(cluster):
+    """With WAIT, a replay is confirmed by a write to a probe key on the session's node. When a resharding
+    takes the probe's slot away, the store picks another probe key instead of failing every replay."""
+    store = open_store(RedisSettings(url=cluster.url, wait_replicas=1, wait_timeout_ms=1000))
+    await store.ping()
+    try:
+        key = session_key("rnnserve", "charlm", "s1")
+        assert (await store.commit_many([Commit(key, ABSENT, "e:1", b"x", 60)]))[0].outcome is Outcome.OK
+        await store.confirm_replicated([(key, "e:1")])
+        home = cluster.primary_of(key)
+        probe = next(f"rnnserve:replication-probe:{{{n}}}" for n in range(100_000)
+                     if cluster.primary_of(f"rnnserve:replication-probe:{{{n}}}") is home)  # fmt: skip
+        elsewhere = next(node for node in cluster.primaries() if node is not home)
+        cluster.move_slot(key_slot(probe.encode()), elsewhere)
+        for _ in range(3):
+            await store.confirm_replicated([(key, "e:1")])
+    finally:
+        await store.close()
+
+
+async def test_wrong_credentials_stop_the_start_and_demoted_nodes_lose_their_pools(cluster):
+    store = open_store(RedisSettings(url=cluster.url))
+    await store.ping()
+    try:
+        await store.load_many([session_key("rnnserve", "charlm", f"p{i}") for i in range(30)])
+        victim = cluster.primary_of(session_key("rnnserve", "charlm", "p0"))
+        (replica,) = cluster.replicas_of(victim)
+        with redis.Redis(port=replica.port) as client:
+            client.execute_command("CLUSTER", "FAILOVER")
+        cluster.wait_promoted(victim, session_key("rnnserve", "charlm", "p0"))
+        for _ in range(3):  # MOVED, a fresh slot map, the demoted node's pool closed
+            with contextlib.suppress(Unavailable):
+                await store.load_many([session_key("rnnserve", "charlm", f"p{i}") for i in range(30)])
+        with redis.Redis(port=victim.port) as client:
+            others = [c for c in client.client_list() if "M" not in c["flags"] and c["cmd"] != "client|list"]
+        assert not others, others  # the store's connections are gone (M: the link to its new primary)
+    finally:
+        await store.close()
+    for node in cluster.nodes:
+        with redis.Redis(port=node.port) as client:
+            client.config_set("masterauth", "s3cret")
+            client.config_set("requirepass", "s3cret")
+    port = cluster.nodes[0].port
+    for url in (f"redis+cluster://:nope@127.0.0.1:{port}", f"redis+cluster://127.0.0.1:{port}"):
+        store = open_store(RedisSettings(url=url))
+        try:
+            with pytest.raises(StoreRefused, match="credentials"):  # not "retry": a start stops on it
+                await store.ping()
+        finally:
+            await store.close()
 
 
 def test_the_cluster_url_and_what_a_cluster_cannot_do():
