@@ -417,7 +417,7 @@ class _SessionState:
 def step_request(
     model: str, session_id: str, seq: int, x: np.ndarray, *, version: int = 0, start_id: int = 0, end: bool = False
 ) -> pb.StepRequest:
-    """Step `seq` of a session (seq 1 starts it, named by `start_id`)."""
+    """Step `seq` of a session (seq 1 starts it); `start_id` names the start every step belongs to."""
     data = np.ascontiguousarray(x, dtype=np.float32)
     return pb.StepRequest(
         model=model,
@@ -425,7 +425,7 @@ def step_request(
         session_id=session_id,
         seq=seq,
         start=seq == 1,
-        start_id=start_id if seq == 1 else 0,
+        start_id=start_id,
         end=end,
         input=pb.Tensor(shape=data.shape, raw=data.tobytes()),
     )

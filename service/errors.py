@@ -90,6 +90,18 @@ class FailedPrecondition(RnnServeError):
     code = Code.FAILED_PRECONDITION
 
 
+class AnotherStart(FailedPrecondition):
+    """A step of a start the store does not hold: the session was started again since, or this start was
+    lost (a store failover that dropped unreplicated writes)."""
+
+    def __init__(self, session_id: str, model: str) -> None:
+        super().__init__(
+            f"session {session_id!r} of model {model!r} holds another start than this step's start_id: it was "
+            "started again since, or this start was lost in a store failover; start it again (start=true, seq 1, "
+            "a new start_id)"
+        )
+
+
 class WriteConflict(RnnServeError):
     """Another writer advanced the session first; this step was not applied."""
 

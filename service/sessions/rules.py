@@ -9,6 +9,9 @@ top of what), answer it from the stored record (a resend), or refuse it:
 - `seq == last + 1` applies. `seq == last` with the same input digest is a resend: the stored outputs
   again. `seq == last` with another input is not a resend and is refused. Any other seq is refused with
   the seq expected.
+- A later step that names its start (a non-zero `start_id`) is refused unless the stored session is that
+  start: a restart lost in a store failover, or another client's restart, is never continued as if it
+  were this client's session.
 - A step the server numbers (`seq` None: Triton clients that send no `rnnserve_seq`) applies at
   `last + 1`; it can never be recognised as a resend.
 - A tombstone (an ended session) answers a resend of its end step; anything else but a new start is
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.errors import (
+    AnotherStart,
     NotARetry,
     RecordCorrupt,
     RnnServeError,
@@ -99,6 +103,8 @@ def judge(ask: Ask, token: str | None, record: SessionRecord | RecordCorrupt | N
             f"session {ask.session_id!r} of model {model!r} has expired or was never started; "
             "start it again with start=true and seq=1"
         )
+    if ask.start_id and record.start_id != ask.start_id:  # not the start this step belongs to
+        return AnotherStart(ask.session_id, model)
     if ask.seq is None:
         if record.ended:
             return _ended(ask, record, model)

@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from service.api.streams import StreamGate, answer_all
-from service.client import StreamClient
+from service.client import StepError, StreamClient
 from service.metrics import Metrics
 from service.state.record import SessionRecord, decode, encode
 from service.state.store import session_key
@@ -164,6 +164,27 @@ async def test_a_triton_client_that_numbers_its_steps_can_resend_them(start_serv
     np.testing.assert_allclose(streamed, expected[:5], atol=TOLERANCE, rtol=0)
 
 
+async def test_a_triton_step_naming_another_start_is_refused(start_server):
+    app = await start_server()
+    async with triton_aio.InferenceServerClient(f"127.0.0.1:{app.port}") as client:
+
+        async def send(t: int, start_id: int) -> object:
+            return await client.infer(
+                "charlm",
+                triton_step(X[t - 1 : t]),
+                sequence_id="named",
+                sequence_start=t == 1,
+                parameters={"rnnserve_seq": t, "rnnserve_start_id": start_id},
+            )
+
+        await send(1, 7)
+        with pytest.raises(Exception) as other:
+            await send(2, 8)
+        assert "FAILED_PRECONDITION" in str(other.value) and "holds another start" in str(other.value)
+        second = await send(2, 7)
+        assert second.get_response().parameters["rnnserve_seq"].int64_param == 2
+
+
 async def test_server_numbered_triton_steps_report_their_number(start_server):
     app = await start_server()
     async with triton_aio.InferenceServerClient(f"127.0.0.1:{app.port}") as client:
@@ -265,6 +286,29 @@ async def test_a_start_over_a_vanished_record_is_applied(start_server, redis_sto
     assert deleted.deleted
     restarted = await exchange(f"127.0.0.1:{a.port}", steps("s", 1, 2))
     assert_matches(restarted, first=1)
+
+
+async def test_a_step_after_a_lost_restart_is_refused_not_applied_to_the_old_start(
+    start_server, redis_store_url, redisdb
+):
+    """Without WAIT, a store failover may lose an acknowledged restart and bring back the session's earlier
+    start at the same seq. The next step must be refused (it names its start), never applied on top of the
+    earlier start's state. The loss is played here by putting the earlier record back."""
+    app = await start_server(url=redis_store_url)
+    key = session_key("rnnserve", "charlm", "s")
+    async with StreamClient(f"127.0.0.1:{app.port}") as client:
+        first = client.session("charlm", "s")
+        await first.step(X[:1])
+        earlier = redisdb.dump(key)
+        again = client.session("charlm", "s")  # a new start of the same session id: a new start_id
+        assert (await again.step(X[1:2])).seq == 1
+        redisdb.restore(key, 60_000, earlier, replace=True)  # the restart lost
+        with pytest.raises(StepError) as refused:
+            await again.step(X[2:3])
+        assert refused.value.code is grpc.StatusCode.FAILED_PRECONDITION
+        assert "holds another start" in refused.value.message and "start it again" in refused.value.message
+        assert decode(redisdb.hget(key, "rec")).seq == 1  # nothing applied
+        assert (await first.step(X[1:2])).seq == 2  # the earlier start's own client continues it
 
 
 async def test_cached_records_do_not_pin_their_batch(start_server):

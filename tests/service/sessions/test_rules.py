@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from service.errors import NotARetry, RecordCorrupt, SeqOutOfOrder, SessionEnded, SessionNotFound
+from service.errors import AnotherStart, NotARetry, RecordCorrupt, SeqOutOfOrder, SessionEnded, SessionNotFound
 from service.sessions.rules import Apply, Ask, Replay, input_digest, judge
 from service.state.record import SessionRecord
 from service.state.store import ABSENT
@@ -38,7 +38,7 @@ def asks(draw: st.DrawFn) -> Ask:
         seq=(1 if start else draw(st.integers(1, 8))) if numbered else None,
         start=start,
         end=draw(st.booleans()),
-        start_id=draw(START_IDS) if start else 0,
+        start_id=draw(START_IDS),  # later steps name their start too (0: unchecked)
         digest=draw(DIGESTS),
     )
 
@@ -111,8 +111,20 @@ def test_refusals_say_what_the_session_expects(ask: Ask, record: SessionRecord):
         assert "session 's'" in verdict.message  # the refusal names the session it is about
     if isinstance(verdict, SessionNotFound):
         assert "model 'm'" in verdict.message
-    if record.ended and not ask.start:
+    if record.ended and not ask.start and ask.start_id in (0, record.start_id):
         assert isinstance(verdict, Replay | SessionEnded)
+
+
+@given(asks(), records())
+def test_a_step_of_another_start_is_never_applied_nor_replayed(ask: Ask, record: SessionRecord):
+    """A later step that names a start the store does not hold (restarted since, or its start lost in a
+    failover) is refused, whatever its seq: it must not continue another start's state."""
+    verdict = judge(ask, record.token, record, "m")
+    if not ask.start and ask.start_id and ask.start_id != record.start_id:
+        assert isinstance(verdict, AnotherStart) and verdict.code.name == "FAILED_PRECONDITION"
+        assert "session 's' of model 'm'" in verdict.message and "start it again" in verdict.message
+    else:
+        assert not isinstance(verdict, AnotherStart)
 
 
 @given(asks())

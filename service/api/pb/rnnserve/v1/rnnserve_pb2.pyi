@@ -88,6 +88,9 @@ class StepRequest(_message.Message):
     (a random 64-bit number). A resent start with the same start_id is answered as a resend (or as a
     stale seq 1 once the session has moved on) and never wipes out acknowledged steps. 0: a start
     without an id always starts afresh, so resending it after later steps were applied loses them.
+    On a later step: the start it belongs to. A non-zero start_id that is not the stored session's is
+    FAILED_PRECONDITION (the session was started again since, or this start was lost in a store
+    failover), never a step applied to another start's state. 0: not checked.
     """
     @_builtins.property
     def input(self) -> Global___Tensor:
