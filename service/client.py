@@ -395,6 +395,7 @@ class BatchClient(_Resumable[pb.StepBatch, pb.StepBatchResult]):
                 reply = replies[response.session_id] = _reply(response, latency)
                 if isinstance(reply, StepReply):
                     state.acked_seq, state.version = reply.seq, reply.version
+                    state.started = state.started or reply.seq == 1
             return replies
         finally:
             for state in states:
@@ -406,12 +407,13 @@ class _SessionState:
         self.acked_seq = 0
         self.version = version
         self.start_id = secrets.randbits(64) | 1
+        self.started = False  # as Session._started
         self.order = asyncio.Lock()
 
     def next(self, model: str, session_id: str, x: np.ndarray, end: bool) -> pb.StepRequest:
-        return step_request(
-            model, session_id, self.acked_seq + 1, x, version=self.version, start_id=self.start_id, end=end
-        )
+        seq = self.acked_seq + 1
+        named = self.start_id if seq == 1 or self.started else 0
+        return step_request(model, session_id, seq, x, version=self.version, start_id=named, end=end)
 
 
 def step_request(
@@ -463,7 +465,14 @@ class Session:
         self.version = version
         self.acked_seq = 0
         self.start_id = secrets.randbits(64) | 1  # names this session's start: a resend is not a restart
+        self._started = False  # whether start_id is the stored session's (then every step names it)
         self._order = asyncio.Lock()  # one step at a time: each seq follows the last acknowledged one
+
+    def resume(self, last_seq: int, start_id: int = 0) -> None:
+        """Continue a session this object did not start (a gateway that restarted): from `last_seq`, and,
+        given the session's `start_id` (GetSession says both), only as that start."""
+        self.acked_seq = last_seq
+        self.start_id, self._started = (start_id, True) if start_id else (self.start_id, False)
 
     async def step(self, x: np.ndarray, *, end: bool = False) -> StepReply:
         async with self._order:
@@ -471,10 +480,10 @@ class Session:
 
     async def _step(self, x: np.ndarray, end: bool) -> StepReply:
         seq = self.acked_seq + 1
-        request = step_request(
-            self.model, self.session_id, seq, x, version=self.version, start_id=self.start_id, end=end
-        )
+        named = self.start_id if seq == 1 or self._started else 0
+        request = step_request(self.model, self.session_id, seq, x, version=self.version, start_id=named, end=end)
         reply = await self.client.send(request)
         self.acked_seq = reply.seq
         self.version = reply.version
+        self._started = self._started or reply.seq == 1
         return reply

@@ -235,6 +235,7 @@ class NativeServicer(pb_grpc.RnnServeServicer):
             last_seq=info.last_seq,
             fingerprint=info.fingerprint,
             ttl_ms=info.ttl_ms if info.ttl_ms is not None else -1,
+            start_id=info.start_id,
         )
 
     @unary

@@ -216,6 +216,7 @@ class SessionEngine:
             record.seq,
             record.fingerprint.hex(),
             ttl_ms,
+            record.start_id,
         )
 
     async def delete_session(self, model_name: str, session_id: str, tenant: str = "") -> bool:

@@ -50,6 +50,7 @@ class SessionInfo:
     last_seq: int
     fingerprint: str
     ttl_ms: int | None
+    start_id: int  # the client's name for the session's start; 0: none
 
 
 Answer = StepResult | BaseException  # what a step gets: its result, or the error that refused it

@@ -100,6 +100,6 @@ async def test_a_new_client_resumes_from_the_last_acked_seq(servers, redis_store
     assert info.last_seq == 25
     async with StreamClient(f"127.0.0.1:{server_port}") as client:
         session = client.session("charlm", "gateway-7")
-        session.acked_seq = info.last_seq
+        session.resume(info.last_seq, info.start_id)  # continues only that start
         after = [(await session.step(x[t : t + 1])).outputs["logits"][0] for t in range(25, 40)]
     np.testing.assert_allclose(np.stack(before + after), expected, atol=1e-5, rtol=0)

@@ -484,6 +484,7 @@ class SessionInfo(_message.Message):
     LAST_SEQ_FIELD_NUMBER: _builtins.int
     FINGERPRINT_FIELD_NUMBER: _builtins.int
     TTL_MS_FIELD_NUMBER: _builtins.int
+    START_ID_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     session_id: _builtins.str
     version: _builtins.int
@@ -491,6 +492,8 @@ class SessionInfo(_message.Message):
     fingerprint: _builtins.str
     ttl_ms: _builtins.int
     """Milliseconds before the session idles out; -1 when the store keeps no expiry."""
+    start_id: _builtins.int
+    """The start_id the session was started with (0: none): a client resuming it sends it with its steps."""
     def __init__(
         self,
         *,
@@ -500,10 +503,11 @@ class SessionInfo(_message.Message):
         last_seq: _builtins.int = ...,
         fingerprint: _builtins.str = ...,
         ttl_ms: _builtins.int = ...,
+        start_id: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fingerprint", b"fingerprint", "last_seq", b"last_seq", "model", b"model", "session_id", b"session_id", "ttl_ms", b"ttl_ms", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fingerprint", b"fingerprint", "last_seq", b"last_seq", "model", b"model", "session_id", b"session_id", "start_id", b"start_id", "ttl_ms", b"ttl_ms", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
