@@ -226,6 +226,11 @@ class RedisProcess:
             self.process.wait(10)
             self.process = None
 
+    def pause(self, paused: bool = True) -> None:
+        """SIGSTOP (or, with paused False, SIGCONT): a node that stops reading, as one that lags."""
+        if self.process is not None:
+            self.process.send_signal(signal.SIGSTOP if paused else signal.SIGCONT)
+
     def close(self) -> None:
         self.stop()
         if self._tmp is not None:
