@@ -153,12 +153,16 @@ class RedisProcess:
         durable: bool = False,
         replica_of: int | None = None,
         cluster_node_timeout_ms: int | None = None,
+        tls: Path | None = None,
     ) -> None:
+        """`tls`: a folder holding ca.pem and the server's redis.pem and redis.key; then the server speaks TLS
+        only (clients, replication and the cluster bus), and clients need not present a certificate."""
         self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="rnnserve-redis-")
         self.directory = directory or Path(self._tmp.name)  # type: ignore[union-attr]
         self.durable = durable
         self.replica_of = replica_of
         self.cluster_node_timeout_ms = cluster_node_timeout_ms  # set: a Redis Cluster node
+        self.tls = tls
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen[bytes] | None = None
@@ -167,6 +171,12 @@ class RedisProcess:
         persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.durable else ["--appendonly", "no"]
         if self.replica_of is not None:
             persistence += ["--replicaof", "127.0.0.1", str(self.replica_of)]
+        listen = ["--port", str(self.port)]
+        if self.tls is not None:
+            listen = ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no"]
+            listen += ["--tls-replication", "yes", "--tls-cluster", "yes"]
+            listen += ["--tls-cert-file", str(self.tls / "redis.pem"), "--tls-key-file", str(self.tls / "redis.key")]
+            listen += ["--tls-ca-cert-file", str(self.tls / "ca.pem")]
         if self.cluster_node_timeout_ms is not None:
             persistence += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
             # The cluster bus on a free port of its own (by default port + 10000, often past 65535 here).
@@ -183,8 +193,7 @@ class RedisProcess:
         self.process = subprocess.Popen(
             [
                 "redis-server",
-                "--port",
-                str(self.port),
+                *listen,
                 "--bind",
                 "127.0.0.1",
                 "--dir",
@@ -197,7 +206,7 @@ class RedisProcess:
             stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + (30 if self.replica_of is not None else 10)
-        with redis.Redis(port=self.port) as client:
+        with self.client() as client:
             while True:
                 try:
                     if self.replica_of is None:
@@ -211,6 +220,11 @@ class RedisProcess:
                     self.stop()
                     raise TimeoutError(f"redis-server on port {self.port} did not come up (or sync) in time")
                 time.sleep(0.02)
+
+    def client(self, port: int | None = None) -> redis.Redis:
+        """A client of this server (or of another node of its cluster, on `port`), over TLS if it speaks it."""
+        tls = {"ssl": True, "ssl_ca_certs": str(self.tls / "ca.pem")} if self.tls else {}
+        return redis.Redis(port=port or self.port, **tls)  # type: ignore[arg-type]
 
     def stop(self) -> None:
         """Stop the server; a durable one keeps its data for the next start()."""
@@ -241,17 +255,34 @@ class RedisCluster:
     """A Redis Cluster on loopback: `primaries` primaries with `replicas` replicas each, made with
     `redis-cli --cluster create`; returns from start() once every node says the cluster is ok."""
 
-    def __init__(self, primaries: int = 3, replicas: int = 1, node_timeout_ms: int = 1000) -> None:
-        self.nodes = [RedisProcess(cluster_node_timeout_ms=node_timeout_ms) for _ in range(primaries * (1 + replicas))]
+    def __init__(
+        self, primaries: int = 3, replicas: int = 1, node_timeout_ms: int = 1000, tls: Path | None = None
+    ) -> None:
+        """`tls`: as for RedisProcess; the URL is then rediss+cluster://."""
+        self.nodes = [
+            RedisProcess(cluster_node_timeout_ms=node_timeout_ms, tls=tls) for _ in range(primaries * (1 + replicas))
+        ]
         self.replicas = replicas
-        self.url = "redis+cluster://" + ",".join(f"127.0.0.1:{node.port}" for node in self.nodes[:2])
+        self.tls = tls
+        scheme = "rediss+cluster://" if tls else "redis+cluster://"
+        self.url = scheme + ",".join(f"127.0.0.1:{node.port}" for node in self.nodes[:2])
 
     def start(self) -> None:
         for node in self.nodes:
             node.start()
         addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        tls = ["--tls", "--cacert", str(self.tls / "ca.pem")] if self.tls else []
         subprocess.run(
-            ["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+            [
+                "redis-cli",
+                *tls,
+                "--cluster",
+                "create",
+                *addresses,
+                "--cluster-replicas",
+                str(self.replicas),
+                "--cluster-yes",
+            ],
             check=True,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -265,7 +296,7 @@ class RedisCluster:
         only such a replica can take over when its primary dies."""
         deadline = time.monotonic() + timeout_s
         for node in self.alive():
-            with redis.Redis(port=node.port) as client:
+            with node.client() as client:
                 while True:
                     info = client.info("replication")
                     if info.get("role") != "slave" or info.get("master_link_status") == "up":
@@ -278,7 +309,7 @@ class RedisCluster:
         """Until each of these nodes says cluster_state:ok and knows every slot's primary."""
         deadline = time.monotonic() + timeout_s
         for port in ports:
-            with redis.Redis(port=port) as client:
+            with self.nodes[0].client(port) as client:
                 while True:
                     info = client.execute_command("CLUSTER", "INFO").decode()
                     if "cluster_state:ok" in info and "cluster_slots_ok:16384" in info:
@@ -289,7 +320,7 @@ class RedisCluster:
 
     def primary_of(self, key: str) -> RedisProcess:
         """The node serving `key` now."""
-        with redis.Redis(port=self.alive()[0].port) as client:
+        with self.alive()[0].client() as client:
             slot = int(client.execute_command("CLUSTER", "KEYSLOT", key))
             for start, end, primary, *_ in client.execute_command("CLUSTER", "SLOTS"):
                 if start <= slot <= end:
@@ -315,13 +346,13 @@ class RedisCluster:
         """Migrate one slot by hand: IMPORTING on `to`, MIGRATING on its primary, its keys MIGRATEd; with
         `finish`, every primary told the slot's new owner. Without, the slot stays half-migrated (its keys on
         `to` already), so the source answers ASK for them."""
-        with redis.Redis(port=self.alive()[0].port) as client:
+        with self.alive()[0].client() as client:
             source = next(
                 int(primary[1])
                 for start, end, primary, *_ in client.execute_command("CLUSTER", "SLOTS")
                 if start <= slot <= end
             )
-        with redis.Redis(port=source) as src, redis.Redis(port=to.port) as dst:
+        with self.nodes[0].client(source) as src, to.client() as dst:
             source_id, target_id = src.execute_command("CLUSTER", "MYID"), dst.execute_command("CLUSTER", "MYID")
             dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
             src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
@@ -329,14 +360,14 @@ class RedisCluster:
                 src.execute_command("MIGRATE", "127.0.0.1", to.port, "", 0, 5000, "KEYS", *keys)
         if finish:
             for node in self.primaries():
-                with redis.Redis(port=node.port) as client:
+                with node.client() as client:
                     client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", target_id)
 
     def primaries(self) -> list[RedisProcess]:
         """The nodes running as primaries now."""
         found = []
         for node in self.alive():
-            with redis.Redis(port=node.port) as client:
+            with node.client() as client:
                 if client.info("replication").get("role") == "master":
                     found.append(node)
         return found
@@ -345,7 +376,7 @@ class RedisCluster:
         """The nodes replicating `primary` now."""
         found = []
         for node in self.alive():
-            with redis.Redis(port=node.port) as client:
+            with node.client() as client:
                 info = client.info("replication")
             if info.get("role") == "slave" and int(info.get("master_port", 0)) == primary.port:
                 found.append(node)

@@ -38,7 +38,7 @@ from service.loader import ModelLoader
 from service.metrics import Metrics
 from service.models import ModelRegistry
 from service.sessions import SessionEngine
-from service.settings import CLUSTER_SCHEME, RedisSettings, Settings, TlsSettings
+from service.settings import CLUSTER_SCHEME, CLUSTER_TLS_SCHEME, RedisSettings, Settings, TlsSettings
 from service.state.memory_store import MemoryStateStore
 from service.state.store import StateStore
 from service.tls import load_key_pair
@@ -52,7 +52,7 @@ HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 def open_store(settings: RedisSettings) -> StateStore:
     if not settings.url:  # a URL of another scheme is refused by RedisSettings
         return MemoryStateStore()
-    if settings.url.startswith(CLUSTER_SCHEME):
+    if settings.url.startswith((CLUSTER_SCHEME, CLUSTER_TLS_SCHEME)):
         from service.state.redis_cluster import RedisClusterStore
 
         return RedisClusterStore(settings)

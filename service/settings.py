@@ -34,6 +34,7 @@ def _comma_list(value: object) -> object:
 SENTINEL_SCHEME = "redis+sentinel://"
 TENANT_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")  # no ":" or "/": tenants sit inside session keys
 CLUSTER_SCHEME = "redis+cluster://"
+CLUSTER_TLS_SCHEME = "rediss+cluster://"  # the same, over TLS to every node
 
 
 @dataclass(frozen=True)
@@ -67,17 +68,20 @@ class ClusterUrl:
     nodes: list[tuple[str, int]]
     username: str | None
     password: str | None
+    tls: bool = False  # rediss+cluster://
 
 
 def parse_cluster_url(url: str) -> ClusterUrl:
-    """`redis+cluster://[user:password@]host:port[,host:port...][/]`: any nodes of the cluster (the rest are
-    found from them). ValueError, never quoting the URL, for anything else."""
-    credentials, at, rest = url.removeprefix(CLUSTER_SCHEME).rpartition("@")
+    """`redis+cluster://[user:password@]host:port[,host:port...][/]` (`rediss+cluster://` over TLS): any
+    nodes of the cluster (the rest are found from them). ValueError, never quoting the URL, for anything
+    else."""
+    tls = url.startswith(CLUSTER_TLS_SCHEME)
+    credentials, at, rest = url.removeprefix(CLUSTER_TLS_SCHEME if tls else CLUSTER_SCHEME).rpartition("@")
     hosts = rest.removesuffix("/")
     if "/" in hosts or "?" in hosts:
         raise ValueError("a redis+cluster:// URL names nodes only: redis+cluster://host:port[,host:port...] (db 0)")
     nodes = _addresses(hosts, "a redis+cluster:// URL lists nodes as host:port[,host:port...]")
-    return ClusterUrl(nodes, *_credentials(credentials if at else ""))
+    return ClusterUrl(nodes, *_credentials(credentials if at else ""), tls=tls)
 
 
 def _addresses(hosts: str, expected: str) -> list[tuple[str, int]]:
@@ -109,7 +113,7 @@ class RedisSettings(BaseModel):
             "redis:// or rediss:// URL (user, password and db in the URL), or "
             "redis+sentinel://[user:password@]host:port[,host:port...]/master-name[/db] to follow a Sentinel "
             "group's primary, or redis+cluster://[user:password@]host:port[,host:port...] for a Redis Cluster "
-            "(any of its nodes); unset: in-memory store"
+            "(any of its nodes; rediss+cluster:// over TLS); unset: in-memory store"
         ),
     )
     wait_replicas: int = Field(
@@ -157,8 +161,12 @@ class RedisSettings(BaseModel):
 
     @model_validator(mode="after")
     def _tls_needs_rediss(self) -> RedisSettings:
-        if (self.tls_ca or self.tls_cert or self.tls_key) and not (self.url or "").startswith("rediss://"):
-            raise ValueError("redis.tls_ca, tls_cert and tls_key apply to a rediss:// URL only")
+        if (self.tls_ca or self.tls_cert or self.tls_key) and not (self.url or "").startswith(
+            ("rediss://", CLUSTER_TLS_SCHEME)
+        ):
+            raise ValueError(
+                f"redis.tls_ca, tls_cert and tls_key apply to a rediss:// or {CLUSTER_TLS_SCHEME} URL only"
+            )
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("redis.tls_cert and redis.tls_key go together: give both, or neither")
         return self
@@ -167,15 +175,13 @@ class RedisSettings(BaseModel):
     @classmethod
     def _known_scheme(cls, url: str | None) -> str | None:
         """Refused where settings are read (before any worker starts), not where the store opens."""
-        if url and not url.startswith(("redis://", "rediss://", "unix://", SENTINEL_SCHEME, CLUSTER_SCHEME)):
+        schemes = ("redis://", "rediss://", "unix://", SENTINEL_SCHEME, CLUSTER_SCHEME, CLUSTER_TLS_SCHEME)
+        if url and not url.startswith(schemes):
             # Not the URL itself in the message: it may hold a password.
-            raise ValueError(
-                "unsupported store URL scheme: the URL must start with redis://, rediss://, unix://, "
-                f"{SENTINEL_SCHEME} or {CLUSTER_SCHEME}"
-            )
+            raise ValueError(f"unsupported store URL scheme: the URL must start with {', '.join(schemes)}")
         if url and url.startswith(SENTINEL_SCHEME):
             parse_sentinel_url(url)
-        if url and url.startswith(CLUSTER_SCHEME):
+        if url and url.startswith((CLUSTER_SCHEME, CLUSTER_TLS_SCHEME)):
             parse_cluster_url(url)
         return url
 
@@ -365,7 +371,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _tenant_limits_need_one_slot(self) -> Settings:
-        if self.auth.max_sessions_per_tenant and (self.redis.url or "").startswith(CLUSTER_SCHEME):
+        if self.auth.max_sessions_per_tenant and (self.redis.url or "").startswith(
+            (CLUSTER_SCHEME, CLUSTER_TLS_SCHEME)
+        ):
             raise ValueError(
                 "auth.max_sessions_per_tenant is not kept on Redis Cluster (a tenant's count would sit in another "
                 "slot than its sessions); drop the limit, or use one Redis (with Sentinel) for tenants with limits"

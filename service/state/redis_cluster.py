@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.connection import SSLConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
@@ -37,6 +38,7 @@ from service.state.redis_store import (
     TOKEN_FIELD,
     RedisStateStore,
     _Connections,
+    _tls_context_check,
 )
 from service.state.store import Commit, CommitResult, Outcome, Stored
 
@@ -58,6 +60,15 @@ class RedisClusterStore(RedisStateStore):
         except ValueError as err:
             raise StartupError(str(err)) from None
         self._settings = settings
+        self._tls: dict[str, Any] = {}
+        if self._address.tls:
+            _tls_context_check(settings)
+            self._tls = {
+                "connection_class": SSLConnection,
+                "ssl_ca_certs": str(settings.tls_ca) if settings.tls_ca else None,
+                "ssl_certfile": str(settings.tls_cert) if settings.tls_cert else None,
+                "ssl_keyfile": str(settings.tls_key) if settings.tls_key else None,
+            }
         self._configure(settings)
         self._pools: dict[Node, tuple[aioredis.ConnectionPool, _Connections]] = {}
         self._slots: list[Node] | None = None  # the primary serving each slot
@@ -79,6 +90,7 @@ class RedisClusterStore(RedisStateStore):
                 socket_timeout=self._settings.socket_timeout_s,
                 socket_connect_timeout=self._settings.connect_timeout_s,
                 retry=Retry(NoBackoff(), 0),  # no silent re-sends (see RedisStateStore)
+                **self._tls,
             )
             connections = _Connections(
                 factory.make_connection, self._settings.max_connections, self._settings.pool_timeout_s

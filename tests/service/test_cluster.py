@@ -15,6 +15,7 @@ import grpc
 import numpy as np
 import pytest
 import redis
+import trustme
 from redis.crc import key_slot
 
 from bench.process import RedisCluster, free_port
@@ -211,9 +212,42 @@ async def test_wrong_credentials_stop_the_start_and_demoted_nodes_lose_their_poo
             await store.close()
 
 
+async def test_a_cluster_over_tls(tmp_path, start_server):
+    """rediss+cluster://: TLS to every node (the nodes speak TLS only, replication and cluster bus too), the
+    nodes' certificates checked against --redis-tls-ca; another CA stops the start."""
+    ca, other = trustme.CA(), trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    other.cert_pem.write_to_path(str(tmp_path / "other.pem"))
+    issued = ca.issue_cert("localhost", "127.0.0.1")
+    issued.cert_chain_pems[0].write_to_path(str(tmp_path / "redis.pem"))
+    issued.private_key_pem.write_to_path(str(tmp_path / "redis.key"))
+    group = RedisCluster(primaries=3, replicas=0, tls=tmp_path)
+    group.start()
+    try:
+        assert group.url.startswith("rediss+cluster://")
+        app = await start_server(url=group.url, redis={"tls_ca": tmp_path / "ca.pem"})
+        x = next(iter(inputs().values()))
+        sids = [f"t{i}" for i in range(30)]  # spread over the three primaries
+        async with BatchClient(f"127.0.0.1:{app.port}") as gateway:
+            for t in range(3):
+                replies = await gateway.step("charlm", {sid: x[t : t + 1] for sid in sids})
+                assert all(isinstance(r, StepReply) and r.seq == t + 1 for r in replies.values()), replies
+        store = open_store(RedisSettings(url=group.url, tls_ca=tmp_path / "other.pem"))
+        try:
+            with pytest.raises(StoreRefused, match="TLS"):
+                await store.ping()
+        finally:
+            await store.close()
+    finally:
+        group.close()
+
+
 def test_the_cluster_url_and_what_a_cluster_cannot_do():
     address = parse_cluster_url("redis+cluster://u:p%40w@10.0.0.1:7000,[::1]:7001/")
     assert address.nodes == [("10.0.0.1", 7000), ("::1", 7001)] and address.password == "p@w"
+    assert not address.tls and parse_cluster_url("rediss+cluster://h:7000").tls
+    with pytest.raises(ValueError, match="rediss"):
+        RedisSettings(url="redis+cluster://h:7000", tls_ca="ca.pem")  # TLS files without a TLS URL
     for bad in ("redis+cluster://h:7000/0", "redis+cluster://h", "redis+cluster://h:7000?x=1"):
         with pytest.raises(ValueError, match="redis\\+cluster://"):
             RedisSettings(url=bad)

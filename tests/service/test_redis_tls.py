@@ -155,7 +155,7 @@ def test_a_password_in_the_query_string_is_redacted_too():
 
 
 def test_redis_tls_settings_need_a_rediss_url(tmp_path):
-    with pytest.raises(pydantic.ValidationError, match="rediss:// URL only"):
+    with pytest.raises(pydantic.ValidationError, match=r"rediss:// or rediss\+cluster:// URL only"):
         RedisSettings(url="redis://localhost:6379/0", tls_ca=tmp_path / "ca.pem")
     with pytest.raises(pydantic.ValidationError, match="go together"):
         RedisSettings(url="rediss://localhost:6379/0", tls_cert=tmp_path / "c.pem")
