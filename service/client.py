@@ -373,6 +373,17 @@ class BatchClient(_Resumable[pb.StepBatch, pb.StepBatchResult]):
         state = self._sessions.get((model, session_id))
         return state.acked_seq if state else 0
 
+    def resume(self, model: str, session_id: str, last_seq: int, start_id: int = 0, *, version: int = 0) -> None:
+        """Continue a session this client did not start (a gateway that restarted), as Session.resume."""
+        state = self._sessions.setdefault((model, session_id), _SessionState(version))
+        state.acked_seq = last_seq
+        state.start_id, state.started = (start_id, True) if start_id else (state.start_id, False)
+
+    def restart(self, model: str, session_id: str, *, version: int = 0) -> None:
+        """Make the session's next step a new start (seq 1, a new start_id): after it ended, or after a
+        refusal that says to start it again."""
+        self._sessions[model, session_id] = _SessionState(version)
+
     async def step(
         self, model: str, inputs: dict[str, np.ndarray], *, end: Iterable[str] = (), version: int = 0
     ) -> dict[str, StepReply | StepError]:

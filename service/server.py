@@ -298,6 +298,9 @@ async def _probe_store(store: StateStore, readiness: Readiness, interval_s: floa
         except (RnnServeError, TimeoutError) as err:
             raise_if_cancelled()  # a stop, whatever the timeout made of it
             reachable, why = False, str(err) or "no answer"
+        except Exception as err:  # a fault of ours: logged, counted as unreachable, and the probe goes on
+            log.exception("the session store's readiness probe failed")
+            reachable, why = False, f"{type(err).__name__}: {err}"
         if reachable != readiness.store_ok:
             if reachable:
                 log.warning("session store reachable again: ready (SERVING)")

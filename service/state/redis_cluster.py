@@ -99,12 +99,16 @@ class RedisClusterStore(RedisStateStore):
         return self._pools[node][1]
 
     async def _slot_map(self) -> list[Node]:
-        if self._slots is None:
+        """The map read last (or now, if none is held). What it returns stays a whole map even if another
+        call marks it stale at once."""
+        slots = self._slots
+        if slots is None:
             async with self._refreshing:
-                if self._slots is None:
-                    self._slots = await self._read_slot_map()
-                    await self._forget_all_but(set(self._slots))
-        return self._slots
+                slots = self._slots
+                if slots is None:
+                    slots = self._slots = await self._read_slot_map()
+                    await self._forget_all_but(set(slots))
+        return slots
 
     async def _read_slot_map(self) -> list[Node]:
         """CLUSTER SLOTS from the first node that answers: the nodes of the URL, then every node known."""
@@ -138,10 +142,11 @@ class RedisClusterStore(RedisStateStore):
         """Close the pools of nodes that serve no slot now (demoted in a failover, emptied by a resharding,
         or a node of the URL that is a replica); a connection still out is closed when it comes back."""
         for node in [node for node in self._pools if node not in primaries]:
-            factory, connections = self._pools.pop(node)
+            pool = self._pools.pop(node, None)  # close() may have taken it meanwhile
             self._probes.pop(node, None)
-            await connections.close()
-            await factory.aclose()
+            if pool is not None:
+                await pool[1].close()
+                await pool[0].aclose()
 
     def _stale(self) -> None:
         """Read the slot map again before the next call (a redirection, or a node that did not answer)."""

@@ -160,6 +160,32 @@ async def test_a_half_migrated_slot_is_served_through_asking(cluster):
         await store.close()
 
 
+async def test_a_slot_map_marked_stale_while_it_is_read_is_still_whole(cluster):
+    """The URL names a replica first, so every read of the slot map opens a pool on it and closes it again
+    (it serves no slot), which awaits. Other batches meeting MOVED mark the map stale meanwhile, here on
+    every turn of the loop: each call must still get a whole map (it once got None: INTERNAL, and a dead
+    readiness probe)."""
+    replica = next(node for node in cluster.nodes if node not in cluster.primaries())
+    store = open_store(RedisSettings(url=f"redis+cluster://127.0.0.1:{replica.port},127.0.0.1:{cluster.nodes[0].port}"))
+    running = True
+
+    async def moved_elsewhere() -> None:
+        while running:
+            store._stale()  # what a concurrent batch answered MOVED does
+            await asyncio.sleep(0)
+
+    marking = asyncio.create_task(moved_elsewhere())
+    try:
+        keys = [session_key("rnnserve", "charlm", f"m{i}") for i in range(20)]
+        for _ in range(30):
+            await store.ping()
+            assert await store.load_many(keys) == [None] * len(keys)
+    finally:
+        running = False
+        await marking
+        await store.close()
+
+
 async def test_a_replay_is_confirmed_after_the_probe_keys_slot_moved(cluster):
     """With WAIT, a replay is confirmed by a write to a probe key on the session's node. When a resharding
     takes the probe's slot away, the store picks another probe key instead of failing every replay."""

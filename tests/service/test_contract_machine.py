@@ -201,7 +201,8 @@ class ContractMachine(RuleBasedStateMachine):
             return model.pending
         if model.last is None or model.ended:
             return self._new_start(char)
-        return Sent(len(model.chars) + 1, char), [*model.chars, char]
+        named = model.first.start_id if model.first else 0  # later steps name their start, as the SDK's do
+        return Sent(len(model.chars) + 1, char, start_id=named), [*model.chars, char]
 
     @staticmethod
     def _new_start(char: int) -> tuple[Sent, list[int]]:
@@ -290,7 +291,7 @@ class ContractMachine(RuleBasedStateMachine):
                 return
         COUNTS["races"] += 1
         first, chars = self._next(model, char)
-        other = Sent(first.seq, (char + 1) % FEATURES) if rival else first
+        other = Sent(first.seq, (char + 1) % FEATURES, start_id=first.start_id) if rival else first
 
         async def both() -> list[Answer]:
             return list(

@@ -4,6 +4,7 @@ loaded and unloaded live, and start-up errors that say what to do."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -21,12 +22,14 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry
 from tritonclient.utils import InferenceServerException
 
+from service.api.health import Readiness
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from service.cli import main as cli_main
 from service.errors import StartupError
 from service.repository import MANIFEST_FILE
-from service.server import create_server
+from service.server import _probe_store, create_server
+from service.state.memory_store import MemoryStateStore
 from tests.conftest import exchange, logits_of, server_settings, step_request, variant_repo
 from tests.service.test_session_contract import EXPECTED, TOLERANCE, X, assert_matches, steps
 
@@ -80,6 +83,33 @@ async def test_readiness_follows_the_store(start_server, persistent_redis):
     async with triton_aio.InferenceServerClient(target) as client:
         assert await client.is_server_ready() and await client.is_model_ready("charlm")
     assert_matches(await exchange(target, steps("after", 1, 2)), first=1)
+
+
+async def test_the_readiness_probe_outlives_a_fault_of_ours(caplog):
+    """A store call that fails with a bug of ours (not a store error) counts as unreachable, is logged with
+    its traceback, and the probe goes on: it must never stop following the store."""
+
+    class Faulty(MemoryStateStore):
+        calls = 0
+
+        async def ping(self) -> None:
+            Faulty.calls += 1
+            if Faulty.calls == 2:
+                raise TypeError("'NoneType' object is not iterable")
+
+    readiness = Readiness([])
+    probe = asyncio.create_task(_probe_store(Faulty(), readiness, 0.01))
+    try:
+        deadline = time.monotonic() + 5
+        while Faulty.calls < 5:
+            assert not probe.done() and time.monotonic() < deadline, "the probe stopped"
+            await asyncio.sleep(0.01)
+        assert readiness.store_ok
+    finally:
+        probe.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await probe
+    assert "readiness probe failed" in caplog.text and "TypeError" in caplog.text
 
 
 async def test_a_server_started_while_redis_is_down_waits_unready_and_serves_once_it_answers(

@@ -259,3 +259,25 @@ async def test_a_key_redis_cannot_read_fails_its_own_step_only(start_server, red
     w0, w2 = result.responses
     assert not w0.HasField("error") and w0.seq == 3
     assert w2.error.code == grpc.StatusCode.DATA_LOSS.value[0] and "WRONGTYPE" in w2.error.message, w2
+
+
+async def test_a_gateway_resumes_and_restarts_sessions(start_server, redis_store_url):
+    """BatchClient.resume continues a session another client started (from GetSession); restart makes the
+    next step a new start, as the refusals of an ended or lost session advise."""
+    app = await start_server(url=redis_store_url)
+    target = f"127.0.0.1:{app.port}"
+    x = np.eye(FEATURES, dtype=np.float32)[:1]
+    async with BatchClient(target) as first:
+        await first.step("charlm", {"g": x})
+        await first.step("charlm", {"g": x})
+    async with grpc.aio.insecure_channel(target) as channel:
+        info = await pb_grpc.RnnServeStub(channel).GetSession(pb.SessionRef(model="charlm", session_id="g"))
+    async with BatchClient(target) as again:
+        again.resume("charlm", "g", info.last_seq, info.start_id)
+        (reply,) = (await again.step("charlm", {"g": x}, end=["g"])).values()
+        assert isinstance(reply, StepReply) and reply.seq == 3 and not reply.replayed
+        (ended,) = (await again.step("charlm", {"g": x})).values()
+        assert isinstance(ended, StepError) and ended.code is grpc.StatusCode.NOT_FOUND
+        again.restart("charlm", "g")
+        (started,) = (await again.step("charlm", {"g": x})).values()
+        assert isinstance(started, StepReply) and started.seq == 1
