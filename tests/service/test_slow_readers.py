@@ -54,9 +54,11 @@ async def _one_chunk(target: str) -> None:
 
 
 def test_a_server_holds_bounded_memory_for_clients_that_never_read(tmp_path, capsys):
-    """Rounds of 8 streams that write and never read, each offering twice the last: the memory the server
-    holds for them while they stay open (its limit's worth of steps a stream, plus what gRPC's transport
-    buffers) does not grow with what they offer."""
+    """Two rounds of 8 streams that write and never read, the second offering ten times the first: the
+    memory the server holds for them while they stay open (its limit's worth of steps a stream, plus what
+    gRPC's transport buffers) does not grow with what they offer. (Both rounds fill what the server takes,
+    so the difference between them is the allocator's noise, which reached 120 MB here: the offer grows by
+    about 1 GB.)"""
     port = free_port()
     server = ServerProcess.rnnserve(port, TEST_REPO, None, metrics_port=0, log=tmp_path / "log")
     server.start()
@@ -66,7 +68,7 @@ def test_a_server_holds_bounded_memory_for_clients_that_never_read(tmp_path, cap
         target = f"127.0.0.1:{port}"
         asyncio.run(_one_chunk(target))
         started = rss_mb(pid)
-        rounds = [(offered, *asyncio.run(_write_without_reading(target, offered, pid))) for offered in (40, 80, 160)]
+        rounds = [(offered, *asyncio.run(_write_without_reading(target, offered, pid))) for offered in (40, 400)]
     finally:
         server.kill()
     with capsys.disabled():
@@ -77,7 +79,7 @@ def test_a_server_holds_bounded_memory_for_clients_that_never_read(tmp_path, cap
                 f"or buffered; server RSS {started:.0f} MB at rest, {held:.0f} MB holding them"
             )
     # The client's count includes what its own gRPC core and both kernels buffer: reported, not judged.
-    # The server's memory is: offered twice as much (the last two rounds), it held about the same.
-    _, (middle, _, held_middle), (large, _, held_large) = rounds
-    offered_more = STREAMS * (large - middle) * CHUNK.nbytes / 2**20
-    assert held_large - held_middle < offered_more / 4
+    # The server's memory is: offered ten times as much, it held about the same.
+    (small, _, held_small), (large, _, held_large) = rounds
+    offered_more = STREAMS * (large - small) * CHUNK.nbytes / 2**20
+    assert held_large - held_small < offered_more / 4
