@@ -375,9 +375,7 @@ class BatchClient(_Resumable[pb.StepBatch, pb.StepBatchResult]):
 
     def resume(self, model: str, session_id: str, last_seq: int, start_id: int = 0, *, version: int = 0) -> None:
         """Continue a session this client did not start (a gateway that restarted), as Session.resume."""
-        state = self._sessions.setdefault((model, session_id), _SessionState(version))
-        state.acked_seq = last_seq
-        state.start_id, state.started = (start_id, True) if start_id else (state.start_id, False)
+        self._sessions.setdefault((model, session_id), _SessionState(version)).resume(last_seq, start_id)
 
     def restart(self, model: str, session_id: str, *, version: int = 0) -> None:
         """Make the session's next step a new start (seq 1, a new start_id): after it ended, or after a
@@ -405,8 +403,7 @@ class BatchClient(_Resumable[pb.StepBatch, pb.StepBatchResult]):
             for response, state in zip(result.responses, states, strict=True):
                 reply = replies[response.session_id] = _reply(response, latency)
                 if isinstance(reply, StepReply):
-                    state.acked_seq, state.version = reply.seq, reply.version
-                    state.started = state.started or reply.seq == 1
+                    state.acknowledged(reply)
             return replies
         finally:
             for state in states:
@@ -414,17 +411,27 @@ class BatchClient(_Resumable[pb.StepBatch, pb.StepBatchResult]):
 
 
 class _SessionState:
+    """Where a client's session stands: its last acknowledged seq and version, and its start."""
+
     def __init__(self, version: int) -> None:
         self.acked_seq = 0
         self.version = version
-        self.start_id = secrets.randbits(64) | 1
-        self.started = False  # as Session._started
-        self.order = asyncio.Lock()
+        self.start_id = secrets.randbits(64) | 1  # names this session's start: a resend is not a restart
+        self.started = False  # whether start_id is the stored session's (then every step names it)
+        self.order = asyncio.Lock()  # one step at a time: each seq follows the last acknowledged one
 
     def next(self, model: str, session_id: str, x: np.ndarray, end: bool) -> pb.StepRequest:
         seq = self.acked_seq + 1
         named = self.start_id if seq == 1 or self.started else 0
         return step_request(model, session_id, seq, x, version=self.version, start_id=named, end=end)
+
+    def acknowledged(self, reply: StepReply) -> None:
+        self.acked_seq, self.version = reply.seq, reply.version
+        self.started = self.started or reply.seq == 1  # its own start (a start is always seq 1)
+
+    def resume(self, last_seq: int, start_id: int) -> None:
+        self.acked_seq = last_seq
+        self.start_id, self.started = (start_id, True) if start_id else (self.start_id, False)
 
 
 def step_request(
@@ -473,28 +480,23 @@ class Session:
         self.client = client
         self.model = model
         self.session_id = session_id
-        self.version = version
-        self.acked_seq = 0
-        self.start_id = secrets.randbits(64) | 1  # names this session's start: a resend is not a restart
-        self._started = False  # whether start_id is the stored session's (then every step names it)
-        self._order = asyncio.Lock()  # one step at a time: each seq follows the last acknowledged one
+        self._state = _SessionState(version)
+
+    @property
+    def acked_seq(self) -> int:
+        return self._state.acked_seq
+
+    @property
+    def version(self) -> int:
+        return self._state.version
 
     def resume(self, last_seq: int, start_id: int = 0) -> None:
         """Continue a session this object did not start (a gateway that restarted): from `last_seq`, and,
         given the session's `start_id` (GetSession says both), only as that start."""
-        self.acked_seq = last_seq
-        self.start_id, self._started = (start_id, True) if start_id else (self.start_id, False)
+        self._state.resume(last_seq, start_id)
 
     async def step(self, x: np.ndarray, *, end: bool = False) -> StepReply:
-        async with self._order:
-            return await self._step(x, end)
-
-    async def _step(self, x: np.ndarray, end: bool) -> StepReply:
-        seq = self.acked_seq + 1
-        named = self.start_id if seq == 1 or self._started else 0
-        request = step_request(self.model, self.session_id, seq, x, version=self.version, start_id=named, end=end)
-        reply = await self.client.send(request)
-        self.acked_seq = reply.seq
-        self.version = reply.version
-        self._started = self._started or reply.seq == 1
-        return reply
+        async with self._state.order:
+            reply = await self.client.send(self._state.next(self.model, self.session_id, x, end))
+            self._state.acknowledged(reply)
+            return reply
