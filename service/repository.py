@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import secrets
 import shutil
@@ -22,6 +23,11 @@ MANIFEST_FORMAT = 1
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+log = logging.getLogger(__name__)
+
+# In a model's directory: the highest version number ever published there (a dot name: never loaded), so
+# that a deleted version's number is never published again with other weights.
+HIGHEST_FILE = ".highest-version"
 VERSION_NAME = re.compile(r"[0-9]{1,15}")  # ASCII digits only (str.isdigit() takes "²"), and a number
 MAX_VERSION = 10**15 - 1  # that every client's int64 (and a double) holds exactly
 
@@ -210,14 +216,41 @@ def write_version(repo: Path, manifest: Manifest, model_bytes: bytes) -> Path:
     except OSError as err:
         shutil.rmtree(staging, ignore_errors=True)
         raise RepositoryError(f"{version_dir}: not published ({err})") from err
+    _remember_highest(model_dir, manifest.version)
     return version_dir
 
 
+def _highest_published(model_dir: Path) -> int:
+    try:
+        text = (model_dir / HIGHEST_FILE).read_text().strip()
+    except OSError:
+        return 0
+    return int(text) if VERSION_NAME.fullmatch(text) else 0
+
+
+def _remember_highest(model_dir: Path, version: int) -> None:
+    """Raise the model's high-water mark to `version` (written aside and renamed: never half a number)."""
+    if version <= _highest_published(model_dir):
+        return
+    aside = model_dir / f"{HIGHEST_FILE}-{secrets.token_hex(6)}"
+    try:
+        aside.write_text(f"{version}\n")
+        aside.replace(model_dir / HIGHEST_FILE)
+    except OSError as err:  # published all the same: the mark only keeps deleted numbers from coming back
+        aside.unlink(missing_ok=True)
+        log.warning(
+            "%s: version %d is published, but the mark of the highest was not kept (%s)", model_dir, version, err
+        )
+
+
 def next_version(repo: Path, name: str) -> int:
-    """The number the next export of `name` publishes under: one past every version there is."""
+    """The number the next export of `name` publishes under: one past every version there is or was (a
+    deleted version's number is not used again: clients may have pinned it)."""
     model_dir = repo / name
-    numbers = [int(p.name) for p in model_dir.iterdir() if VERSION_NAME.fullmatch(p.name)] if model_dir.is_dir() else []
-    return max(numbers, default=0) + 1
+    if not model_dir.is_dir():
+        return 1
+    numbers = [int(p.name) for p in model_dir.iterdir() if VERSION_NAME.fullmatch(p.name)]
+    return max(*numbers, _highest_published(model_dir), 0) + 1
 
 
 def versions_of(repo: Path, name: str, precision: Precision | None = None) -> list[int]:

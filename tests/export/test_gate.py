@@ -249,3 +249,16 @@ def test_only_ascii_numbers_an_int64_holds_name_versions(tmp_path):
     for odd in ("9" * 16, "²", "١٢", "-3"):
         (tmp_path / "m" / odd).mkdir(parents=True)
     assert version_dirs(tmp_path) == [] and next_version(tmp_path, "m") == 1
+
+
+def test_a_deleted_versions_number_is_never_published_again(tmp_path):
+    """Clients may have pinned a number: after its version is deleted, the next export takes a new one."""
+    shipped = ROOT / "models" / "charlm-rnn" / "8"
+    manifest = read_manifest(shipped)
+    write_version(tmp_path, manifest.model_copy(update={"version": 7}), (shipped / MODEL_FILE).read_bytes())
+    assert next_version(tmp_path, "charlm-rnn") == 8
+    shutil.rmtree(tmp_path / "charlm-rnn" / "7")
+    assert version_dirs(tmp_path) == []  # the mark is never taken for a version
+    assert next_version(tmp_path, "charlm-rnn") == 8
+    write_version(tmp_path, manifest.model_copy(update={"version": 3}), (shipped / MODEL_FILE).read_bytes())
+    assert next_version(tmp_path, "charlm-rnn") == 8  # a lower number published by hand lowers nothing
