@@ -154,15 +154,18 @@ class RedisProcess:
         replica_of: int | None = None,
         cluster_node_timeout_ms: int | None = None,
         tls: Path | None = None,
+        password: str | None = None,
     ) -> None:
         """`tls`: a folder holding ca.pem and the server's redis.pem and redis.key; then the server speaks TLS
-        only (clients, replication and the cluster bus), and clients need not present a certificate."""
+        only (clients, replication and the cluster bus), and clients need not present a certificate.
+        `password`: clients must give it (requirepass)."""
         self._tmp = None if directory else tempfile.TemporaryDirectory(prefix="rnnserve-redis-")
         self.directory = directory or Path(self._tmp.name)  # type: ignore[union-attr]
         self.durable = durable
         self.replica_of = replica_of
         self.cluster_node_timeout_ms = cluster_node_timeout_ms  # set: a Redis Cluster node
         self.tls = tls
+        self.password = password
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen[bytes] | None = None
@@ -177,6 +180,8 @@ class RedisProcess:
             listen += ["--tls-replication", "yes", "--tls-cluster", "yes"]
             listen += ["--tls-cert-file", str(self.tls / "redis.pem"), "--tls-key-file", str(self.tls / "redis.key")]
             listen += ["--tls-ca-cert-file", str(self.tls / "ca.pem")]
+        if self.password is not None:
+            listen += ["--requirepass", self.password]
         if self.cluster_node_timeout_ms is not None:
             persistence += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
             # The cluster bus on a free port of its own (by default port + 10000, often past 65535 here).
@@ -224,7 +229,7 @@ class RedisProcess:
     def client(self, port: int | None = None) -> redis.Redis:
         """A client of this server (or of another node of its cluster, on `port`), over TLS if it speaks it."""
         tls = {"ssl": True, "ssl_ca_certs": str(self.tls / "ca.pem")} if self.tls else {}
-        return redis.Redis(port=port or self.port, **tls)  # type: ignore[arg-type]
+        return redis.Redis(port=port or self.port, password=self.password, **tls)  # type: ignore[arg-type]
 
     def stop(self) -> None:
         """Stop the server; a durable one keeps its data for the next start()."""

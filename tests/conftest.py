@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import trustme
 from prometheus_client import CollectorRegistry
 from pytest_redis import factories
 
@@ -89,6 +90,18 @@ def persistent_redis(tmp_path: Path) -> Iterator[RedisProcess]:
 
 
 ServerFactory = Callable[..., Awaitable[App]]
+
+
+def redis_certificates(folder: Path) -> Path:
+    """`folder`, holding what a TLS redis-server needs (`RedisProcess(tls=folder)`): ca.pem, the CA that
+    signed redis.pem and redis.key (for localhost and 127.0.0.1), and other.pem, a CA that signed nothing."""
+    ca, other = trustme.CA(), trustme.CA()
+    ca.cert_pem.write_to_path(str(folder / "ca.pem"))
+    other.cert_pem.write_to_path(str(folder / "other.pem"))
+    issued = ca.issue_cert("localhost", "127.0.0.1")
+    issued.cert_chain_pems[0].write_to_path(str(folder / "redis.pem"))
+    issued.private_key_pem.write_to_path(str(folder / "redis.key"))
+    return folder
 
 
 def server_settings(repo: Path = TEST_REPO, url: str | None = None, **overrides: Any) -> Settings:

@@ -15,7 +15,6 @@ import grpc
 import numpy as np
 import pytest
 import redis
-import trustme
 from redis.crc import key_slot
 
 from bench.process import RedisCluster, free_port
@@ -25,7 +24,7 @@ from service.server import open_store
 from service.settings import RedisSettings, Settings, parse_cluster_url
 from service.state.record import decode
 from service.state.store import ABSENT, Commit, Outcome, session_key
-from tests.conftest import TEST_REPO, offline_logits, vocabulary
+from tests.conftest import TEST_REPO, offline_logits, redis_certificates, vocabulary
 from tests.service.test_session_contract import TOLERANCE
 
 SESSIONS, STEPS, GROUP = 1000, 10, 250
@@ -241,13 +240,7 @@ async def test_wrong_credentials_stop_the_start_and_demoted_nodes_lose_their_poo
 async def test_a_cluster_over_tls(tmp_path, start_server):
     """rediss+cluster://: TLS to every node (the nodes speak TLS only, replication and cluster bus too), the
     nodes' certificates checked against --redis-tls-ca; another CA stops the start."""
-    ca, other = trustme.CA(), trustme.CA()
-    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    other.cert_pem.write_to_path(str(tmp_path / "other.pem"))
-    issued = ca.issue_cert("localhost", "127.0.0.1")
-    issued.cert_chain_pems[0].write_to_path(str(tmp_path / "redis.pem"))
-    issued.private_key_pem.write_to_path(str(tmp_path / "redis.key"))
-    group = RedisCluster(primaries=3, replicas=0, tls=tmp_path)
+    group = RedisCluster(primaries=3, replicas=0, tls=redis_certificates(tmp_path))
     group.start()
     try:
         assert group.url.startswith("rediss+cluster://")

@@ -3,22 +3,19 @@ a redis-server started with --tls-port and --requirepass, certificates from trus
 
 from __future__ import annotations
 
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pydantic
 import pytest
-import trustme
 
-from bench.process import free_port
+from bench.process import RedisProcess
 from service.errors import StartupError, StoreRefused
 from service.server import open_store
 from service.settings import RedisSettings
 from service.state.redis_store import _redacted
 from service.state.store import Commit, Outcome
-from tests.conftest import exchange
+from tests.conftest import exchange, redis_certificates
 from tests.service.test_session_contract import assert_matches, steps
 
 PASSWORD = "s3cret-for-tests"
@@ -27,68 +24,11 @@ PASSWORD = "s3cret-for-tests"
 @pytest.fixture(scope="module")
 def tls_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[int, Path, Path]]:
     """(port, the CA that signed Redis's certificate, another CA)."""
-    folder = tmp_path_factory.mktemp("redis-tls")
-    ca, other = trustme.CA(), trustme.CA()
-    ca.cert_pem.write_to_path(str(folder / "ca.pem"))
-    other.cert_pem.write_to_path(str(folder / "other.pem"))
-    issued = ca.issue_cert("localhost", "127.0.0.1")
-    issued.cert_chain_pems[0].write_to_path(str(folder / "redis.pem"))
-    issued.private_key_pem.write_to_path(str(folder / "redis.key"))
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            "0",
-            "--tls-port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(folder),
-            "--tls-cert-file",
-            str(folder / "redis.pem"),
-            "--tls-key-file",
-            str(folder / "redis.key"),
-            "--tls-ca-cert-file",
-            str(folder / "ca.pem"),
-            "--tls-auth-clients",
-            "no",
-            "--requirepass",
-            PASSWORD,
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while (
-        subprocess.run(
-            [
-                "redis-cli",
-                "--tls",
-                "--cacert",
-                str(folder / "ca.pem"),
-                "-p",
-                str(port),
-                "-a",
-                PASSWORD,
-                "--no-auth-warning",
-                "ping",
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout.strip()
-        != "PONG"
-    ):
-        assert time.monotonic() < deadline, "the TLS redis-server did not start"
-        time.sleep(0.05)
-    yield port, folder / "ca.pem", folder / "other.pem"
-    server.terminate()
-    server.wait(10)
+    folder = redis_certificates(tmp_path_factory.mktemp("redis-tls"))
+    server = RedisProcess(folder, tls=folder, password=PASSWORD)
+    server.start()
+    yield server.port, folder / "ca.pem", folder / "other.pem"
+    server.close()
 
 
 async def test_the_store_speaks_tls_with_a_password(tls_redis):
