@@ -27,12 +27,12 @@ def add_bench_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     bench.add_argument("--json", type=Path, help="also write the figures here")
     kinds = bench.add_subparsers(dest="bench_command")
 
-    load = kinds.add_parser(
-        "load",
-        parents=[common],
-        help="one load against a running server: S sessions x T steps over K streams",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    def kind(name: str, help: str) -> argparse.ArgumentParser:
+        return kinds.add_parser(  # type: ignore[no-any-return]
+            name, parents=[common], help=help, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        )
+
+    load = kind("load", "one load against a running server: S sessions x T steps over K streams")
     load.add_argument("--target", required=True, help="host:port of the server")
     load.add_argument("--sessions", type=int, default=256, help="S: sessions, all at once")
     load.add_argument("--steps", type=int, default=40, help="T: steps per session (the start included)")
@@ -46,51 +46,36 @@ def add_bench_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     load.add_argument("--features", type=int, default=84, help="the model's input features")
     load.add_argument("--json", type=Path, help="also write the figures here")
 
-    ab = kinds.add_parser(
-        "ab",
-        parents=[common],
-        help="this checkout against an earlier commit: servers from both take turns under the same loads",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    ab = kind("ab", "this checkout against an earlier commit: servers from both take turns under the same loads")
     ab.add_argument("--base", required=True, help="the commit (or any git revision) to compare against")
     ab.add_argument("--rounds", type=int, default=3, help="turns each; the figures are their medians")
     ab.add_argument("--workers", type=int, default=1, help="worker processes of each server")
     ab.add_argument("--model-repo", type=Path, default=Path("models"), help="the model repository (both use it)")
 
-    replication = kinds.add_parser(
+    replication = kind(
         "replication",
-        parents=[common],
-        help="what --redis-wait-replicas 1 costs: a primary and a replica started here, servers with 0 and 1 in turns",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "what --redis-wait-replicas 1 costs: a primary and a replica started here, servers with 0 and 1 in turns",
     )
     replication.add_argument("--model-repo", type=Path, default=Path("models"), help="the model repository")
     replication.add_argument("--rounds", type=int, default=3, help="turns each; the figures are their medians")
     replication.add_argument("--json", type=Path, default=Path("docs/bench-replication.json"), help="figures (JSON)")
 
-    capacity = kinds.add_parser(
+    capacity = kind(
         "capacity",
-        parents=[common],
-        help="the capacity model's figures: Redis (one, and a cluster) per session and commit, pod memory, wire bytes",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "the capacity model's figures: Redis (one, and a cluster) per session and commit, pod memory, wire bytes",
     )
     capacity.add_argument("--json", type=Path, default=Path("docs/bench-capacity.json"), help="figures (JSON)")
 
-    failover = kinds.add_parser(
-        "failover",
-        parents=[common],
-        help="steps lost and refused when a Redis Cluster primary is killed, with --redis-wait-replicas 0 and 1",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    failover = kind(
+        "failover", "steps lost and refused when a Redis Cluster primary is killed, with --redis-wait-replicas 0 and 1"
     )
     failover.add_argument("--model-repo", type=Path, default=Path("models"), help="the model repository")
     failover.add_argument("--kills", type=int, default=3, help="primaries killed in each run, a shard at a time")
     failover.add_argument("--sessions", type=int, default=1000, help="concurrent sessions")
     failover.add_argument("--json", type=Path, default=Path("docs/bench-failover.json"), help="figures (JSON)")
 
-    soak = kinds.add_parser(
-        "soak",
-        parents=[common],
-        help="many sessions for minutes against two replicas on one Redis: per-minute steps, errors, p99, memory",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    soak = kind(
+        "soak", "many sessions for minutes against two replicas on one Redis: per-minute steps, errors, p99, memory"
     )
     soak.add_argument("--model-repo", type=Path, default=Path("models"), help="the model repository")
     soak.add_argument("--minutes", type=int, default=10, help="how long; the streams move replica every minute")
@@ -100,11 +85,8 @@ def add_bench_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     soak.add_argument("--model", default="charlm-lstm", help="the model every session streams to")
     soak.add_argument("--json", type=Path, default=Path("docs/bench-soak.json"), help="figures (JSON)")
 
-    suite = kinds.add_parser(
-        "suite",
-        parents=[common],
-        help="the published figures: servers, Redis and the echo baseline started here (docs/BENCHMARKS.md)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    suite = kind(
+        "suite", "the published figures: servers, Redis and the echo baseline started here (docs/BENCHMARKS.md)"
     )
     suite.add_argument("--model-repo", type=Path, default=Path("models"), help="the model repository")
     suite.add_argument("--json", type=Path, default=Path("docs/bench-load.json"), help="figures (JSON)")
