@@ -50,9 +50,9 @@ RECORD_FIELD = "rec"
 # expiry (Redis's clock), so an idled-out session stops counting, and expires itself with the last of them.
 # Every Redis call is a pcall: each key is compared and set on its own, and one key's error never stops the
 # keys after it (a script that stopped half way would leave the keys before it applied and the whole call
-# answered as an error). The exception
-# is READONLY: this Redis became a replica (a failover), no key of the call can have been written, and
-# the call's error makes the connection go (to the new primary, under Sentinel).
+# answered as an error). The exception is READONLY: this Redis became a replica (a failover), no key of the
+# call can have been written, and the call's error makes the connection go (to the new primary, under
+# Sentinel).
 _COMMIT_MANY = """
 local out = {}
 local now = nil
