@@ -123,10 +123,10 @@ class _BatchStream:
             for response in failed:
                 self.result.errors[_CODES[response.error.code].name] += 1
             self.result.steps += len(result.responses) - len(failed)
-            if failed:
-                continue  # the load stops short for this group: its errors are what the run reports
             self.seq[g] += 1
-            if self.seq[g] > self.spec.steps:
+            # A group with an error stops short (its errors are what the run reports), and counts as done:
+            # a load whose every group failed ends instead of waiting for answers that never come.
+            if failed or self.seq[g] > self.spec.steps:
                 finished += 1
                 if finished == len(self.groups):
                     break

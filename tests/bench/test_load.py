@@ -1,0 +1,28 @@
+"""The load generator against a real server: what it counts, and that a failing load ends."""
+
+from __future__ import annotations
+
+import asyncio
+
+from bench.load import LoadSpec, run_load
+from tests.conftest import vocabulary
+
+FEATURES = len(vocabulary())
+
+
+async def test_fan_in_counts_every_step(start_server):
+    app = await start_server()
+    spec = LoadSpec(f"127.0.0.1:{app.port}", 64, 3, 2, model="charlm", features=FEATURES, per_message=16)
+    result = await run_load(spec)
+    assert result.steps == 64 * 3 and not result.errors
+    assert result.histogram.get_total_count() == 64 // 16 * 3  # a latency per message
+
+
+async def test_fan_in_where_every_step_fails_ends(start_server):
+    """Every group answered with errors (a version the server does not load) stops short, and the load
+    ends with its errors counted instead of waiting for answers that never come."""
+    app = await start_server()
+    spec = LoadSpec(f"127.0.0.1:{app.port}", 64, 3, 2, model="charlm", version=99, features=FEATURES, per_message=16)
+    result = await asyncio.wait_for(run_load(spec), 30)
+    assert result.steps == 0
+    assert result.errors == {"NOT_FOUND": 64}
