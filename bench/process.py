@@ -45,6 +45,25 @@ def cpu_seconds(pid: int) -> float:
     return sum((int(fields[11]) + int(fields[12])) / ticks for _, fields in _family(pid))
 
 
+def cpu_split(pid: int) -> tuple[float, float]:
+    """CPU time (user + system) of a process and its direct children, split into their main threads (a
+    server's event loops) and all their other threads (runtime calls, gRPC's pollers), from /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    main = other = 0
+    for entry, _ in _family(pid):
+        for task in (entry / "task").iterdir():
+            try:
+                fields = (task / "stat").read_text().rpartition(")")[2].split()
+            except OSError:  # the thread ended
+                continue
+            used = int(fields[11]) + int(fields[12])
+            if task.name == entry.name:
+                main += used
+            else:
+                other += used
+    return main / ticks, other / ticks
+
+
 def rss_mb(pid: int) -> float:
     """Resident memory of a process and its direct children, from /proc."""
     total = 0

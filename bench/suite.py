@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import platform
 import re
+import resource
 import time
 import urllib.request
 from dataclasses import asdict, dataclass, replace
@@ -21,7 +23,7 @@ from typing import Any
 import onnxruntime
 
 from bench.load import LoadSpec, run_load
-from bench.process import RedisProcess, ServerProcess, cpu_seconds, free_port
+from bench.process import RedisProcess, ServerProcess, cpu_seconds, cpu_split, free_port
 from bench.step_latency import MODEL, VERSION, pipelined_commit_floor, redis_floor, runtime_floor
 
 
@@ -126,24 +128,45 @@ class Load:
         )
 
 
-async def measured_load(spec: LoadSpec, pid: int, metrics_port: int | None = None) -> dict[str, Any]:
+def _client_cpu_seconds() -> float:
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    return used.ru_utime + used.ru_stime
+
+
+async def measured_load(
+    spec: LoadSpec, pid: int, metrics_port: int | None = None, redis_pid: int | None = None
+) -> dict[str, Any]:
     """`spec` against a running server (`pid`: its process) after a short warm-up: the load generator's
-    summary, with the server's CPU per step and, given its metrics port, its mean batch."""
+    summary, with the server's CPU per step and, given its metrics port, its mean batch.
+
+    Also where the machine's CPU went, per step: the server's event loops (`cpu_loop_us_per_step`) and its
+    other threads (runtime calls; `cpu_threads_us_per_step`), the load generator (this process), and
+    given its process, Redis."""
     warm_up = replace(spec, steps=2, rate=None, sessions=min(spec.sessions, 64))
     await run_load(warm_up)  # a server's first steps pay for lazy set-up: not what is measured
     before = batch_totals(metrics_port) if metrics_port else (0.0, 0.0)
-    cpu_before = cpu_seconds(pid)
+    cpu_before, split_before, client_before = cpu_seconds(pid), cpu_split(pid), _client_cpu_seconds()
+    redis_before = cpu_seconds(redis_pid) if redis_pid else 0.0
     summary = (await run_load(spec)).summary()
-    cpu_after = cpu_seconds(pid)
+    cpu_after, split_after, client_after = cpu_seconds(pid), cpu_split(pid), _client_cpu_seconds()
+    redis_after = cpu_seconds(redis_pid) if redis_pid else 0.0
+    steps = max(1, summary["steps"])
     # What the server spends per step, whatever the machine's noise does to latency.
-    summary["cpu_us_per_step"] = (cpu_after - cpu_before) * 1e6 / max(1, summary["steps"])
+    summary["cpu_us_per_step"] = (cpu_after - cpu_before) * 1e6 / steps
+    summary["cpu_loop_us_per_step"] = (split_after[0] - split_before[0]) * 1e6 / steps
+    summary["cpu_threads_us_per_step"] = (split_after[1] - split_before[1]) * 1e6 / steps
+    summary["client_cpu_us_per_step"] = (client_after - client_before) * 1e6 / steps
+    if redis_pid:
+        summary["redis_cpu_us_per_step"] = (redis_after - redis_before) * 1e6 / steps
     if metrics_port:
         after = batch_totals(metrics_port)
         summary["mean_batch"] = (after[0] - before[0]) / max(1.0, after[1] - before[1])
     return summary
 
 
-async def measure(scenario: Scenario, servers: Servers, echo: str, features: int) -> dict[str, Any]:
+async def measure(
+    scenario: Scenario, servers: Servers, echo: str, features: int, redis_pid: int | None = None
+) -> dict[str, Any]:
     spec = LoadSpec(
         target="",
         sessions=scenario.sessions,
@@ -157,7 +180,8 @@ async def measure(scenario: Scenario, servers: Servers, echo: str, features: int
         per_message=scenario.per_message,
     )
     target, metrics_port = servers.target(scenario)
-    server = await measured_load(replace(spec, target=target), servers.pid(scenario), metrics_port)
+    redis = redis_pid if scenario.store == "redis" else None
+    server = await measured_load(replace(spec, target=target), servers.pid(scenario), metrics_port, redis)
     out = {"scenario": asdict(scenario), "server": server}
     if scenario.echo:
         out["echo"] = (await run_load(replace(spec, target=echo))).summary()
@@ -177,6 +201,7 @@ async def run(model_repo: Path, only: list[str] | None, quick: bool) -> dict[str
             "python": platform.python_version(),
             "processor": platform.processor() or platform.machine(),
             "onnxruntime": onnxruntime.__version__,
+            "cpus": len(os.sched_getaffinity(0)),
         },
         "scenarios": [],
     }
@@ -201,7 +226,9 @@ async def run(model_repo: Path, only: list[str] | None, quick: bool) -> dict[str
             if only and scenario.name not in only:
                 continue
             scenario = replace(scenario, steps=max(2, scenario.steps // scale))
-            results["scenarios"].append(await measure(scenario, servers, f"127.0.0.1:{echo.port}", features))
+            assert redis.process is not None
+            measured = await measure(scenario, servers, f"127.0.0.1:{echo.port}", features, redis.process.pid)
+            results["scenarios"].append(measured)
         if not only or SWEEP.name in only:
             for rate in SWEEP_RATES:
                 sweep = replace(SWEEP, name=f"{SWEEP.name} at {rate}/s", rate=float(rate))
@@ -240,6 +267,7 @@ def table(results: dict[str, Any]) -> str:
             f"pipelined compare-and-set {floor['commit']['p50_us']:.0f} µs ({per_step['commit']:.1f} µs/step): "
             f"the slower allows {ceiling:.0f} steps/s{achieved}"
         )
+    lines += cpu_budget(results)
     single = next((r for r in results["scenarios"] if r["scenario"]["sessions"] == 1 and r.get("echo")), None)
     if single:
         echo, step, cas = single["echo"]["p50_us"], floors["runtime"]["p50_us"], floors["redis_commit"]["p50_us"]
@@ -251,6 +279,32 @@ def table(results: dict[str, Any]) -> str:
             f" = {floor:.0f} µs; rnnserve p50 {p50} µs = {p50 / floor:.2f} x the floor",
         ]
     return "\n".join(lines)
+
+
+def cpu_budget(results: dict[str, Any]) -> list[str]:
+    """Where the machine's CPU went per step in the fan-in scenarios, and the rate that spending allows
+    on all of the machine's CPUs: what limits fan-in where the client, the server and Redis share them."""
+    scenarios = results["scenarios"]
+    rows = [r for r in scenarios if r["scenario"]["per_message"] > 1 and "redis_cpu_us_per_step" in r["server"]]
+    if not rows:
+        return []
+    cpus = results["machine"].get("cpus") or os.cpu_count() or 1
+    lines = [
+        "",
+        "| fan-in scenario | event loops µs/step | other server threads µs/step | Redis µs/step "
+        f"| load generator µs/step | total µs/step | {cpus} CPUs allow steps/s | measured steps/s |",
+        "| --- " + "| ---: " * 7 + "|",
+    ]
+    for row in rows:
+        s = row["server"]
+        parts = [s[k] for k in ("cpu_loop_us_per_step", "cpu_threads_us_per_step", "redis_cpu_us_per_step")]
+        parts.append(s["client_cpu_us_per_step"])
+        total = sum(parts)
+        figures = " | ".join(f"{p:.1f}" for p in parts)
+        allowed = cpus * 1e6 / total
+        name = row["scenario"]["name"]
+        lines.append(f"| {name} | {figures} | {total:.1f} | {allowed:.0f} | {s['steps_per_s']:.0f} |")
+    return lines
 
 
 def plot(results: dict[str, Any], path: Path) -> bool:
