@@ -28,7 +28,7 @@ from hdrh.histogram import HdrHistogram
 from service.api import kserve_messages as kv
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
-from service.client import CHANNEL_OPTIONS
+from service.client import CHANNEL_OPTIONS, StreamBalance
 
 MAX_LATENCY_US = 120_000_000
 STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
@@ -63,6 +63,7 @@ class LoadResult:
     spec: LoadSpec
     histogram: HdrHistogram = field(default_factory=lambda: HdrHistogram(1, MAX_LATENCY_US, 3))
     errors: Counter[str] = field(default_factory=Counter)
+    workers: Counter[str] = field(default_factory=Counter)  # fan-in: streams per server worker process
     steps: int = 0
     seconds: float = 0.0
 
@@ -84,22 +85,30 @@ class LoadResult:
             "p999_us": h.get_value_at_percentile(99.9),
             "max_us": h.get_max_value(),
             "errors": dict(self.errors),
+            "streams_per_worker": sorted(self.workers.values(), reverse=True),
         }
 
 
-class _BatchStream:
-    """Fan-in: one StreamBatch call; its sessions in groups of `per_message`, each group a message. Every
-    group sends its next batch as soon as its last one is answered; latency is per message."""
+class _FanIn:
+    """Fan-in: StreamBatch calls, one per channel given, carrying the sessions in groups of `per_message`,
+    each group a message. Every group sends its next batch as soon as its last one is answered, on the
+    call a `StreamBalance` picks (as `BatchClient` does); latency is per message."""
 
-    def __init__(self, spec: LoadSpec, channel: grpc.aio.Channel, sessions: list[str], result: LoadResult) -> None:
+    def __init__(
+        self, spec: LoadSpec, channels: list[grpc.aio.Channel], sessions: list[str], result: LoadResult
+    ) -> None:
         self.spec = spec
         self.result = result
         self.groups = [sessions[i : i + spec.per_message] for i in range(0, len(sessions), spec.per_message)]
         self.seq = [1] * len(self.groups)
         self.sent_at = [0.0] * len(self.groups)
+        self.on = [0] * len(self.groups)  # the call a group's message went on
         x = np.random.default_rng(len(sessions)).random((spec.chunk, spec.features)).astype(np.float32)
         self.tensor = pb.Tensor(shape=x.shape, raw=x.tobytes())
-        self.call = pb_grpc.RnnServeStub(channel).StreamBatch()
+        self.calls = [pb_grpc.RnnServeStub(channel).StreamBatch() for channel in channels]
+        self.balance = StreamBalance(len(self.calls))
+        self.finished = 0
+        self.done = asyncio.Event()
 
     async def send(self, g: int) -> None:
         spec, seq = self.spec, self.seq[g]
@@ -109,16 +118,33 @@ class _BatchStream:
             )
             for sid in self.groups[g]
         ]
+        k = self.on[g] = self.balance.pick()
+        self.balance.sent(k)
         self.sent_at[g] = time.perf_counter()
-        await self.call.write(pb.StepBatch(steps=steps, id=g))
+        await self.calls[k].write(pb.StepBatch(steps=steps, id=g))
 
     async def run(self) -> None:
         for g in range(len(self.groups)):
             await self.send(g)
-        finished = 0
-        async for result in self.call:
+        readers = [asyncio.create_task(self.read(k)) for k in range(len(self.calls))]
+        try:
+            await self.done.wait()
+        finally:
+            for reader in readers:
+                reader.cancel()
+            await asyncio.gather(*readers, return_exceptions=True)
+            for call in self.calls:
+                await call.done_writing()
+
+    async def read(self, k: int) -> None:
+        call = self.calls[k]
+        metadata = dict(await call.initial_metadata() or ())
+        self.result.workers[str(metadata.get("rnnserve-worker", "?"))] += 1
+        async for result in call:
             g = result.id
-            self.result.histogram.record_value(max(1, int((time.perf_counter() - self.sent_at[g]) * 1e6)))
+            seconds = time.perf_counter() - self.sent_at[g]
+            self.balance.answered(k, seconds)
+            self.result.histogram.record_value(max(1, int(seconds * 1e6)))
             failed = [r for r in result.responses if r.HasField("error")]
             for response in failed:
                 self.result.errors[_CODES[response.error.code].name] += 1
@@ -127,12 +153,11 @@ class _BatchStream:
             # A group with an error stops short (its errors are what the run reports), and counts as done:
             # a load whose every group failed ends instead of waiting for answers that never come.
             if failed or self.seq[g] > self.spec.steps:
-                finished += 1
-                if finished == len(self.groups):
-                    break
+                self.finished += 1
+                if self.finished == len(self.groups):
+                    self.done.set()
             else:
                 await self.send(g)
-        await self.call.done_writing()
 
 
 class _Stream:
@@ -254,13 +279,15 @@ async def run_load(spec: LoadSpec) -> LoadResult:
         # Connected first: CHANNEL_OPTIONS give a connection attempt little time (quick reconnects), and a
         # call on a channel still in its first failed attempt fails at once instead of waiting for the next.
         await asyncio.wait_for(asyncio.gather(*(channel.channel_ready() for channel in channels)), 60)
-        streams: list[_Stream | _BatchStream] = [
-            _BatchStream(spec, channels[k % len(channels)], ids[k :: spec.streams], result)
+        streams: list[_Stream | _FanIn] = (
+            [_FanIn(spec, [channels[k % len(channels)] for k in range(spec.streams)], ids, result)]
             if spec.per_message > 1
-            else _Stream(spec, channels[k % len(channels)], ids[k :: spec.streams], result, k)
-            for k in range(spec.streams)
-            if ids[k :: spec.streams]
-        ]
+            else [
+                _Stream(spec, channels[k % len(channels)], ids[k :: spec.streams], result, k)
+                for k in range(spec.streams)
+                if ids[k :: spec.streams]
+            ]
+        )
         started = time.perf_counter()
         await asyncio.gather(*(s.run() for s in streams))
         result.seconds = time.perf_counter() - started

@@ -161,6 +161,33 @@ Req = TypeVar("Req", pb.StepRequest, pb.StepBatch)
 Resp = TypeVar("Resp", pb.StepResponse, pb.StepBatchResult)
 
 
+class StreamBalance:
+    """Which of several streams should carry the next message: the one whose answers promise to come
+    soonest, its recent latency (a moving average) times the messages waiting on it plus this one. A
+    stream to a busier server worker (or replica) answers more slowly and is given less, so a client's
+    load follows the capacity behind its connections, not how the kernel happened to spread them. A
+    stream not yet measured counts as fast; among those, the least loaded goes first."""
+
+    def __init__(self, streams: int, weight: float = 0.25) -> None:
+        self.waiting = [0] * streams
+        self.latency_s = [0.0] * streams
+        self._weight = weight  # of the newest answer in the moving average
+
+    def pick(self) -> int:
+        return min(range(len(self.waiting)), key=self._cost)
+
+    def _cost(self, i: int) -> tuple[float, int]:
+        return self.latency_s[i] * (self.waiting[i] + 1), self.waiting[i]
+
+    def sent(self, i: int) -> None:
+        self.waiting[i] += 1
+
+    def answered(self, i: int, seconds: float) -> None:
+        self.waiting[i] -= 1
+        old = self.latency_s[i]
+        self.latency_s[i] = seconds if old == 0 else old + self._weight * (seconds - old)
+
+
 class _Resumable(Generic[Req, Resp]):
     """One bidirectional stream kept open while requests wait, each request resent on a new stream until
     it is answered, or until no stream could be had for `reconnect_timeout_s`."""
@@ -348,26 +375,66 @@ class StreamClient(_Resumable[pb.StepRequest, pb.StepResponse]):
         return reply
 
 
-class BatchClient(_Resumable[pb.StepBatch, pb.StepBatchResult]):
-    """Many sessions' steps per message (`StreamBatch`), for gateways: each call steps a set of sessions
-    of one model, numbering, starting and resending their steps as a `Session` does.
-
-        async with BatchClient("localhost:8500") as gateway:
-            replies = await gateway.step("glucose-lstm", {"sensor-1": x1, "sensor-2": x2})
-            replies["sensor-1"].outputs["forecast"]   # or a StepError for a refused step
-    """
-
-    def __init__(self, target: str, **options: Any) -> None:
-        """`options` as for StreamClient: reconnect_timeout_s, max_backoff_s, max_message_bytes, tls, token."""
-        super().__init__(target, **options)
-        self._sessions: dict[tuple[str, str], _SessionState] = {}
-        self._ids = itertools.count(1)
+class _BatchStream(_Resumable[pb.StepBatch, pb.StepBatchResult]):
+    """One `StreamBatch` stream of a BatchClient, on a connection of its own."""
 
     def _open(self) -> grpc.aio.StreamStreamCall[pb.StepBatch, pb.StepBatchResult]:
         return self.stub.StreamBatch()
 
     def _key(self, message: pb.StepBatch | pb.StepBatchResult) -> Hashable:
         return message.id
+
+
+class BatchClient:
+    """Many sessions' steps per message (`StreamBatch`), for gateways: each call steps a set of sessions
+    of one model, numbering, starting and resending their steps as a `Session` does.
+
+        async with BatchClient("localhost:8500") as gateway:
+            replies = await gateway.step("glucose-lstm", {"sensor-1": x1, "sensor-2": x2})
+            replies["sensor-1"].outputs["forecast"]   # or a StepError for a refused step
+
+    Calls may run at once (for different sessions). They are spread over `streams` streams, each on a
+    connection of its own (so over a server's worker processes, and replicas behind a load balancer),
+    each call on the stream whose answers promise to come soonest (`StreamBalance`). A stream connects
+    when first used.
+    """
+
+    def __init__(self, target: str, *, streams: int = 4, **options: Any) -> None:
+        """`options` as for StreamClient: reconnect_timeout_s, max_backoff_s, max_message_bytes, tls, token."""
+        if streams < 1:
+            raise ValueError(f"streams must be 1 or more, got {streams}")
+        self.target = target
+        self._streams = [_BatchStream(target, **options) for _ in range(streams)]
+        self._balance = StreamBalance(streams)
+        self._sessions: dict[tuple[str, str], _SessionState] = {}
+        self._ids = itertools.count(1)
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        for stream in self._streams:
+            await stream.connect()
+
+    async def close(self) -> None:
+        for stream in self._streams:
+            await stream.close()
+
+    @property
+    def attempts(self) -> int:
+        """Streams opened, over all of this client's connections."""
+        return sum(stream.attempts for stream in self._streams)
+
+    @property
+    def reconnects(self) -> int:
+        """Streams opened after one had broken or ended, over all of this client's connections."""
+        return sum(stream.reconnects for stream in self._streams)
 
     def acked_seq(self, model: str, session_id: str) -> int:
         state = self._sessions.get((model, session_id))
@@ -396,9 +463,14 @@ class BatchClient(_Resumable[pb.StepBatch, pb.StepBatchResult]):
             requests = [
                 state.next(model, sid, x, sid in ending) for (sid, x), state in zip(inputs.items(), states, strict=True)
             ]
+            k = self._balance.pick()
+            self._balance.sent(k)
             started = time.perf_counter()
-            result = await self._exchange(pb.StepBatch(steps=requests, id=next(self._ids)))
-            latency = time.perf_counter() - started
+            try:
+                result = await self._streams[k]._exchange(pb.StepBatch(steps=requests, id=next(self._ids)))
+            finally:  # a stream that failed a call took long to: it is given less
+                latency = time.perf_counter() - started
+                self._balance.answered(k, latency)
             replies: dict[str, StepReply | StepError] = {}
             for response, state in zip(result.responses, states, strict=True):
                 reply = replies[response.session_id] = _reply(response, latency)

@@ -1,4 +1,5 @@
-"""The streaming client's own promises: no hang on a dead stream, one step at a time per session."""
+"""The streaming client's own promises: no hang on a dead stream, one step at a time per session, a
+gateway's calls spread over its streams."""
 
 from __future__ import annotations
 
@@ -6,11 +7,15 @@ import asyncio
 import contextlib
 import time
 
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.client import StreamClient, open_channel
+from service.client import BatchClient, StepReply, StreamBalance, StreamClient, open_channel
+from tests.conftest import vocabulary
 from tests.service.test_session_contract import EXPECTED, TOLERANCE, X
+
+FEATURES = len(vocabulary())
 
 
 async def test_a_refused_stream_fails_the_steps_instead_of_hanging(start_server):
@@ -66,3 +71,48 @@ async def test_a_server_slow_to_answer_its_handshake_is_reached_on_the_first_cal
     finally:
         proxy.close()
         await proxy.wait_closed()
+
+
+def test_stream_balance_spreads_first_then_favours_the_faster_streams():
+    balance = StreamBalance(3)
+    for _ in range(3):
+        balance.sent(balance.pick())
+    assert balance.waiting == [1, 1, 1]  # not yet measured: the least loaded first
+    for stream, seconds in ((0, 0.010), (1, 0.030), (2, 0.030)):
+        balance.answered(stream, seconds)
+    assert balance.pick() == 0
+    balance.sent(0)
+    assert balance.pick() == 0  # 10 ms with one waiting promises 20 ms: sooner than 30
+    balance.sent(0)
+    assert balance.pick() == 1  # with two waiting, 30 ms; the slower streams' 30 ms wins the tie by index
+    for _ in range(20):  # stream 0 slows down: it is given less from then on
+        balance.answered(0, 0.2)
+        balance.sent(0)
+    assert balance.pick() in (1, 2)
+
+
+async def test_a_gateway_spreads_concurrent_calls_over_its_streams(start_server):
+    """Calls at once go over several streams (a connection each), every session's steps still in order and
+    applied once; the outputs are those of one stream."""
+    app = await start_server()
+    target = f"127.0.0.1:{app.port}"
+    x = np.eye(FEATURES, dtype=np.float32)
+    groups = [[f"g{g}-{i}" for i in range(16)] for g in range(8)]
+
+    async def drive(gateway: BatchClient, group: list[str]) -> list[np.ndarray]:
+        outputs = []
+        for t in range(5):
+            replies = await gateway.step("charlm", {sid: x[(t + i) % FEATURES][None] for i, sid in enumerate(group)})
+            assert all(isinstance(r, StepReply) and r.seq == t + 1 for r in replies.values()), replies
+            outputs += [reply.outputs["logits"] for reply in replies.values()]
+        return outputs
+
+    async with BatchClient(target, streams=4) as spread:
+        many = await asyncio.gather(*(drive(spread, group) for group in groups))
+        assert spread.attempts == 4  # every stream carried calls
+    async with BatchClient(target, streams=1) as single:
+        one = await asyncio.gather(*(drive(single, [f"one-{sid}" for sid in group]) for group in groups))
+        assert single.attempts == 1
+    for spread_outputs, single_outputs in zip(many, one, strict=True):
+        for a, b in zip(spread_outputs, single_outputs, strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
