@@ -106,7 +106,9 @@ class _FanIn:
         x = np.random.default_rng(len(sessions)).random((spec.chunk, spec.features)).astype(np.float32)
         self.tensor = pb.Tensor(shape=x.shape, raw=x.tobytes())
         self.calls = [pb_grpc.RnnServeStub(channel).StreamBatch() for channel in channels]
+        self.writing = [asyncio.Lock() for _ in self.calls]  # one write at a time on a call (readers share them)
         self.balance = StreamBalance(len(self.calls))
+        self.tickets = [0.0] * len(self.groups)
         self.finished = 0
         self.done = asyncio.Event()
 
@@ -119,22 +121,30 @@ class _FanIn:
             for sid in self.groups[g]
         ]
         k = self.on[g] = self.balance.pick()
-        self.balance.sent(k)
+        self.tickets[g] = self.balance.sent(k)
         self.sent_at[g] = time.perf_counter()
-        await self.calls[k].write(pb.StepBatch(steps=steps, id=g))
+        async with self.writing[k]:
+            await self.calls[k].write(pb.StepBatch(steps=steps, id=g))
 
     async def run(self) -> None:
+        """Until every group is done; a stream that fails or ends first ends the run with its error."""
         for g in range(len(self.groups)):
             await self.send(g)
         readers = [asyncio.create_task(self.read(k)) for k in range(len(self.calls))]
+        finished = asyncio.create_task(self.done.wait())
         try:
-            await self.done.wait()
+            await asyncio.wait([finished, *readers], return_when=asyncio.FIRST_COMPLETED)
+            if not self.done.is_set():
+                failed = next(reader for reader in readers if reader.done())
+                raise failed.exception() or ConnectionError("the server ended a fan-in stream before its load")
         finally:
-            for reader in readers:
-                reader.cancel()
-            await asyncio.gather(*readers, return_exceptions=True)
-            for call in self.calls:
-                await call.done_writing()
+            for task in (finished, *readers):
+                task.cancel()
+            await asyncio.gather(finished, *readers, return_exceptions=True)
+            for k, call in enumerate(self.calls):
+                async with self.writing[k]:
+                    if not call.done():
+                        await call.done_writing()
 
     async def read(self, k: int) -> None:
         call = self.calls[k]
@@ -143,7 +153,7 @@ class _FanIn:
         async for result in call:
             g = result.id
             seconds = time.perf_counter() - self.sent_at[g]
-            self.balance.answered(k, seconds)
+            self.balance.answered(k, self.tickets[g])
             self.result.histogram.record_value(max(1, int(seconds * 1e6)))
             failed = [r for r in result.responses if r.HasField("error")]
             for response in failed:

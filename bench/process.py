@@ -47,11 +47,16 @@ def cpu_seconds(pid: int) -> float:
 
 def cpu_split(pid: int) -> tuple[float, float]:
     """CPU time (user + system) of a process and its direct children, split into their main threads (a
-    server's event loops) and all their other threads (runtime calls, gRPC's pollers), from /proc."""
+    server's event loops) and all their other threads (runtime calls, gRPC's pollers), from /proc. Only
+    live threads count (a thread that ended takes its time with it; `cpu_seconds` keeps it)."""
     ticks = os.sysconf("SC_CLK_TCK")
     main = other = 0
     for entry, _ in _family(pid):
-        for task in (entry / "task").iterdir():
+        try:
+            tasks = list((entry / "task").iterdir())
+        except OSError:  # the process ended
+            continue
+        for task in tasks:
             try:
                 fields = (task / "stat").read_text().rpartition(")")[2].split()
             except OSError:  # the thread ended

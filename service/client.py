@@ -23,7 +23,7 @@ import random
 import secrets
 import time
 import uuid
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -163,29 +163,58 @@ Resp = TypeVar("Resp", pb.StepResponse, pb.StepBatchResult)
 
 class StreamBalance:
     """Which of several streams should carry the next message: the one whose answers promise to come
-    soonest, its recent latency (a moving average) times the messages waiting on it plus this one. A
-    stream to a busier server worker (or replica) answers more slowly and is given less, so a client's
-    load follows the capacity behind its connections, not how the kernel happened to spread them. A
-    stream not yet measured counts as fast; among those, the least loaded goes first."""
+    soonest, its latency times the messages waiting on it plus this one. A stream to a busier server
+    worker (or replica) answers more slowly and is given less, so a client's load follows the capacity
+    behind its connections, not how the kernel happened to spread them.
 
-    def __init__(self, streams: int, weight: float = 0.25) -> None:
-        self.waiting = [0] * streams
-        self.latency_s = [0.0] * streams
+    A stream's latency is a moving average of its answers, but never less than how long its oldest
+    waiting message has waited: a stream that stopped answering (a hung peer, a refused stream) loses its
+    share as its wait grows, measured or not. A stream with nothing waiting forgets its average by half
+    every `half_life_s`, so one slow answer (a restart waited out) does not sideline it for good. A stream
+    never measured, with nothing waiting, counts as fast; among those, the first goes first."""
+
+    def __init__(
+        self,
+        streams: int,
+        *,
+        weight: float = 0.25,
+        half_life_s: float = 0.5,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._clock = clock
+        self.waiting: list[list[float]] = [[] for _ in range(streams)]  # per stream: when each message went
+        self.latency_s = [0.0] * streams  # the moving average, as of `measured_at`
+        self.measured_at = [0.0] * streams
         self._weight = weight  # of the newest answer in the moving average
+        self._half_life_s = half_life_s
 
     def pick(self) -> int:
-        return min(range(len(self.waiting)), key=self._cost)
+        now = self._clock()
+        return min(range(len(self.waiting)), key=lambda i: self._cost(i, now))
 
-    def _cost(self, i: int) -> tuple[float, int]:
-        return self.latency_s[i] * (self.waiting[i] + 1), self.waiting[i]
+    def _cost(self, i: int, now: float) -> tuple[float, int]:
+        waiting = self.waiting[i]
+        if waiting:
+            latency = max(self.latency_s[i], now - waiting[0])
+        else:
+            latency = self.latency_s[i] * 0.5 ** ((now - self.measured_at[i]) / self._half_life_s)
+        return latency * (len(waiting) + 1), len(waiting)
 
-    def sent(self, i: int) -> None:
-        self.waiting[i] += 1
+    def sent(self, i: int) -> float:
+        """A message went on stream `i`; returns its ticket for `answered`."""
+        ticket = self._clock()
+        self.waiting[i].append(ticket)
+        return ticket
 
-    def answered(self, i: int, seconds: float) -> None:
-        self.waiting[i] -= 1
-        old = self.latency_s[i]
-        self.latency_s[i] = seconds if old == 0 else old + self._weight * (seconds - old)
+    def answered(self, i: int, ticket: float, *, measured: bool = True) -> None:
+        """The message of `ticket` on stream `i` is done: answered, or failed for want of a stream
+        (`measured`: its time counts), or given up by its caller (it does not)."""
+        self.waiting[i].remove(ticket)
+        now = self._clock()
+        if measured:
+            seconds, old = now - ticket, self.latency_s[i]
+            self.latency_s[i] = seconds if old == 0 else old + self._weight * (seconds - old)
+            self.measured_at[i] = now
 
 
 class _Resumable(Generic[Req, Resp]):
@@ -261,6 +290,8 @@ class _Resumable(Generic[Req, Resp]):
         future: asyncio.Future[Resp] = asyncio.get_running_loop().create_future()
         key = self._key(request)
         async with self._lock:
+            if self._closed:  # closed while this call waited for the lock: close() has failed the others
+                raise ConnectionError(f"the client for {self.target} is closed")
             self._pending[key] = (request, future)
             self._work.set()
             if self._call is not None:
@@ -427,6 +458,16 @@ class BatchClient:
             await stream.close()
 
     @property
+    def stub(self) -> pb_grpc.RnnServeStub:
+        """The API's unary calls (GetSession, ListModels, ...), on the first stream's connection."""
+        return self._streams[0].stub
+
+    @property
+    def last_error(self) -> BaseException | None:
+        """Why a stream last broke or could not be had, on any of this client's connections."""
+        return next((s.last_error for s in self._streams if s.last_error is not None), None)
+
+    @property
     def attempts(self) -> int:
         """Streams opened, over all of this client's connections."""
         return sum(stream.attempts for stream in self._streams)
@@ -457,28 +498,35 @@ class BatchClient:
         resend it. Raises ConnectionError if no stream could be had within the reconnect timeout."""
         ending = set(end)
         states = [self._sessions.setdefault((model, sid), _SessionState(version)) for sid in inputs]
-        for state in sorted(states, key=id):  # one call at a time per session: each seq follows the last
-            await state.order.acquire()
+        held: list[_SessionState] = []
         try:
+            for state in sorted(states, key=id):  # one call at a time per session: each seq follows the last
+                await state.order.acquire()
+                held.append(state)
             requests = [
                 state.next(model, sid, x, sid in ending) for (sid, x), state in zip(inputs.items(), states, strict=True)
             ]
             k = self._balance.pick()
-            self._balance.sent(k)
+            ticket = self._balance.sent(k)
             started = time.perf_counter()
+            measured = False
             try:
                 result = await self._streams[k]._exchange(pb.StepBatch(steps=requests, id=next(self._ids)))
-            finally:  # a stream that failed a call took long to: it is given less
-                latency = time.perf_counter() - started
-                self._balance.answered(k, latency)
+                measured = True
+            except ConnectionError:  # no stream could be had: its time counts, and the stream is given less
+                measured = True
+                raise
+            finally:
+                self._balance.answered(k, ticket, measured=measured)
+            latency = time.perf_counter() - started
             replies: dict[str, StepReply | StepError] = {}
             for response, state in zip(result.responses, states, strict=True):
                 reply = replies[response.session_id] = _reply(response, latency)
                 if isinstance(reply, StepReply):
                     state.acknowledged(reply)
             return replies
-        finally:
-            for state in states:
+        finally:  # those taken only: a call cancelled while it waited for a lock holds no others
+            for state in held:
                 state.order.release()
 
 
@@ -541,6 +589,11 @@ async def _write(call: grpc.aio.StreamStreamCall[Req, Resp], request: Req) -> bo
     try:
         await call.write(request)
     except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError):
+        return False
+    except asyncio.CancelledError:  # the call was cancelled under the write (a close), not this task
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
         return False
     return True
 

@@ -73,22 +73,66 @@ async def test_a_server_slow_to_answer_its_handshake_is_reached_on_the_first_cal
         await proxy.wait_closed()
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_stream_balance_spreads_first_then_favours_the_faster_streams():
-    balance = StreamBalance(3)
+    clock = Clock()
+    balance = StreamBalance(3, clock=clock)
+    tickets = []
     for _ in range(3):
-        balance.sent(balance.pick())
-    assert balance.waiting == [1, 1, 1]  # not yet measured: the least loaded first
-    for stream, seconds in ((0, 0.010), (1, 0.030), (2, 0.030)):
-        balance.answered(stream, seconds)
+        k = balance.pick()
+        tickets.append((k, balance.sent(k)))
+    assert [len(w) for w in balance.waiting] == [1, 1, 1]  # not yet measured: the least loaded first
+    for (k, ticket), seconds in zip(tickets, (0.010, 0.030, 0.030), strict=True):
+        clock.now = ticket + seconds
+        balance.answered(k, ticket)
     assert balance.pick() == 0
     balance.sent(0)
     assert balance.pick() == 0  # 10 ms with one waiting promises 20 ms: sooner than 30
     balance.sent(0)
     assert balance.pick() == 1  # with two waiting, 30 ms; the slower streams' 30 ms wins the tie by index
-    for _ in range(20):  # stream 0 slows down: it is given less from then on
-        balance.answered(0, 0.2)
-        balance.sent(0)
-    assert balance.pick() in (1, 2)
+
+
+def test_stream_balance_leaves_a_stream_that_stopped_answering():
+    """A stream whose message waits (measured or not) loses its share as the wait grows: a hung peer, or a
+    stream the server refused, does not draw every call."""
+    clock = Clock()
+    balance = StreamBalance(2, clock=clock)
+    measured = balance.sent(0)
+    clock.now += 0.01
+    balance.answered(0, measured)
+    assert balance.pick() == 1  # never measured, nothing waiting: fast
+    balance.sent(1)  # ... and it never answers
+    clock.now += 0.001
+    assert balance.pick() == 1  # waited 1 ms: still the promise of the soonest answer
+    clock.now += 1.0
+    assert [balance.pick() for _ in range(3)] == [0, 0, 0]
+
+
+def test_stream_balance_forgets_a_slow_answer():
+    """One slow answer (a restart waited out) does not sideline a stream for good: with nothing waiting,
+    its average halves every half-life, and it is used again."""
+    clock = Clock()
+    balance = StreamBalance(2, half_life_s=1.0, clock=clock)
+    for k, seconds in ((0, 0.010), (1, 2.0)):
+        ticket = balance.sent(k)
+        clock.now += seconds
+        balance.answered(k, ticket)
+    assert balance.pick() == 0
+    clock.now += 10.0  # 2 s halved ten times is 2 ms; stream 0's 10 ms has faded as much: still first
+    assert balance.pick() == 0
+    first = balance.sent(0)
+    second = balance.sent(0)
+    assert balance.pick() == 1  # stream 0 has two waiting (3 × 10 ms): stream 1's faded 2 ms promises sooner
+    balance.answered(0, first, measured=False)  # given up by its caller: its time is not a latency
+    balance.answered(0, second, measured=False)
+    assert balance.latency_s[0] == pytest.approx(0.010)
 
 
 async def test_a_gateway_spreads_concurrent_calls_over_its_streams(start_server):
