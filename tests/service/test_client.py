@@ -160,3 +160,22 @@ async def test_a_gateway_spreads_concurrent_calls_over_its_streams(start_server)
     for spread_outputs, single_outputs in zip(many, one, strict=True):
         for a, b in zip(spread_outputs, single_outputs, strict=True):
             np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+async def test_a_call_cancelled_while_it_waits_for_a_session_holds_no_other(start_server):
+    """A gateway call cancelled while it waits for one of its sessions (another call of it in flight)
+    gives back the sessions it had taken: their next steps go through."""
+    app = await start_server()
+    x = np.eye(FEATURES, dtype=np.float32)
+    async with BatchClient(f"127.0.0.1:{app.port}") as gateway:
+        await gateway.step("charlm", {"a": x[[1]], "b": x[[1]]})
+        states = {sid: gateway._sessions["charlm", sid] for sid in "ab"}
+        first, second = sorted(states, key=lambda sid: id(states[sid]))  # the order a call takes them in
+        await states[second].order.acquire()  # another call of `second` in flight
+        both = asyncio.create_task(gateway.step("charlm", {"a": x[[2]], "b": x[[2]]}))
+        await asyncio.sleep(0.1)  # it holds `first` and waits for `second`
+        both.cancel()
+        await asyncio.gather(both, return_exceptions=True)
+        states[second].order.release()
+        replies = await asyncio.wait_for(gateway.step("charlm", {first: x[[3]]}), 10)
+        assert isinstance(replies[first], StepReply) and replies[first].seq == 2
