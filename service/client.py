@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 import random
 import secrets
 import time
@@ -169,9 +170,10 @@ class StreamBalance:
 
     A stream's latency is a moving average of its answers, but never less than how long its oldest
     waiting message has waited: a stream that stopped answering (a hung peer, a refused stream) loses its
-    share as its wait grows, measured or not. A stream with nothing waiting forgets its average by half
-    every `half_life_s`, so one slow answer (a restart waited out) does not sideline it for good. A stream
-    never measured, with nothing waiting, counts as fast; among those, the first goes first."""
+    share as its wait grows, measured or not. The average halves for every `half_life_s` since a stream's
+    last answer, so one slow answer (a restart waited out) does not sideline it for good, and its next
+    answer counts on what is left of it. A stream never measured, with nothing waiting, counts as fast; among
+    those, the first goes first."""
 
     def __init__(
         self,
@@ -195,10 +197,14 @@ class StreamBalance:
     def _cost(self, i: int, now: float) -> tuple[float, int]:
         waiting = self.waiting[i]
         if waiting:
-            latency = max(self.latency_s[i], now - waiting[0])
+            latency = max(self._faded(i, waiting[0]), now - waiting[0])
         else:
-            latency = self.latency_s[i] * 0.5 ** ((now - self.measured_at[i]) / self._half_life_s)
+            latency = self._faded(i, now)
         return latency * (len(waiting) + 1), len(waiting)
+
+    def _faded(self, i: int, at: float) -> float:
+        """Stream `i`'s average as it stands at `at`: halved for every half-life since its last answer."""
+        return self.latency_s[i] * math.pow(0.5, max(0.0, at - self.measured_at[i]) / self._half_life_s)
 
     def sent(self, i: int) -> float:
         """A message went on stream `i`; returns its ticket for `answered`."""
@@ -211,8 +217,8 @@ class StreamBalance:
         (`measured`: its time counts), or given up by its caller (it does not)."""
         self.waiting[i].remove(ticket)
         now = self._clock()
-        if measured:
-            seconds, old = now - ticket, self.latency_s[i]
+        if measured:  # on the average as it stood when the message went: an old slow answer weighs little
+            seconds, old = now - ticket, self._faded(i, ticket)
             self.latency_s[i] = seconds if old == 0 else old + self._weight * (seconds - old)
             self.measured_at[i] = now
 

@@ -89,14 +89,14 @@ def test_stream_balance_spreads_first_then_favours_the_faster_streams():
         k = balance.pick()
         tickets.append((k, balance.sent(k)))
     assert [len(w) for w in balance.waiting] == [1, 1, 1]  # not yet measured: the least loaded first
-    for (k, ticket), seconds in zip(tickets, (0.010, 0.030, 0.030), strict=True):
+    for (k, ticket), seconds in zip(tickets, (0.010, 0.025, 0.025), strict=True):
         clock.now = ticket + seconds
         balance.answered(k, ticket)
     assert balance.pick() == 0
     balance.sent(0)
-    assert balance.pick() == 0  # 10 ms with one waiting promises 20 ms: sooner than 30
+    assert balance.pick() == 0  # 10 ms with one waiting promises 20 ms: sooner than 25
     balance.sent(0)
-    assert balance.pick() == 1  # with two waiting, 30 ms; the slower streams' 30 ms wins the tie by index
+    assert balance.pick() == 1  # with two waiting, about 30 ms: later than 25
 
 
 def test_stream_balance_leaves_a_stream_that_stopped_answering():
@@ -116,23 +116,38 @@ def test_stream_balance_leaves_a_stream_that_stopped_answering():
 
 
 def test_stream_balance_forgets_a_slow_answer():
-    """One slow answer (a restart waited out) does not sideline a stream for good: with nothing waiting,
-    its average halves every half-life, and it is used again."""
+    """One slow answer (a restart waited out) does not sideline a stream for good: its average halves every
+    half-life, the stream is tried again, and its next answer counts on what is left of it."""
     clock = Clock()
-    balance = StreamBalance(2, half_life_s=1.0, clock=clock)
-    for k, seconds in ((0, 0.010), (1, 2.0)):
-        ticket = balance.sent(k)
-        clock.now += seconds
-        balance.answered(k, ticket)
-    assert balance.pick() == 0
-    clock.now += 10.0  # 2 s halved ten times is 2 ms; stream 0's 10 ms has faded as much: still first
-    assert balance.pick() == 0
-    first = balance.sent(0)
-    second = balance.sent(0)
-    assert balance.pick() == 1  # stream 0 has two waiting (3 × 10 ms): stream 1's faded 2 ms promises sooner
-    balance.answered(0, first, measured=False)  # given up by its caller: its time is not a latency
-    balance.answered(0, second, measured=False)
+    balance = StreamBalance(2, half_life_s=0.5, clock=clock)
+    slow = balance.sent(1)
+    clock.now += 2.0
+    balance.answered(1, slow)
+    started = clock.now
+    waiting = [balance.sent(0) for _ in range(3)]
+    while (k := balance.pick()) == 0:  # stream 0 answers in 10 ms, three calls waiting on it all along
+        clock.now += 0.010
+        balance.answered(0, waiting.pop(0))
+        waiting.append(balance.sent(0))
+        assert clock.now - started < 5.0, "the slow stream was never tried again"
+    assert clock.now - started > 1.0  # not at once: 2 s had to fade below stream 0's 4 × 10 ms
+    ticket = balance.sent(k)
+    clock.now += 0.010
+    balance.answered(k, ticket)
+    assert balance.pick() == 1  # its fresh 10 ms counted on the faded average, not on 2 s: used again
+
+
+def test_stream_balance_does_not_measure_calls_given_up():
+    clock = Clock()
+    balance = StreamBalance(1, clock=clock)
+    ticket = balance.sent(0)
+    clock.now += 0.010
+    balance.answered(0, ticket)
+    given_up = balance.sent(0)
+    clock.now += 5.0
+    balance.answered(0, given_up, measured=False)  # cancelled by its caller: its time is not a latency
     assert balance.latency_s[0] == pytest.approx(0.010)
+    assert balance.waiting == [[]]
 
 
 async def test_a_gateway_spreads_concurrent_calls_over_its_streams(start_server):
