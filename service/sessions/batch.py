@@ -61,6 +61,7 @@ class Pending:
     epoch: int  # the epoch a start of this step gets; drawn once, so every round agrees
     admitted: LoadedModel  # the version the step named (the newest for 0), for the queue's metrics
     enqueued: float
+    x: np.ndarray  # the step's input, checked against `admitted` (float32 [T, F])
     fresh: bool = False  # judge on a fresh load, not on the cache
 
 
@@ -250,7 +251,10 @@ class BatchPipeline:
                 model = self._registry.get(step.model, step.version)
             else:
                 model = self._model_of(verdict.base, step)
-            plans[i] = _Planned(verdict, model, check_input(model, step.x, self._settings.sessions.max_chunk_steps))
+            x = item.x  # checked against the admitted version; once more against another (the session's own)
+            if model is not item.admitted:
+                x = check_input(model, step.x, self._settings.sessions.max_chunk_steps)
+            plans[i] = _Planned(verdict, model, x)
         except RnnServeError as err:
             answers[i] = err
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import re
 import secrets
@@ -169,14 +170,16 @@ class SessionEngine:
         model = self.registry.get(step.model, step.version)  # NOT_FOUND for an unknown model first
         _check_streamable(model)
         x = check_input(model, step.x, self._settings.sessions.max_chunk_steps)
-        if not np.isfinite(x).all():
+        # A sum is finite only if every value is (NaN and Inf carry through it); one that is not is checked
+        # value by value (large finite values may add up past float32's range).
+        if not math.isfinite(np.add.reduce(x, axis=None)) and not np.isfinite(x).all():
             bad = int(np.argwhere(~np.isfinite(x))[0][0])
             raise InvalidArgument(f"input has NaN or Inf at time step {bad}; send finite values")
         if step.start_id < 0 or step.start_id >= 1 << 64:
             raise InvalidArgument(f"start_id must fit an unsigned 64-bit integer, got {step.start_id}")
         ask = Ask(step.session_id, step.seq, step.start, step.end, step.start_id, input_digest(x, step.end))
         key = session_key(self._prefix, step.model, step.session_id, step.tenant)
-        return Pending(step, key, ask, _new_epoch() if step.start else 0, model, time.perf_counter())
+        return Pending(step, key, ask, _new_epoch() if step.start else 0, model, time.perf_counter(), x)
 
     async def infer(self, model_name: str, version: int, x: np.ndarray) -> tuple[LoadedModel, Tensors]:
         """Whole sequences x [B, T, F], each from a fresh state; no session is kept. Outputs [B, T, ...]."""

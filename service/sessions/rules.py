@@ -80,10 +80,8 @@ def input_digest(x: np.ndarray, end: bool) -> bytes:
     """Identifies a step's input: its float32 values, shape and end flag."""
     data = np.ascontiguousarray(x, dtype="<f4")
     shape = _SHAPE_2D.pack(*data.shape) if data.ndim == 2 else struct.pack(f"<{data.ndim}q", *data.shape)
-    digest = hashlib.blake2b(shape, digest_size=DIGEST_BYTES)
-    digest.update(b"E" if end else b"-")
-    digest.update(data.data)  # the array's own buffer, not a copy
-    return digest.digest()
+    # One call on the joined bytes: the same digest as updates in turn, at less cost per step.
+    return hashlib.blake2b(shape + (b"E" if end else b"-") + data.tobytes(), digest_size=DIGEST_BYTES).digest()
 
 
 def judge(ask: Ask, token: str | None, record: SessionRecord | RecordCorrupt | None, model: str) -> Verdict:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -52,11 +52,14 @@ class SessionRecord:
     start_id: int = 0
     digest: bytes = NO_DIGEST
     ended: bool = False
+    _token: str = field(default="", init=False, repr=False, compare=False)
 
     @property
     def token(self) -> str:
-        """What the store compares on commit."""
-        return cas_token(self.epoch, self.seq)
+        """What the store compares on commit (made once: a step reads it several times)."""
+        if not self._token:
+            self._token = cas_token(self.epoch, self.seq)
+        return self._token
 
 
 def cas_token(epoch: int, seq: int) -> str:

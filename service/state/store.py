@@ -14,9 +14,9 @@ from service.repository import MODEL_NAME_PATTERN
 # Model names cannot hold "/" (MODEL_NAME_PATTERN), so the first "/" splits model from session id and
 # no two (model, session id) pairs share a key. A tenant's sessions (authentication on) live under
 # "{prefix}:t:{tenant}:", which no key without a tenant starts with; tenant names hold no ":".
-SESSION_KEY = "{prefix}:s:{{{model}/{session_id}}}"
-TENANT_SESSION_KEY = "{prefix}:t:{tenant}:s:{{{model}/{session_id}}}"
-# A tenant's live sessions (with a per-tenant limit): a sorted set of session keys, scored by expiry.
+# A session's key is "{prefix}:s:{model/session_id}", or "{prefix}:t:{tenant}:s:{model/session_id}" for a
+# tenant's (session_key makes both). A tenant's live sessions (with a per-tenant limit): a sorted set of
+# session keys, scored by expiry.
 LIVE_SESSIONS_KEY = "{prefix}:t:{tenant}:live"
 
 
@@ -26,8 +26,8 @@ def session_key(prefix: str, model: str, session_id: str, tenant: str = "") -> s
     if tenant:
         if ":" in tenant or "/" in tenant:
             raise ValueError(f"tenant {tenant!r} holds ':' or '/'")
-        return TENANT_SESSION_KEY.format(prefix=prefix, tenant=tenant, model=model, session_id=session_id)
-    return SESSION_KEY.format(prefix=prefix, model=model, session_id=session_id)
+        return f"{prefix}:t:{tenant}:s:{{{model}/{session_id}}}"
+    return f"{prefix}:s:{{{model}/{session_id}}}"
 
 
 def live_sessions_key(prefix: str, tenant: str) -> str:
