@@ -176,6 +176,7 @@ BAD_INPUTS = {
         step_request("s", 4, np.vstack([X[3:4], np.full((1, X.shape[1]), np.inf)])),
         "time step 1",
     ),
+    "+inf and -inf": (step_request("s", 4, np.array([[np.inf, -np.inf] + [0.0] * (X.shape[1] - 2)])), "NaN or Inf"),
     "raw length": (
         pb.StepRequest(model="charlm", session_id="s", seq=4, input=pb.Tensor(shape=[1, X.shape[1]], raw=b"\0" * 12)),
         "raw holds 12 bytes",
@@ -207,6 +208,17 @@ async def test_malformed_input_is_invalid_argument_and_changes_nothing(start_ser
     assert_error(refused, grpc.StatusCode.INVALID_ARGUMENT, fragment)
     assert await last_seq(target, "s") == 3
     assert_matches(await exchange(target, steps("s", 4, 6)), first=4)
+
+
+async def test_huge_finite_inputs_are_applied(start_server, store_url):
+    """Values near float32's largest are finite: applied, whatever their sum (the server runs its tests with
+    warnings as errors, so a check that overflowed would fail the stream here)."""
+    app = await start_server(url=store_url)
+    target = f"127.0.0.1:{app.port}"
+    huge = np.full((2, X.shape[1]), np.finfo(np.float32).max, np.float32)
+    (answer,) = await exchange(target, [step_request("s", 1, huge, start=True)])
+    assert not answer.HasField("error"), answer.error
+    assert await last_seq(target, "s") == 1
 
 
 async def test_unknown_model_and_version_are_not_found(start_server, store_url):
