@@ -102,7 +102,6 @@ class _FanIn:
         self.groups = [sessions[i : i + spec.per_message] for i in range(0, len(sessions), spec.per_message)]
         self.seq = [1] * len(self.groups)
         self.sent_at = [0.0] * len(self.groups)
-        self.on = [0] * len(self.groups)  # the call a group's message went on
         x = np.random.default_rng(len(sessions)).random((spec.chunk, spec.features)).astype(np.float32)
         self.tensor = pb.Tensor(shape=x.shape, raw=x.tobytes())
         self.calls = [pb_grpc.RnnServeStub(channel).StreamBatch() for channel in channels]
@@ -120,7 +119,7 @@ class _FanIn:
             )
             for sid in self.groups[g]
         ]
-        k = self.on[g] = self.balance.pick()
+        k = self.balance.pick()
         self.tickets[g] = self.balance.sent(k)
         self.sent_at[g] = time.perf_counter()
         async with self.writing[k]:

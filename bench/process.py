@@ -25,24 +25,35 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def _stat(entry: Path) -> list[str] | None:
+    """The fields of a /proc process's (or thread's) stat file after the command name (state, ppid, ...,
+    utime at 11, stime at 12); None if it has ended."""
+    try:
+        return (entry / "stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+
+
+def _ticks(fields: list[str]) -> int:
+    """CPU time (user + system) in clock ticks, from stat fields."""
+    return int(fields[11]) + int(fields[12])
+
+
 def _family(pid: int) -> Iterator[tuple[Path, list[str]]]:
-    """/proc's entry of a process and of each of its direct children (a server's workers), with the fields
-    of its stat file after the command name (state, ppid, ..., utime at 11, stime at 12)."""
+    """/proc's entry of a process and of each of its direct children (a server's workers), with its stat
+    fields (see `_stat`)."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        try:
-            fields = (entry / "stat").read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        if entry.name == str(pid) or fields[1] == str(pid):
+        fields = _stat(entry)
+        if fields is not None and (entry.name == str(pid) or fields[1] == str(pid)):
             yield entry, fields
 
 
 def cpu_seconds(pid: int) -> float:
     """CPU time (user + system) of a process and its direct children, from /proc."""
     ticks = os.sysconf("SC_CLK_TCK")
-    return sum((int(fields[11]) + int(fields[12])) / ticks for _, fields in _family(pid))
+    return sum(_ticks(fields) / ticks for _, fields in _family(pid))
 
 
 def cpu_split(pid: int) -> tuple[float, float]:
@@ -57,15 +68,13 @@ def cpu_split(pid: int) -> tuple[float, float]:
         except OSError:  # the process ended
             continue
         for task in tasks:
-            try:
-                fields = (task / "stat").read_text().rpartition(")")[2].split()
-            except OSError:  # the thread ended
+            fields = _stat(task)
+            if fields is None:  # the thread ended
                 continue
-            used = int(fields[11]) + int(fields[12])
             if task.name == entry.name:
-                main += used
+                main += _ticks(fields)
             else:
-                other += used
+                other += _ticks(fields)
     return main / ticks, other / ticks
 
 
