@@ -223,7 +223,26 @@ class StreamBalance:
             self.measured_at[i] = now
 
 
-class _Resumable(Generic[Req, Resp]):
+class _Connected:
+    """`async with`: connect() on entry, close() on exit."""
+
+    async def connect(self) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+
+class _Resumable(_Connected, Generic[Req, Resp]):
     """One bidirectional stream kept open while requests wait, each request resent on a new stream until
     it is answered, or until no stream could be had for `reconnect_timeout_s`."""
 
@@ -252,15 +271,6 @@ class _Resumable(Generic[Req, Resp]):
         self.attempts = 0  # streams opened
         self.reconnects = 0  # streams opened after one had broken or ended
         self.last_error: BaseException | None = None
-
-    async def __aenter__(self) -> Self:
-        await self.connect()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     def _open(self) -> grpc.aio.StreamStreamCall[Req, Resp]:
         raise NotImplementedError
@@ -422,7 +432,7 @@ class _BatchStream(_Resumable[pb.StepBatch, pb.StepBatchResult]):
         return message.id
 
 
-class BatchClient:
+class BatchClient(_Connected):
     """Many sessions' steps per message (`StreamBatch`), for gateways: each call steps a set of sessions
     of one model, numbering, starting and resending their steps as a `Session` does.
 
@@ -445,15 +455,6 @@ class BatchClient:
         self._balance = StreamBalance(streams)
         self._sessions: dict[tuple[str, str], _SessionState] = {}
         self._ids = itertools.count(1)
-
-    async def __aenter__(self) -> Self:
-        await self.connect()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
 
     async def connect(self) -> None:
         for stream in self._streams:
