@@ -61,12 +61,22 @@ class SessionTurns:
         return len(self._waiting)
 
     def enter(self, key: str, turn: Callable[[], None]) -> None:
-        waiting = self._waiting.get(key)
-        if waiting is None:
-            self._waiting[key] = deque()
+        """Run `turn` now if `key` has no step here, else once the steps before it have left."""
+        if self.claim(key):
             turn()
         else:
-            waiting.append(turn)
+            self.wait(key, turn)
+
+    def claim(self, key: str) -> bool:
+        """Take `key`'s turn if no one holds it (True); the holder must `leave`."""
+        if key in self._waiting:
+            return False
+        self._waiting[key] = deque()
+        return True
+
+    def wait(self, key: str, turn: Callable[[], None]) -> None:
+        """Run `turn` after the steps already holding or waiting for `key` (which someone holds)."""
+        self._waiting[key].append(turn)
 
     def leave(self, key: str) -> None:
         waiting = self._waiting[key]

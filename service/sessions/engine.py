@@ -98,7 +98,7 @@ class SessionEngine:
         stream cancelled mid-step): a resend then finds the step applied instead of racing it.
         """
         future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
-        self._start(step, lambda result: settle(future, result))
+        self._start([step], lambda _, answer: settle(future, answer))
         return future
 
     def submit_many(self, steps: Sequence[Step | BaseException]) -> asyncio.Future[list[Answer]]:
@@ -121,45 +121,78 @@ class SessionEngine:
 
         if not answers:
             together.set_result(answers)
-        for i, step in enumerate(steps):
-            if isinstance(step, BaseException):
-                land(i, step)
-            else:
-                self._start(step, partial(land, i))
+        self._start(steps, land)
         return together
 
     async def step(self, step: Step) -> StepResult:
         return await self.submit(step)
 
-    def _start(self, step: Step, done: Callable[[Answer], None]) -> None:
-        """Admit `step` and give it its session's turn; `done` gets its answer once it has landed."""
-        try:
-            pending = self._admit(step)
-        except RnnServeError as err:
-            done(err)
-            return
+    def _start(self, steps: Sequence[Step | BaseException], done: Callable[[int, Answer], None]) -> None:
+        """Admit `steps` and give each its session's turn; `done(i, answer)` once steps[i] has landed.
+
+        The steps whose sessions have no step in flight here go to the batcher together, as one group;
+        each of the others joins its session's line, and goes alone when its turn comes."""
         limit = self._settings.batching.max_pending_steps
-        if self._pending >= limit:  # memory stays bounded however many steps clients pipeline
-            done(Overloaded(f"this replica has {limit} steps in flight; back off and retry, or use another replica"))
-            return
-        self._pending += 1
-        self._turns.enter(pending.key, lambda: self._dispatch(pending, done))
+        now: list[int] = []
+        ready: list[Pending] = []
+        for i, pending in enumerate(self._admit_many(steps)):
+            if isinstance(pending, BaseException):
+                done(i, pending)
+            elif self._pending >= limit:  # memory stays bounded however many steps clients pipeline
+                done(i, Overloaded(f"this replica has {limit} steps in flight; back off and retry, or use another one"))
+            else:
+                self._pending += 1
+                if self._turns.claim(pending.key):
+                    now.append(i)
+                    ready.append(pending)
+                else:
+                    self._turns.wait(pending.key, partial(self._dispatch, [i], [pending], done))
+        if ready:
+            self._dispatch(now, ready, done)
 
-    def _dispatch(self, pending: Pending, done: Callable[[Answer], None]) -> None:
-        def landed(answer: Answer) -> None:
-            self._pending -= 1
+    def _dispatch(self, indices: list[int], group: list[Pending], done: Callable[[int, Answer], None]) -> None:
+        """`group` (steps holding their sessions' turns) to the batcher; each step's turn ends as it lands."""
+
+        def landed(first: int, answers: list[Answer]) -> None:
+            for j, answer in enumerate(answers, first):
+                self._pending -= 1
+                try:
+                    done(indices[j], answer)
+                except Exception:  # one caller's failure must not keep the other sessions' turns
+                    log.exception("answering a step failed")
+                finally:  # the session's next step must get its turn whatever happened to this answer
+                    self._turns.leave(group[j].key)
+
+        self._batcher.put_many(group, landed)
+
+    def _admit_many(self, steps: Sequence[Step | BaseException]) -> list[Pending | BaseException]:
+        """Each step admitted (everything that can be checked without the store), or what refused it.
+        Finiteness is checked for all the inputs of one width at once: per step, that check cost more than
+        the rest of admission."""
+        checked: list[tuple[Step, LoadedModel, np.ndarray] | BaseException] = []
+        widths: dict[int, list[int]] = {}
+        for step in steps:
+            if isinstance(step, BaseException):
+                checked.append(step)
+                continue
             try:
-                done(answer)
-            finally:  # the session's next step must get its turn whatever happened to this answer
-                self._turns.leave(pending.key)
+                model, x = self._check(step)
+            except RnnServeError as err:
+                checked.append(err)
+                continue
+            widths.setdefault(x.shape[1], []).append(len(checked))
+            checked.append((step, model, x))
+        for members in widths.values():
+            inputs = [checked[i][2] for i in members]  # type: ignore[index]
+            if not np.isfinite(np.concatenate(inputs) if len(inputs) > 1 else inputs[0]).all():
+                for i in members:  # rare: find which
+                    if (bad := _non_finite(checked[i][2])) is not None:  # type: ignore[index]
+                        checked[i] = bad
+        return [item if isinstance(item, BaseException) else self._pending_of(*item) for item in checked]
 
-        try:
-            self._batcher.put(pending, landed)
-        except RnnServeError as err:  # stopping, or the queue is full
-            landed(err)
-
-    def _admit(self, step: Step) -> Pending:
-        """Everything that can be checked without the store; raises for a malformed step."""
+    def _check(self, step: Step) -> tuple[LoadedModel, np.ndarray]:
+        """The step's model and its input as float32 [T, F]; raises for a malformed step (all but the
+        input's values, which `_non_finite` checks)."""
         _check_session_id(step.session_id)
         if step.seq is not None:
             if step.seq < 1:
@@ -169,13 +202,11 @@ class SessionEngine:
         model = self.registry.get(step.model, step.version)  # NOT_FOUND for an unknown model first
         _check_streamable(model)
         x = check_input(model, step.x, self._settings.sessions.max_chunk_steps)
-        # Value by value (not by a cheaper sum: one past float32's range, or of +Inf and -Inf, warns, and a
-        # warning must never come of what a client sends).
-        if not np.isfinite(x).all():
-            bad = int(np.argwhere(~np.isfinite(x))[0][0])
-            raise InvalidArgument(f"input has NaN or Inf at time step {bad}; send finite values")
         if step.start_id < 0 or step.start_id >= 1 << 64:
             raise InvalidArgument(f"start_id must fit an unsigned 64-bit integer, got {step.start_id}")
+        return model, x
+
+    def _pending_of(self, step: Step, model: LoadedModel, x: np.ndarray) -> Pending:
         ask = Ask(step.session_id, step.seq, step.start, step.end, step.start_id, input_digest(x, step.end))
         key = session_key(self._prefix, step.model, step.session_id, step.tenant)
         return Pending(step, key, ask, _new_epoch() if step.start else 0, model, time.perf_counter(), x)
@@ -263,6 +294,16 @@ def _new_epoch() -> int:
 def _check_session_id(session_id: str) -> None:
     if not SESSION_ID_PATTERN.fullmatch(session_id):
         raise InvalidArgument(f"session id {session_id[:140]!r} is invalid: use 1 to 128 {SESSION_ID_CHARACTERS}")
+
+
+def _non_finite(x: np.ndarray) -> InvalidArgument | None:
+    """The refusal of an input holding NaN or Inf, checked value by value (not by a cheaper sum: one past
+    float32's range, or of +Inf and -Inf, warns, and a warning must never come of what a client sends)."""
+    finite = np.isfinite(x)
+    if finite.all():
+        return None
+    bad = int(np.argwhere(~finite)[0][0])
+    return InvalidArgument(f"input has NaN or Inf at time step {bad}; send finite values")
 
 
 def _check_streamable(model: LoadedModel) -> None:

@@ -74,3 +74,55 @@ async def test_a_full_queue_is_resource_exhausted():
         assert await asyncio.gather(*held) == [0, 1, 2]
     finally:
         await batcher.stop()
+
+
+async def test_a_group_larger_than_a_batch_is_split_and_each_part_answers_its_own_items():
+    sizes = []
+
+    async def double(items):
+        sizes.append(len(items))
+        return [item * 2 for item in items]
+
+    batcher = Batcher("t", double, BatchingSettings(max_batch_size=4, max_batch_wait_us=0))
+    batcher.start()
+    landed: dict[int, int] = {}
+    parts = []
+
+    def done(first, results):
+        parts.append((first, len(results)))
+        landed.update(zip(range(first, first + len(results)), results, strict=True))
+
+    batcher.put_many(list(range(10)), done)
+    batcher.put(100, lambda result: landed.update({100: result}))
+    for _ in range(100):
+        if len(landed) == 11:
+            break
+        await asyncio.sleep(0.005)
+    await batcher.stop()
+    assert landed == {**{i: 2 * i for i in range(10)}, 100: 200}
+    assert parts == [(0, 4), (4, 4), (8, 2)] and max(sizes) == 4
+    assert sizes[-1] == 3  # the group's tail went first; the step queued after it shared its batch
+
+
+async def test_a_group_that_overflows_the_queue_is_refused_only_for_what_does_not_fit():
+    release = asyncio.Event()
+
+    async def slow(items):
+        await release.wait()
+        return items
+
+    batcher = Batcher("t", slow, BatchingSettings(max_batch_size=1, max_queue=3, max_concurrent_batches=1))
+    batcher.start()
+    held = asyncio.ensure_future(batcher.submit(0))
+    await asyncio.sleep(0.01)  # step 0 computing (and holding the only batch slot)
+    landed: dict[int, object] = {}
+    batcher.put_many(["a", "b", "c", "d", "e"], lambda first, results: landed.update(enumerate(results, first)))
+    assert set(landed) == {3, 4} and all(isinstance(landed[i], Overloaded) for i in (3, 4))  # at once
+    release.set()
+    for _ in range(100):
+        if len(landed) == 5:
+            break
+        await asyncio.sleep(0.005)
+    await batcher.stop()
+    assert await held == 0
+    assert [landed[i] for i in range(3)] == ["a", "b", "c"]

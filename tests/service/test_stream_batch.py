@@ -281,3 +281,32 @@ async def test_a_gateway_resumes_and_restarts_sessions(start_server, redis_store
         again.restart("charlm", "g")
         (started,) = (await again.step("charlm", {"g": x})).values()
         assert isinstance(started, StepReply) and started.seq == 1
+
+
+async def test_overlapping_batches_wait_only_for_the_sessions_they_share(start_server, redis_store_url):
+    """Batches taken one after another, each before the last has landed: a step whose session has one in
+    flight waits its turn; the others of its batch go at once. Every step lands in its session's order."""
+    from service.sessions.steps import Step
+
+    app = await start_server(url=redis_store_url)
+    engine = app.engine
+    rng = np.random.default_rng(7)
+    sessions = [f"o{i}" for i in range(24)]
+    sent: dict[str, list[int]] = {s: [] for s in sessions}
+    futures = []
+    for _ in range(12):  # all submitted before any lands
+        chosen = rng.choice(sessions, size=9, replace=False)
+        steps = []
+        for s in chosen:
+            seq = len(sent[s]) + 1
+            char = int(rng.integers(FEATURES))
+            sent[s].append(char)
+            steps.append(Step("charlm", str(s), seq, EYE[[char]], start=seq == 1))
+        futures.append((steps, engine.submit_many(steps)))
+    for steps, future in futures:
+        for step, answer in zip(steps, await future, strict=True):
+            assert not isinstance(answer, BaseException), answer
+            assert (answer.session_id, answer.seq, answer.replayed) == (step.session_id, step.seq, False)
+            want = offline_logits(V1, EYE[sent[step.session_id][: step.seq]])[-1]
+            np.testing.assert_allclose(answer.outputs["logits"][0], want, atol=1e-5, rtol=0)
+    assert engine.steps_in_flight == 0 and engine.sessions_in_flight == 0
