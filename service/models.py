@@ -14,6 +14,7 @@ from service.errors import ModelNotFound
 from service.repository import MODEL_FILE, Manifest, RepositoryError, TensorSpec, read_manifest, version_dirs
 from service.runtime import ModelRuntime
 from service.settings import RuntimeSettings
+from service.state.record import StateLayout, state_layout
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,11 @@ class LoadedModel:
     def state_layout(self) -> list[tuple[str, tuple[int, ...], np.dtype[np.generic]]]:
         """(input name, shape without the batch axis, dtype) of each state tensor."""
         return [(s.input, tuple(s.shape[1:]), np.dtype(s.dtype)) for s in self.manifest.state]
+
+    @functools.cached_property
+    def record_layout(self) -> StateLayout:
+        """Where the state lies in the bytes of this version's session records."""
+        return state_layout(self.fingerprint, self._zero_states, len(self.manifest.outputs))
 
     @functools.cached_property
     def _zero_states(self) -> dict[str, np.ndarray]:

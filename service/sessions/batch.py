@@ -41,7 +41,7 @@ from service.sessions.cache import RecordCache
 from service.sessions.rules import Apply, Ask, Replay, judge
 from service.sessions.steps import Answer, Step, StepResult
 from service.settings import Settings
-from service.state.record import SessionRecord, Tensors, decode, encode_rows
+from service.state.record import SessionRecord, Tensors, decode, encode_rows, stack_states
 from service.state.store import Commit, Outcome, StateStore, Stored, live_sessions_key
 
 log = logging.getLogger(__name__)
@@ -285,8 +285,8 @@ class BatchPipeline:
 
     async def _compute(
         self, plans: dict[int, _Planned], items: list[Pending], answers: list[Answer | None]
-    ) -> dict[int, tuple[SessionRecord, bytes]]:
-        """New records (and their bytes) for every plan, one runtime call per (model version, chunk length)."""
+    ) -> dict[int, tuple[SessionRecord, Tensors]]:
+        """New records (and each step's outputs) for every plan, one runtime call per (model version, chunk length)."""
         groups: dict[tuple[bytes, int], list[int]] = {}
         for i, plan in plans.items():
             groups.setdefault((plan.model.fingerprint, plan.x.shape[0]), []).append(i)
@@ -298,7 +298,7 @@ class BatchPipeline:
             outcomes = _run_groups(work, plans, items)
         else:
             outcomes = await asyncio.get_running_loop().run_in_executor(self._executor, _run_groups, work, plans, items)
-        records: dict[int, tuple[SessionRecord, bytes]] = {}
+        records: dict[int, tuple[SessionRecord, Tensors]] = {}
         for (members, model), outcome in zip(work, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 log.error("runtime call failed for %s/%d", model.name, model.version, exc_info=outcome)
@@ -306,11 +306,11 @@ class BatchPipeline:
                     answers[i] = outcome
                     del plans[i]
                 continue
-            group_records, blobs, seconds = outcome
+            group_records, group_outputs, seconds = outcome
             series = self._metrics.model(model.name, model.version)
             series.runtime_latency.observe(seconds)
             series.batch_size.observe(len(members))
-            records.update(zip(members, zip(group_records, blobs, strict=True), strict=True))
+            records.update(zip(members, zip(group_records, group_outputs, strict=True), strict=True))
         return records
 
     # -- commit ----------------------------------------------------------------------------------
@@ -319,7 +319,7 @@ class BatchPipeline:
         self,
         items: list[Pending],
         plans: dict[int, _Planned],
-        computed: dict[int, tuple[SessionRecord, bytes]],
+        computed: dict[int, tuple[SessionRecord, Tensors]],
         answers: list[Answer | None],
     ) -> list[int]:
         """Commit every computed record; answer what landed; return the steps to judge again."""
@@ -332,7 +332,7 @@ class BatchPipeline:
                 items[i].key,
                 plans[i].apply.expected,
                 computed[i][0].token,
-                computed[i][1],
+                computed[i][0].encoded(),
                 sessions.ended_ttl_s if computed[i][0].ended else sessions.state_ttl_s,
             )
             for i in order
@@ -358,10 +358,10 @@ class BatchPipeline:
         self._metrics.store_commit_latency.observe(time.perf_counter() - started)
         again = []
         for i, outcome in zip(order, outcomes, strict=True):
-            item, record, model = items[i], computed[i][0], plans[i].model
+            item, (record, outputs), model = items[i], computed[i], plans[i].model
             if outcome.outcome is Outcome.OK:
                 self._cache.remember(item.key, record)
-                answers[i] = StepResult(model.name, model.version, item.step.session_id, record.seq, record.outputs)
+                answers[i] = StepResult(model.name, model.version, item.step.session_id, record.seq, outputs)
             elif outcome.outcome is Outcome.ERROR:
                 self._cache.forget(item.key)
                 answers[i] = StoreRefused(f"the session store refused the commit ({outcome.current}); not applied")
@@ -400,7 +400,8 @@ def check_input(model: LoadedModel, x: np.ndarray, max_steps: int) -> np.ndarray
     return x.astype(np.float32, copy=False)
 
 
-Computed = tuple[list[SessionRecord], list[bytes], float]  # new records, their bytes, runtime seconds
+# New records (each carrying its bytes), each step's outputs for its answer, the runtime call's seconds.
+Computed = tuple[list[SessionRecord], list[Tensors], float]
 
 
 def _run_groups(
@@ -418,49 +419,57 @@ def _run_groups(
 
 def _run_group(model: LoadedModel, plans: list[_Planned], items: list[Pending]) -> Computed:
     started = time.perf_counter()
-    zero = model.zero_states()
     x = np.stack([plan.x for plan in plans])
-    states = {
-        name: np.stack([plan.apply.base.states[name] if plan.apply.base else fresh for plan in plans])
-        for name, fresh in zero.items()
-    }
-    outputs, new_states = model.runtime.run(x, states)
+    outputs, new_states = model.runtime.run(x, _batch_states(model, plans))
     seconds = time.perf_counter() - started
-    records = []
-    for row, (plan, item) in enumerate(zip(plans, items, strict=True)):
-        base, end = plan.apply.base, item.step.end
-        # Copies, not views: a cached record must not keep the whole batch's arrays alive.
-        own_outputs: Tensors = {name: value[row].copy() for name, value in outputs.items()}
-        own_states: Tensors = {} if end else {name: value[row].copy() for name, value in new_states.items()}
-        records.append(
-            SessionRecord(
-                fingerprint=model.fingerprint,
-                epoch=base.epoch if base else item.epoch,
-                seq=plan.apply.seq,
-                states=own_states,
-                outputs=own_outputs,
-                start_id=base.start_id if base else item.ask.start_id,
-                digest=item.ask.digest,
-                ended=end,
-            )
-        )
-    blobs: list[bytes] = [b""] * len(records)
+    count = len(plans)
+    epochs, start_ids, seqs, digests, ends = [], [], [], [], []
+    for plan, item in zip(plans, items, strict=True):
+        base = plan.apply.base
+        epochs.append(base.epoch if base else item.epoch)
+        start_ids.append(base.start_id if base else item.ask.start_id)
+        seqs.append(plan.apply.seq)
+        digests.append(item.ask.digest)
+        ends.append(item.step.end)
+    blobs: list[bytes] = [b""] * count
     for ended in (False, True):  # a tombstone keeps no state: its rows are encoded apart
-        rows = [i for i, record in enumerate(records) if record.ended == ended]
+        rows = [i for i in range(count) if ends[i] == ended]
         if not rows:
             continue
         # Usually every row: then the arrays as they are (indexing by a list of rows copies them all).
-        every = len(rows) == len(records)
+        every = len(rows) == count
         encoded = encode_rows(
             model.fingerprint,
-            [records[i].epoch for i in rows],
-            [records[i].start_id for i in rows],
-            [records[i].seq for i in rows],
-            [records[i].digest for i in rows],
+            [epochs[i] for i in rows],
+            [start_ids[i] for i in rows],
+            [seqs[i] for i in rows],
+            [digests[i] for i in rows],
             {} if ended else {name: value if every else value[rows] for name, value in new_states.items()},
             {name: value if every else value[rows] for name, value in outputs.items()},
             ended=ended,
         )
         for i, blob in zip(rows, encoded, strict=True):
             blobs[i] = blob
-    return records, blobs, seconds
+    # A record keeps its own bytes, not a view of the batch's arrays (which it would keep alive); an answer,
+    # gone once sent, may view them.
+    fingerprint = model.fingerprint
+    records = [
+        SessionRecord(fingerprint, epochs[i], seqs[i], None, None, start_ids[i], digests[i], ends[i], blob=blobs[i])
+        for i in range(count)
+    ]
+    return records, [{name: value[row] for name, value in outputs.items()} for row in range(count)], seconds
+
+
+def _batch_states(model: LoadedModel, plans: list[_Planned]) -> Tensors:
+    """The states the steps start from, [B, ...]: read from their records' bytes at once where every record
+    has them (records this replica made or loaded do), else stacked record by record."""
+    layout = model.record_layout
+    blobs = [plan.apply.base.blob if plan.apply.base else layout.fresh for plan in plans]
+    if None not in blobs:
+        stacked = stack_states(layout, blobs)  # type: ignore[arg-type]
+        if stacked is not None:
+            return stacked
+    return {
+        name: np.stack([plan.apply.base.states[name] if plan.apply.base else fresh for plan in plans])
+        for name, fresh in model.zero_states().items()
+    }

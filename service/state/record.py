@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -39,20 +39,64 @@ _CODES = {dtype: code for code, dtype in _DTYPES.items()}
 Tensors = dict[str, np.ndarray]
 
 
-@dataclass(slots=True)
 class SessionRecord:
     """One session after its last applied step (or, `ended`, the tombstone of a finished session). A value:
-    never changed once made (not frozen only because one is made per step, and frozen ones cost more)."""
+    never changed once made.
 
-    fingerprint: bytes
-    epoch: int
-    seq: int
-    states: Tensors
-    outputs: Tensors
-    start_id: int = 0
-    digest: bytes = NO_DIGEST
-    ended: bool = False
-    _token: str = field(default="", init=False, repr=False, compare=False)
+    Its arrays are given, or read from `blob`, its encoding, when first asked for: a record a batch makes
+    carries its bytes (what the store is sent), and most such records are never read back as arrays (the
+    next step's batch reads their states from the bytes of all its records at once, `stack_states`)."""
+
+    __slots__ = ("fingerprint", "epoch", "seq", "start_id", "digest", "ended", "blob", "_states", "_outputs", "_token")
+
+    def __init__(
+        self,
+        fingerprint: bytes,
+        epoch: int,
+        seq: int,
+        states: Tensors | None = None,
+        outputs: Tensors | None = None,
+        start_id: int = 0,
+        digest: bytes = NO_DIGEST,
+        ended: bool = False,
+        *,
+        blob: bytes | None = None,
+    ) -> None:
+        if blob is None and (states is None or outputs is None):
+            raise ValueError("a record needs its arrays or its encoding")
+        self.fingerprint = fingerprint
+        self.epoch = epoch
+        self.seq = seq
+        self.start_id = start_id
+        self.digest = digest
+        self.ended = ended
+        self.blob = blob  # this record's encoding, where known (`encode` of it gives the same bytes)
+        self._states = states
+        self._outputs = outputs
+        self._token = ""
+
+    @property
+    def states(self) -> Tensors:
+        if self._states is None:
+            self._read_blob()
+        assert self._states is not None
+        return self._states
+
+    @property
+    def outputs(self) -> Tensors:
+        if self._outputs is None:
+            self._read_blob()
+        assert self._outputs is not None
+        return self._outputs
+
+    def encoded(self) -> bytes:
+        """This record's bytes, as stored."""
+        return self.blob if self.blob is not None else encode(self)
+
+    def _read_blob(self) -> None:
+        assert self.blob is not None
+        read = decode(self.blob)
+        self._states, self._outputs = read.states, read.outputs
 
     @property
     def token(self) -> str:
@@ -60,6 +104,10 @@ class SessionRecord:
         if not self._token:
             self._token = cas_token(self.epoch, self.seq)
         return self._token
+
+    def __repr__(self) -> str:
+        ended = ", ended" if self.ended else ""
+        return f"SessionRecord({self.fingerprint.hex()[:12]}, epoch={self.epoch:x}, seq={self.seq}{ended})"
 
 
 def cas_token(epoch: int, seq: int) -> str:
@@ -193,4 +241,60 @@ def decode(blob: bytes, *, what: str = "record") -> SessionRecord:
         start_id=start_id,
         digest=digest,
         ended=bool(flags & ENDED),
+        blob=blob if isinstance(blob, bytes) else None,
     )
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    """Where a model's state tensors lie in the bytes of its live records (the states come right after the
+    header, the outputs after them): what `stack_states` reads."""
+
+    end: int  # where the last state tensor's data ends
+    fixed: np.ndarray  # the byte offsets (below `end`) that every live record of the model holds alike ...
+    expected: np.ndarray  # ... and their bytes
+    tensors: tuple[tuple[str, int, int, np.dtype[np.generic], tuple[int, ...]], ...]  # name, start, stop, dtype, shape
+    fresh: bytes  # a record of a fresh session's state (its outputs empty)
+
+
+def state_layout(fingerprint: bytes, zero_states: Tensors, outputs: int) -> StateLayout:
+    """The layout of the records `encode` (and `encode_rows`) write for a model whose one-session state is
+    `zero_states` (in the model's order) and which has `outputs` output tensors."""
+    fresh = encode(SessionRecord(fingerprint, 0, 0, zero_states, {}))
+    header = bytearray(fresh[: _HEADER.size])
+    struct.pack_into("<H", header, _HEADER.size - 2, outputs)  # the count every live record has
+    fresh = bytes(header) + fresh[_HEADER.size :]
+    variable = np.zeros(len(fresh), dtype=bool)
+    variable[40:80] = True  # epoch, start id, seq, digest
+    tensors = []
+    offset = _HEADER.size
+    for name, array in zero_states.items():
+        offset += _TENSOR.size + len(name.encode()) + 4 * array.ndim
+        stop = offset + array.nbytes
+        variable[offset:stop] = True
+        tensors.append((name, offset, stop, array.dtype.newbyteorder("<"), array.shape))
+        offset = stop
+    fixed = np.flatnonzero(~variable[:offset])
+    expected = np.frombuffer(fresh, np.uint8)[fixed]
+    return StateLayout(offset, fixed, expected, tuple(tensors), fresh)
+
+
+def stack_states(layout: StateLayout, blobs: Sequence[bytes]) -> Tensors | None:
+    """The state tensors of B records [B, ...], read from their bytes at once: the same arrays as stacking
+    each record's `states`, without a step per record. None if any is not laid out as `layout` says (a
+    tombstone, an older format, another model): stack their `states` then."""
+    end = layout.end
+    lengths = set(map(len, blobs))
+    if min(lengths) < end:
+        return None
+    if len(lengths) == 1:  # every record the same size (their last steps had as many time steps)
+        table = np.frombuffer(b"".join(blobs), np.uint8).reshape(len(blobs), -1)
+    else:
+        table = np.frombuffer(b"".join([memoryview(blob)[:end] for blob in blobs]), np.uint8).reshape(len(blobs), end)
+    if not (table[:, layout.fixed] == layout.expected).all():
+        return None
+    count = len(blobs)
+    return {
+        name: table[:, start:stop].copy().view(dtype).reshape(count, *shape)
+        for name, start, stop, dtype, shape in layout.tensors
+    }

@@ -122,3 +122,76 @@ def test_records_encoded_together_equal_records_encoded_one_by_one(ended):
             ended=ended,
         )
         assert blob == encode(one)
+
+
+def _live_records(rng, count, steps=(1,)):
+    """Live records of one model (states h0 [8] float32, c0 [2, 3] float16; 2 outputs), each with a chunk of
+    time steps drawn from `steps`."""
+    records = []
+    for i in range(count):
+        t = int(rng.choice(steps))
+        states = {"h0": rng.random(8, np.float32), "c0": rng.random((2, 3)).astype(np.float16)}
+        outputs = {"logits": rng.random((t, 4), np.float32), "p": rng.random((t, 1), np.float32)}
+        records.append(SessionRecord(b"F" * 32, i + 1, i + 2, states, outputs, start_id=i, digest=bytes([i]) * 16))
+    return records
+
+
+def _layout():
+    from service.state.record import state_layout
+
+    return state_layout(b"F" * 32, {"h0": np.zeros(8, np.float32), "c0": np.zeros((2, 3), np.float16)}, outputs=2)
+
+
+@pytest.mark.parametrize("steps", [(1,), (1, 2, 5)])
+def test_states_read_from_many_records_bytes_equal_their_arrays_stacked(steps):
+    from service.state.record import stack_states
+
+    rng = np.random.default_rng(2)
+    records = _live_records(rng, 9, steps)
+    layout = _layout()
+    blobs = [encode(r) for r in records] + [layout.fresh]
+    stacked = stack_states(layout, blobs)
+    assert stacked is not None and list(stacked) == ["h0", "c0"]
+    for name in ("h0", "c0"):
+        want = np.stack([r.states[name] for r in records] + [np.zeros_like(records[0].states[name])])
+        assert stacked[name].dtype == want.dtype and stacked[name].flags.c_contiguous
+        np.testing.assert_array_equal(stacked[name], want)
+
+
+def test_records_laid_out_otherwise_are_not_read_from_their_bytes():
+    from service.state.record import stack_states
+
+    rng = np.random.default_rng(3)
+    layout = _layout()
+    good = [encode(r) for r in _live_records(rng, 3)]
+    record = _live_records(rng, 1)[0]
+    others = {
+        "states in another order": SessionRecord(
+            record.fingerprint, 1, 1, dict(reversed(record.states.items())), record.outputs
+        ),
+        "another model": SessionRecord(b"G" * 32, 1, 1, record.states, record.outputs),
+        "a tombstone": SessionRecord(record.fingerprint, 1, 1, {}, record.outputs, ended=True),
+        "another state dtype": SessionRecord(
+            record.fingerprint, 1, 1, {"h0": record.states["h0"], "c0": record.states["c0"].astype(np.float32)}, {}
+        ),
+        "one output fewer": SessionRecord(record.fingerprint, 1, 1, record.states, {"logits": record.outputs["logits"]}),
+    }
+    for why, other in others.items():
+        assert stack_states(layout, [*good, encode(other)]) is None, why
+    v1 = bytearray(encode(record))
+    struct.pack_into("<H", v1, 4, 1)  # the format field of an older release's header
+    assert stack_states(layout, [*good, bytes(v1)]) is None
+
+
+def test_a_record_made_from_its_bytes_reads_its_arrays_when_asked():
+    record = _live_records(np.random.default_rng(4), 1, (3,))[0]
+    blob = encode(record)
+    lazy = SessionRecord(record.fingerprint, record.epoch, record.seq, start_id=record.start_id, blob=blob)
+    assert lazy.encoded() is blob and record.encoded() == blob
+    for name in record.states:
+        np.testing.assert_array_equal(lazy.states[name], record.states[name])
+    for name in record.outputs:
+        np.testing.assert_array_equal(lazy.outputs[name], record.outputs[name])
+    assert decode(blob).blob is blob  # a loaded record keeps its bytes, for the next batch to read
+    with pytest.raises(ValueError, match="needs its arrays or its encoding"):
+        SessionRecord(record.fingerprint, 1, 1)
