@@ -160,4 +160,6 @@ class ModelRegistry:
         same = self._by_fingerprint.get(fingerprint)
         if not same:
             return None
+        if len(same) == 1:  # nearly always (asked for on every step)
+            return same[0]
         return next((m for m in same if m.version == version), None) or max(same, key=lambda m: m.version)

@@ -188,7 +188,8 @@ class SessionEngine:
                 for i in members:  # rare: find which
                     if (bad := _non_finite(checked[i][2])) is not None:  # type: ignore[index]
                         checked[i] = bad
-        return [item if isinstance(item, BaseException) else self._pending_of(*item) for item in checked]
+        now = time.perf_counter()  # they came together
+        return [item if isinstance(item, BaseException) else self._pending_of(*item, now) for item in checked]
 
     def _check(self, step: Step) -> tuple[LoadedModel, np.ndarray]:
         """The step's model and its input as float32 [T, F]; raises for a malformed step (all but the
@@ -206,10 +207,10 @@ class SessionEngine:
             raise InvalidArgument(f"start_id must fit an unsigned 64-bit integer, got {step.start_id}")
         return model, x
 
-    def _pending_of(self, step: Step, model: LoadedModel, x: np.ndarray) -> Pending:
+    def _pending_of(self, step: Step, model: LoadedModel, x: np.ndarray, enqueued: float) -> Pending:
         ask = Ask(step.session_id, step.seq, step.start, step.end, step.start_id, input_digest(x, step.end))
         key = session_key(self._prefix, step.model, step.session_id, step.tenant)
-        return Pending(step, key, ask, _new_epoch() if step.start else 0, model, time.perf_counter(), x)
+        return Pending(step, key, ask, _new_epoch() if step.start else 0, model, enqueued, x)
 
     async def infer(self, model_name: str, version: int, x: np.ndarray) -> tuple[LoadedModel, Tensors]:
         """Whole sequences x [B, T, F], each from a fresh state; no session is kept. Outputs [B, T, ...]."""

@@ -174,7 +174,9 @@ def test_records_laid_out_otherwise_are_not_read_from_their_bytes():
         "another state dtype": SessionRecord(
             record.fingerprint, 1, 1, {"h0": record.states["h0"], "c0": record.states["c0"].astype(np.float32)}, {}
         ),
-        "one output fewer": SessionRecord(record.fingerprint, 1, 1, record.states, {"logits": record.outputs["logits"]}),
+        "one output fewer": SessionRecord(
+            record.fingerprint, 1, 1, record.states, {"logits": record.outputs["logits"]}
+        ),
     }
     for why, other in others.items():
         assert stack_states(layout, [*good, encode(other)]) is None, why
