@@ -55,7 +55,8 @@ class SessionTurns:
     """
 
     def __init__(self) -> None:
-        self._waiting: dict[str, deque[Callable[[], None]]] = {}
+        # A held key: None while nothing waits behind its holder (most keys: no line made per step).
+        self._waiting: dict[str, deque[Callable[[], None]] | None] = {}
 
     def __len__(self) -> int:
         return len(self._waiting)
@@ -71,12 +72,15 @@ class SessionTurns:
         """Take `key`'s turn if no one holds it (True); the holder must `leave`."""
         if key in self._waiting:
             return False
-        self._waiting[key] = deque()
+        self._waiting[key] = None
         return True
 
     def wait(self, key: str, turn: Callable[[], None]) -> None:
         """Run `turn` after the steps already holding or waiting for `key` (which someone holds)."""
-        self._waiting[key].append(turn)
+        waiting = self._waiting[key]
+        if waiting is None:
+            waiting = self._waiting[key] = deque()
+        waiting.append(turn)
 
     def leave(self, key: str) -> None:
         waiting = self._waiting[key]
