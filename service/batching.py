@@ -67,16 +67,15 @@ class Batcher(Generic[T, R]):
             stopping = Unavailable("the server is not accepting steps (stopping); retry on another replica")
             done(0, [stopping] * len(items))
             return
-        room = self._settings.max_queue - self._queued
-        if room < len(items):
-            taken, refused = items[: max(room, 0)], len(items) - max(room, 0)
-            full = Overloaded(f"this replica has {self._settings.max_queue} steps queued; back off and retry")
-            done(len(taken), [full] * refused)
-            items = taken
-        if items:
-            self._entries.append((items, 0, done))
-            self._queued += len(items)
+        room = max(self._settings.max_queue - self._queued, 0)
+        taken = items if room >= len(items) else items[:room]
+        if taken:  # queued before the rest hears its refusal, which might put more
+            self._entries.append((taken, 0, done))
+            self._queued += len(taken)
             self._arrived.set()
+        if len(taken) < len(items):
+            full = Overloaded(f"this replica has {self._settings.max_queue} steps queued; back off and retry")
+            done(len(taken), [full] * (len(items) - len(taken)))
 
     def put(self, item: T, done: Callable[[R | BaseException], None]) -> None:
         """Queue one item; `done` gets its result (or its refusal, at once)."""

@@ -32,6 +32,8 @@ DIGEST_BYTES = 16
 NO_DIGEST = bytes(DIGEST_BYTES)
 _HEADER = struct.Struct("<4sHH32sQQQ16sHH")
 _HEADER_V1 = struct.Struct("<4sHH32sQQHH")
+# The header's bytes that differ from record to record of one model: epoch, start id, seq, digest.
+_PER_RECORD = slice(struct.calcsize("<4sHH32s"), _HEADER.size - struct.calcsize("<HH"))
 _TENSOR = struct.Struct("<HBB")
 _DTYPES: dict[int, np.dtype[np.generic]] = {1: np.dtype("<f4"), 2: np.dtype("<f2")}
 _CODES = {dtype: code for code, dtype in _DTYPES.items()}
@@ -265,7 +267,7 @@ def state_layout(fingerprint: bytes, zero_states: Tensors, outputs: int) -> Stat
     struct.pack_into("<H", header, _HEADER.size - 2, outputs)  # the count every live record has
     fresh = bytes(header) + fresh[_HEADER.size :]
     variable = np.zeros(len(fresh), dtype=bool)
-    variable[40:80] = True  # epoch, start id, seq, digest
+    variable[_PER_RECORD] = True  # epoch, start id, seq, digest
     tensors = []
     offset = _HEADER.size
     for name, array in zero_states.items():
