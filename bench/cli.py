@@ -52,6 +52,14 @@ def add_bench_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     ab.add_argument("--workers", type=int, default=1, help="worker processes of each server")
     ab.add_argument("--model-repo", type=Path, default=Path("models"), help="the model repository (both use it)")
 
+    engine = kind("engine", "the session engine alone, no gRPC: a fan-in step's CPU on the event loop and in all")
+    engine.add_argument("--model-repo", type=Path, default=Path("models"), help="the model repository")
+    engine.add_argument("--model", default="charlm-lstm")
+    engine.add_argument("--version", type=int, default=7)
+    engine.add_argument("--sessions", type=int, default=1024, help="S: sessions, each stepping once a round")
+    engine.add_argument("--per-message", type=int, default=256, help="K: steps submitted together")
+    engine.add_argument("--rounds", type=int, default=40, help="measured rounds (after two of warm-up)")
+
     replication = kind(
         "replication",
         "what --redis-wait-replicas 1 costs: a primary and a replica started here, servers with 0 and 1 in turns",
@@ -125,6 +133,10 @@ def run_bench(args: argparse.Namespace) -> int:
         from bench.ab import main as ab_main
 
         return ab_main(args.base, args.rounds, args.workers, args.model_repo)
+    if args.bench_command == "engine":
+        from bench.engine import main as engine_main
+
+        return engine_main(args.model_repo, args.model, args.version, args.sessions, args.per_message, args.rounds)
     if args.bench_command == "replication":
         from bench.replication import main as replication_main
 

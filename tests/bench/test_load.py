@@ -29,3 +29,12 @@ async def test_fan_in_where_every_step_fails_ends(start_server):
     result = await asyncio.wait_for(run_load(spec), 30)
     assert result.steps == 0
     assert result.errors == {"NOT_FOUND": 64}
+
+
+async def test_the_engine_bench_checks_every_answer_and_counts_its_steps(redis_store_url):
+    from bench.engine import measure
+    from tests.conftest import TEST_REPO
+
+    figures = await measure(TEST_REPO, redis_store_url, "charlm", 1, sessions=40, per_message=16, rounds=3)
+    assert figures["steps"] == 120 and figures["steps_per_s"] > 0
+    assert 0 < figures["event_loop_cpu_us_per_step"] <= figures["process_cpu_us_per_step"]
