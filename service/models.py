@@ -96,8 +96,9 @@ class ModelRegistry:
 
     def __init__(self, models: list[LoadedModel]) -> None:
         self._models: dict[tuple[str, int], LoadedModel] = {}
-        # Versions may share a fingerprint: an export republishes an unchanged fp32 beside a new int8.
-        self._by_fingerprint: dict[bytes, list[LoadedModel]] = {}
+        # Versions may share a fingerprint: an export republishes an unchanged fp32 beside a new int8. So
+        # may two models (the same file published under two names): a session belongs to its own.
+        self._by_fingerprint: dict[tuple[str, bytes], list[LoadedModel]] = {}
         self._latest: dict[str, LoadedModel] = {}
         # Whether a version of a model, by fingerprint, is on disk and loading now (so a step on it should
         # be retried, not refused); the model loader answers it when it polls the repository.
@@ -118,17 +119,21 @@ class ModelRegistry:
         return cls(models)
 
     def add(self, model: LoadedModel) -> None:
+        """Serve `model` (in place of a loaded one of its name and version)."""
+        loaded = self._models.get((model.name, model.version))
+        if loaded is not None:
+            self.remove(loaded)
         self._models[(model.name, model.version)] = model
-        self._by_fingerprint.setdefault(model.fingerprint, []).append(model)
+        self._by_fingerprint.setdefault((model.name, model.fingerprint), []).append(model)
         self._relatest(model.name)
 
     def remove(self, model: LoadedModel) -> None:
         if self._models.get((model.name, model.version)) is model:
             del self._models[(model.name, model.version)]
-            same = self._by_fingerprint[model.fingerprint]
+            same = self._by_fingerprint[(model.name, model.fingerprint)]
             same.remove(model)
             if not same:
-                del self._by_fingerprint[model.fingerprint]
+                del self._by_fingerprint[(model.name, model.fingerprint)]
             self._relatest(model.name)
 
     def _relatest(self, name: str) -> None:
@@ -155,9 +160,9 @@ class ModelRegistry:
         wanted = name if version == 0 else f"{name}/{version}"
         raise ModelNotFound(f"no model {wanted!r} is loaded (loaded: {loaded}); check the model name and version")
 
-    def by_fingerprint(self, fingerprint: bytes, version: int = 0) -> LoadedModel | None:
-        """The loaded version with these bytes: `version` if it is one of them, else the newest."""
-        same = self._by_fingerprint.get(fingerprint)
+    def by_fingerprint(self, name: str, fingerprint: bytes, version: int = 0) -> LoadedModel | None:
+        """The loaded version of `name` with these bytes: `version` if it is one of them, else the newest."""
+        same = self._by_fingerprint.get((name, fingerprint))
         if not same:
             return None
         if len(same) == 1:  # nearly always (asked for on every step)

@@ -210,7 +210,7 @@ class BatchPipeline:
         """A record read from the store must fit its model's state (names, shapes, dtype); records this
         replica made itself do, so a cached one is not checked again. False: it cannot be checked (its
         version is not loaded here), so it is not cached either."""
-        model = self._registry.by_fingerprint(record.fingerprint)
+        model = self._registry.by_fingerprint(item.step.model, record.fingerprint)
         if model is None:
             return False  # refused when planned: the version is not loaded
         if record.ended:
@@ -260,7 +260,7 @@ class BatchPipeline:
 
     def _model_of(self, record: SessionRecord, step: Step) -> LoadedModel:
         """The loaded version a stored session runs on, checked against the step and the record."""
-        model = self._registry.by_fingerprint(record.fingerprint, step.version)
+        model = self._registry.by_fingerprint(step.model, record.fingerprint, step.version)
         if model is None and self._registry.arriving(step.model, record.fingerprint):
             # Another replica loaded a newly published version before this one's poll did.
             raise Unavailable(
@@ -272,8 +272,6 @@ class BatchPipeline:
                 f"session {step.session_id!r} was started on a model version (fingerprint "
                 f"{record.fingerprint.hex()[:12]}) this server has not loaded; start a new session"
             )
-        if model.name != step.model:
-            raise RecordCorrupt(f"the stored session {step.session_id!r} belongs to model {model.name!r}")
         if step.version not in (0, model.version):
             raise FailedPrecondition(
                 f"session {step.session_id!r} is pinned to {model.name} version {model.version}, "

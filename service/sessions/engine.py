@@ -242,7 +242,7 @@ class SessionEngine:
         record = decode(stored.record, what=f"session {session_id!r}")
         if record.ended:
             raise SessionEnded(f"session {session_id!r} of model {model_name!r} ended at seq {record.seq}")
-        model = self.registry.by_fingerprint(record.fingerprint)
+        model = self.registry.by_fingerprint(model_name, record.fingerprint)
         return SessionInfo(
             model_name,
             session_id,

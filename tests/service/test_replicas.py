@@ -59,6 +59,39 @@ async def test_versions_with_the_same_bytes_each_continue_their_sessions(start_s
     assert_matches([first, pinned, after], first=1)
 
 
+async def test_one_file_published_under_two_names_serves_each_name_its_own_sessions(
+    start_server, redis_store_url, tmp_path
+):
+    """The fingerprint is the model file's sha256, so two models may share it (one file published as
+    `charlm` and as `twin`): a session belongs to the model it was started on, through the cache and
+    through a fresh load alike."""
+    import json
+
+    from service.repository import MANIFEST_FILE
+
+    for name in ("charlm", "twin"):
+        shutil.copytree(TEST_REPO / "charlm" / "1", tmp_path / name / "1")
+        manifest = json.loads((tmp_path / name / "1" / MANIFEST_FILE).read_text())
+        (tmp_path / name / "1" / MANIFEST_FILE).write_text(json.dumps(manifest | {"name": name}))
+    app = await start_server(tmp_path, url=redis_store_url)
+    target = f"127.0.0.1:{app.port}"
+    answers = {name: [] for name in ("charlm", "twin")}
+    for seq in range(1, 5):
+        if seq == 3:  # the next steps judged on records loaded from Redis, not on the cache
+            for name in answers:
+                app.engine.cache.forget(session_key("rnnserve", name, "s"))
+        for name in answers:
+            (answer,) = await exchange(target, [step_request("s", seq, X[seq - 1 : seq], model=name, start=seq == 1)])
+            assert not answer.HasField("error"), (name, seq, answer.error.message)
+            assert (answer.model, answer.seq) == (name, seq)
+            answers[name].append(answer)
+    for name, got in answers.items():
+        assert_matches(got, first=1)
+        async with grpc.aio.insecure_channel(target) as channel:
+            info = await pb_grpc.RnnServeStub(channel).GetSession(pb.SessionRef(model=name, session_id="s"))
+        assert (info.last_seq, info.version) == (4, 1)
+
+
 async def test_fingerprint_mismatch_is_refused_not_continued(start_server, redis_store_url, tmp_path):
     """A replica serving other weights under the same name and version must not continue the session."""
     old = await start_server(variant_repo(tmp_path / "old", versions={1: "old"}), url=redis_store_url)
