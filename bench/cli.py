@@ -44,6 +44,13 @@ def add_bench_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     load.add_argument("--model", default="charlm-lstm")
     load.add_argument("--version", type=int, default=1)
     load.add_argument("--features", type=int, default=84, help="the model's input features")
+    load.add_argument(
+        "--no-spread",
+        dest="spread",
+        action="store_false",
+        help="keep the connections where the kernel put them (default: reopen them until they spread evenly "
+        "over the server's worker processes)",
+    )
     load.add_argument("--json", type=Path, help="also write the figures here")
 
     ab = kind("ab", "this checkout against an earlier commit: servers from both take turns under the same loads")
@@ -120,6 +127,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 chunk=args.chunk,
                 rate=args.rate,
                 per_message=args.per_message,
+                spread=args.spread,
             )
         except ValueError as err:
             print(f"rnnserve bench load: {err}", file=sys.stderr)

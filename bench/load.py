@@ -47,6 +47,7 @@ class LoadSpec:
     chunk: int = 1  # time steps per request
     rate: float | None = None  # open loop: steps per second in all; None: ping-pong
     per_message: int = 1  # >1: fan-in, that many sessions' steps per StreamBatch message (native, ping-pong)
+    spread: bool = True  # connections reopened until they spread evenly over the server's worker processes
 
     def __post_init__(self) -> None:
         if self.per_message > 1 and (self.protocol != "native" or self.rate is not None):
@@ -64,6 +65,7 @@ class LoadResult:
     histogram: HdrHistogram = field(default_factory=lambda: HdrHistogram(1, MAX_LATENCY_US, 3))
     errors: Counter[str] = field(default_factory=Counter)
     workers: Counter[str] = field(default_factory=Counter)  # fan-in: streams per server worker process
+    connections: list[int] = field(default_factory=list)  # connections per worker process, after `spread`
     steps: int = 0
     seconds: float = 0.0
 
@@ -86,7 +88,45 @@ class LoadResult:
             "max_us": h.get_max_value(),
             "errors": dict(self.errors),
             "streams_per_worker": sorted(self.workers.values(), reverse=True),
+            "connections_per_worker": self.connections,
         }
+
+
+async def worker_of(channel: grpc.aio.Channel) -> str:
+    """The server process a connection reached (its `rnnserve-worker` metadata; "?" where it sends none)."""
+    call = pb_grpc.RnnServeStub(channel).StreamBatch()
+    try:
+        metadata = dict(await asyncio.wait_for(call.initial_metadata(), 30) or ())
+        return str(metadata.get("rnnserve-worker", "?"))
+    finally:
+        call.cancel()
+
+
+async def spread(target: str, channels: list[grpc.aio.Channel], tries: int = 8) -> list[int]:
+    """Reopen connections (in place in `channels`) until they fall evenly on the server's worker processes;
+    returns the connections per worker. The kernel gives each connection to a worker at random, and four
+    connections on two workers fall 4:0 one time in eight: a load's figure would measure the draw. A
+    connection is kept when it reaches a worker none holds yet, or, once `tries` connections in a row have
+    found no new worker, one of the workers holding fewest."""
+    held: Counter[str] = Counter()
+    all_seen = False
+    for i in range(len(channels)):
+        for attempt in range(4 * tries):
+            worker = await worker_of(channels[i])
+            if worker == "?":  # a server that does not say (the echo server): nothing to spread on
+                return []
+            fewest = min(held.values(), default=0)
+            if worker not in held or (all_seen and held[worker] == fewest):
+                break
+            if attempt + 1 >= tries:
+                all_seen = True  # no new worker in that many connections: take the least loaded ones
+                if held[worker] == fewest:
+                    break
+            await channels[i].close()
+            channels[i] = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+            await asyncio.wait_for(channels[i].channel_ready(), 60)
+        held[worker] += 1
+    return sorted(held.values(), reverse=True)
 
 
 class _FanIn:
@@ -288,6 +328,8 @@ async def run_load(spec: LoadSpec) -> LoadResult:
         # Connected first: CHANNEL_OPTIONS give a connection attempt little time (quick reconnects), and a
         # call on a channel still in its first failed attempt fails at once instead of waiting for the next.
         await asyncio.wait_for(asyncio.gather(*(channel.channel_ready() for channel in channels)), 60)
+        if spec.spread:
+            result.connections = await spread(spec.target, channels)
         streams: list[_Stream | _FanIn] = (
             [_FanIn(spec, [channels[k % len(channels)] for k in range(spec.streams)], ids, result)]
             if spec.per_message > 1

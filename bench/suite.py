@@ -33,7 +33,7 @@ class Scenario:
     sessions: int
     streams: int
     steps: int
-    store: str = "redis"  # redis | memory
+    store: str = "redis"  # redis | memory | redis-aof (Redis syncing every write to its append-only file)
     workers: int = 1
     protocol: str = "native"
     rate: float | None = None
@@ -61,7 +61,18 @@ FAN_IN = [
     # streams, over the workers: the load generator's four connections split 2:2, 3:1 or 4:0 by chance.
     Scenario(
         "fan-in: 1,024 sessions, 256 steps per message, durable, 2 workers", 1024, 4, 40, workers=2, per_message=256
-    )
+    ),
+    # The same on a Redis that syncs every write to disk before it answers (appendfsync always).
+    Scenario(
+        "fan-in: 1,024 sessions, 256 steps per message, Redis appendfsync always, 2 workers",
+        1024,
+        4,
+        40,
+        store="redis-aof",
+        workers=2,
+        echo=False,
+        per_message=256,
+    ),
 ]
 SWEEP_RATES = (250, 500, 1000, 1500, 2000, 2500, 3000, 4000)
 SWEEP = Scenario("open loop, S=256 on 8 streams, durable", 256, 8, 12, echo=False)
@@ -70,9 +81,9 @@ SWEEP = Scenario("open loop, S=256 on 8 streams, durable", 256, 8, 12, echo=Fals
 class Servers:
     """One rnnserve per (store, workers) configuration, started when first needed."""
 
-    def __init__(self, model_repo: Path, redis_url: str) -> None:
+    def __init__(self, model_repo: Path, redis_urls: dict[str, str]) -> None:
         self.model_repo = model_repo
-        self.redis_url = redis_url
+        self.redis_urls = redis_urls  # by store; the in-memory store has none
         self.running: dict[tuple[str, int], tuple[ServerProcess, int]] = {}
 
     def target(self, scenario: Scenario) -> tuple[str, int]:
@@ -82,7 +93,7 @@ class Servers:
             server = ServerProcess.rnnserve(
                 free_port(),
                 self.model_repo,
-                self.redis_url if store == "redis" else None,
+                self.redis_urls.get(store),
                 "--workers",
                 str(workers),
                 metrics_port=metrics_port,
@@ -165,7 +176,7 @@ async def measured_load(
 
 
 async def measure(
-    scenario: Scenario, servers: Servers, echo: str, features: int, redis_pid: int | None = None
+    scenario: Scenario, servers: Servers, echo: str, features: int, redis_pids: dict[str, int] | None = None
 ) -> dict[str, Any]:
     spec = LoadSpec(
         target="",
@@ -180,7 +191,7 @@ async def measure(
         per_message=scenario.per_message,
     )
     target, metrics_port = servers.target(scenario)
-    redis = redis_pid if scenario.store == "redis" else None
+    redis = (redis_pids or {}).get(scenario.store)
     server = await measured_load(replace(spec, target=target), servers.pid(scenario), metrics_port, redis)
     out = {"scenario": asdict(scenario), "server": server}
     if scenario.echo:
@@ -191,10 +202,14 @@ async def measure(
 async def run(model_repo: Path, only: list[str] | None, quick: bool) -> dict[str, Any]:
     redis = RedisProcess()
     redis.start()
+    synced = RedisProcess(durable=True)
+    synced.start()
     echo = ServerProcess(free_port(), [], module="bench.echo")
     echo.args = ["--port", str(echo.port)]
     echo.start()
-    servers = Servers(model_repo, redis.url)
+    servers = Servers(model_repo, {"redis": redis.url, "redis-aof": synced.url})
+    assert redis.process is not None and synced.process is not None
+    redis_pids = {"redis": redis.process.pid, "redis-aof": synced.process.pid}
     results: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": {
@@ -218,6 +233,9 @@ async def run(model_repo: Path, only: list[str] | None, quick: bool) -> dict[str
             str(batch): {
                 "runtime": runtime[f"batch_{batch}"],
                 "commit": await pipelined_commit_floor(model_repo, redis.url, max(20, floor_steps // 10), batch),
+                "commit_synced": await pipelined_commit_floor(
+                    model_repo, synced.url, max(20, floor_steps // 10), batch
+                ),
             }
             for batch in batches
         }
@@ -226,8 +244,7 @@ async def run(model_repo: Path, only: list[str] | None, quick: bool) -> dict[str
             if only and scenario.name not in only:
                 continue
             scenario = replace(scenario, steps=max(2, scenario.steps // scale))
-            assert redis.process is not None
-            measured = await measure(scenario, servers, f"127.0.0.1:{echo.port}", features, redis.process.pid)
+            measured = await measure(scenario, servers, f"127.0.0.1:{echo.port}", features, redis_pids)
             results["scenarios"].append(measured)
         if not only or SWEEP.name in only:
             for rate in SWEEP_RATES:
@@ -237,6 +254,7 @@ async def run(model_repo: Path, only: list[str] | None, quick: bool) -> dict[str
         servers.stop()
         echo.stop()
         redis.close()
+        synced.close()
     return results
 
 
@@ -258,15 +276,28 @@ def table(results: dict[str, Any]) -> str:
             f"| {echo_rate} | {ratio} |"
         )
     for batch, floor in results.get("batch_floors", {}).items():
-        per_step = {name: floor[name]["p50_us"] / int(batch) for name in ("runtime", "commit")}
-        ceiling = 1e6 / max(per_step.values())
-        rates = [r["server"]["steps_per_s"] for r in results["scenarios"] if r["scenario"]["per_message"] == int(batch)]
-        achieved = "".join(f"; fan-in {rate:.0f} steps/s = {rate / ceiling:.2f} x" for rate in rates)
+        per_step = {name: floor[name]["p50_us"] / int(batch) for name in floor}
         lines.append(
             f"batch {batch}: ONNX Runtime {floor['runtime']['p50_us']:.0f} µs ({per_step['runtime']:.1f} µs/step), "
-            f"pipelined compare-and-set {floor['commit']['p50_us']:.0f} µs ({per_step['commit']:.1f} µs/step): "
-            f"the slower allows {ceiling:.0f} steps/s{achieved}"
+            f"pipelined compare-and-set {floor['commit']['p50_us']:.0f} µs ({per_step['commit']:.1f} µs/step)"
+            + (
+                f", on a Redis syncing every write {floor['commit_synced']['p50_us']:.0f} µs "
+                f"({per_step['commit_synced']:.1f} µs/step)"
+                if "commit_synced" in floor
+                else ""
+            )
         )
+        for row in results["scenarios"]:
+            if row["scenario"]["per_message"] != int(batch):
+                continue
+            synced = row["scenario"]["store"] == "redis-aof"
+            commit = per_step["commit_synced" if synced else "commit"]
+            ceiling = 1e6 / max(per_step["runtime"], commit)  # the slower floor, on that scenario's Redis
+            rate = row["server"]["steps_per_s"]
+            lines.append(
+                f"  {row['scenario']['name']}: {rate:.0f} steps/s; the slower floor allows {ceiling:.0f}: "
+                f"{rate / ceiling:.2f} x"
+            )
     lines += cpu_budget(results)
     single = next((r for r in results["scenarios"] if r["scenario"]["sessions"] == 1 and r.get("echo")), None)
     if single:

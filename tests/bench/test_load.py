@@ -38,3 +38,23 @@ async def test_the_engine_bench_checks_every_answer_and_counts_its_steps(redis_s
     figures = await measure(TEST_REPO, redis_store_url, "charlm", 1, sessions=40, per_message=16, rounds=3)
     assert figures["steps"] == 120 and figures["steps_per_s"] > 0
     assert 0 < figures["event_loop_cpu_us_per_step"] <= figures["process_cpu_us_per_step"]
+
+
+async def test_connections_spread_evenly_over_a_servers_workers(redis_store_url, tmp_path):
+    """Four connections to two worker processes: the kernel's draw puts them 4:0 one time in eight; the
+    load generator reopens them until they fall 2:2, and its fan-in streams follow them."""
+    from bench.process import ServerProcess, free_port
+    from tests.conftest import TEST_REPO
+
+    server = ServerProcess.rnnserve(free_port(), TEST_REPO, redis_store_url, "--workers", "2", log=tmp_path / "log")
+    server.start()
+    try:
+        for _ in range(3):
+            spec = LoadSpec(f"127.0.0.1:{server.port}", 64, 3, 4, model="charlm", features=FEATURES, per_message=16)
+            summary = (await asyncio.wait_for(run_load(spec), 60)).summary()
+            assert summary["connections_per_worker"] == [2, 2] and summary["streams_per_worker"] == [2, 2]
+            assert summary["steps"] == 64 * 3 and not summary["errors"]
+        one = LoadSpec(f"127.0.0.1:{server.port}", 8, 2, 4, model="charlm", features=FEATURES, spread=False)
+        assert (await asyncio.wait_for(run_load(one), 60)).summary()["connections_per_worker"] == []
+    finally:
+        server.stop()
