@@ -29,8 +29,10 @@ class Echo(pb_grpc.RnnServeServicer):
             yield pb.StepResponse(session_id=request.session_id, seq=request.seq, model=request.model)
 
     async def StreamBatch(  # noqa: N802
-        self, request_iterator: AsyncIterable[pb.StepBatch], context: object
+        self, request_iterator: AsyncIterable[pb.StepBatch], context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.StepBatchResult]:
+        # Headers at once, as rnnserve sends them (naming no worker): a load generator asks before it sends.
+        await context.send_initial_metadata(())
         async for batch in request_iterator:
             yield pb.StepBatchResult(
                 id=batch.id,

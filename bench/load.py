@@ -93,13 +93,16 @@ class LoadResult:
 
 
 async def worker_of(channel: grpc.aio.Channel) -> str:
-    """The server process a connection reached (its `rnnserve-worker` metadata; "?" where it sends none)."""
+    """The server process a connection reached (its `rnnserve-worker` metadata; "?" where it sends none,
+    or sends no headers before the first message)."""
     call = pb_grpc.RnnServeStub(channel).StreamBatch()
     try:
-        metadata = dict(await asyncio.wait_for(call.initial_metadata(), 30) or ())
-        return str(metadata.get("rnnserve-worker", "?"))
+        metadata = dict(await asyncio.wait_for(call.initial_metadata(), 10) or ())
+    except TimeoutError:
+        return "?"
     finally:
         call.cancel()
+    return str(metadata.get("rnnserve-worker", "?"))
 
 
 async def spread(target: str, channels: list[grpc.aio.Channel], tries: int = 8) -> list[int]:
