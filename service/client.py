@@ -260,6 +260,7 @@ class _Resumable(_Connected, Generic[Req, Resp]):
         self._reconnect_timeout_s = reconnect_timeout_s
         self._max_backoff_s = max_backoff_s
         self._max_message_bytes = max_message_bytes
+        self._tls, self._token = tls, token
         self._channel = open_channel(target, tls, token=token)
         self.stub = pb_grpc.RnnServeStub(self._channel)
         self._call: grpc.aio.StreamStreamCall[Req, Resp] | None = None
@@ -278,6 +279,21 @@ class _Resumable(_Connected, Generic[Req, Resp]):
     def _key(self, message: Req | Resp) -> Hashable:
         """What pairs an answer with its request."""
         raise NotImplementedError
+
+    async def _placed(self, call: grpc.aio.StreamStreamCall[Req, Resp]) -> bool:
+        """Whether to keep a new stream where its connection landed (else it is opened again on a new
+        connection, before anything is sent on it)."""
+        return True
+
+    def _left(self) -> None:
+        """The stream this client held has ended."""
+
+    async def _reopen(self) -> None:
+        """A new connection in place of this client's one (nothing is in flight on it)."""
+        old = self._channel
+        self._channel = open_channel(self.target, self._tls, token=self._token)
+        self.stub = pb_grpc.RnnServeStub(self._channel)
+        await old.close()
 
     async def connect(self) -> None:
         """Start the task that keeps a stream open while requests wait; connecting happens on demand."""
@@ -356,24 +372,27 @@ class _Resumable(_Connected, Generic[Req, Resp]):
         return ""
 
     async def _one_stream(self, connect_within_s: float) -> bool:
-        """One stream: open, resend the unanswered requests, read answers until it ends. Whether any
-        answer came back on it."""
-        try:
-            async with asyncio.timeout(connect_within_s):
-                await self._channel.channel_ready()
-        except TimeoutError:
-            self.last_error = TimeoutError(f"{self.target} did not accept a connection{await self._why()}")
+        """One stream: open (on a new connection while `_placed` says to), resend the unanswered requests,
+        read answers until it ends. Whether any answer came back on it."""
+        if not await self._connected(connect_within_s):
             return False
-        async with self._lock:
-            if self.attempts:
-                self.reconnects += 1
-            call = self._call = self._open()
-            self.attempts += 1
-            for request, _ in list(self._pending.values()):  # in the order first sent
-                if not await _write(call, request):
-                    break
+        call = self._open()
         answered = False
         try:
+            while not await self._placed(call):
+                call.cancel()
+                await self._reopen()
+                if not await self._connected(connect_within_s):
+                    return False
+                call = self._open()
+            async with self._lock:
+                if self.attempts:
+                    self.reconnects += 1
+                self._call = call
+                self.attempts += 1
+                for request, _ in list(self._pending.values()):  # in the order first sent
+                    if not await _write(call, request):
+                        break
             while True:
                 response = await call.read()
                 if response is grpc.aio.EOF:  # the server ended it (a drain)
@@ -391,6 +410,17 @@ class _Resumable(_Connected, Generic[Req, Resp]):
                 if self._call is call:
                     self._call = None
             call.cancel()
+            self._left()
+
+    async def _connected(self, within_s: float) -> bool:
+        """Whether the channel connected within `within_s` (else `last_error` says why not)."""
+        try:
+            async with asyncio.timeout(within_s):
+                await self._channel.channel_ready()
+        except TimeoutError:
+            self.last_error = TimeoutError(f"{self.target} did not accept a connection{await self._why()}")
+            return False
+        return True
 
     def _fail_pending(self, err: BaseException) -> None:
         for _, future in self._pending.values():
@@ -423,13 +453,79 @@ class StreamClient(_Resumable[pb.StepRequest, pb.StepResponse]):
 
 
 class _BatchStream(_Resumable[pb.StepBatch, pb.StepBatchResult]):
-    """One `StreamBatch` stream of a BatchClient, on a connection of its own."""
+    """One `StreamBatch` stream of a BatchClient, on a connection of its own, placed by `spread`."""
+
+    def __init__(self, target: str, spread: Spread, **options: Any) -> None:
+        super().__init__(target, **options)
+        self._spread = spread
+        self.worker: str | None = None  # the server process its stream is on, while it has one
 
     def _open(self) -> grpc.aio.StreamStreamCall[pb.StepBatch, pb.StepBatchResult]:
         return self.stub.StreamBatch()
 
     def _key(self, message: pb.StepBatch | pb.StepBatchResult) -> Hashable:
         return message.id
+
+    async def _placed(self, call: grpc.aio.StreamStreamCall[pb.StepBatch, pb.StepBatchResult]) -> bool:
+        self._spread.leave(self)
+        worker = await _worker_of(call)
+        if self._spread.keep(self, worker):
+            self.worker = worker
+            return True
+        return False
+
+    def _left(self) -> None:
+        self._spread.leave(self)
+        self.worker = None
+
+
+async def _worker_of(call: grpc.aio.StreamStreamCall[Any, Any]) -> str | None:
+    """The server process a new stream reached, from the headers rnnserve sends as a stream starts (host
+    and process id); None where none came within a moment (another server, or a refused stream)."""
+    try:
+        async with asyncio.timeout(2.0):
+            metadata = dict(await call.initial_metadata() or ())
+    except (TimeoutError, grpc.aio.AioRpcError):
+        return None
+    worker = metadata.get("rnnserve-worker")
+    return None if worker is None else f"{metadata.get('rnnserve-host', '')}/{worker}"
+
+
+class Spread:
+    """Where a client's streams are: each kept on a server process none of the others is on, or, once
+    `tries` new connections in a row have found no process without one, on one holding fewest. The kernel
+    gives each connection to one of a server's worker processes at random (four connections to two
+    workers land on one of them one time in eight); a stream that lands where it is not wanted is opened
+    again on a new connection, at most `4 × tries` times, before anything is sent on it."""
+
+    def __init__(self, tries: int = 8) -> None:
+        self.tries = tries
+        self._held: dict[object, str] = {}
+        self._all_seen = False  # whether the client has likely met every process there is
+        self._misses: dict[object, int] = {}
+
+    def keep(self, stream: object, worker: str | None) -> bool:
+        """Whether `stream`, whose connection reached `worker` (None: unknown), should stay there."""
+        if worker is None:
+            self._misses.pop(stream, None)
+            return True
+        held = list(self._held.values())
+        on_it, fewest = held.count(worker), min((held.count(w) for w in held), default=0)
+        misses = 0 if on_it == 0 else self._misses.get(stream, 0) + 1
+        if misses >= self.tries:
+            self._all_seen = True  # that many connections in a row found no process without a stream
+        if misses == 0 or (self._all_seen and on_it == fewest) or misses > 4 * self.tries:
+            self._misses.pop(stream, None)
+            self._held[stream] = worker
+            return True
+        self._misses[stream] = misses
+        return False
+
+    def leave(self, stream: object) -> None:
+        self._held.pop(stream, None)
+
+    def workers(self) -> list[str]:
+        return list(self._held.values())
 
 
 class BatchClient(_Connected):
@@ -441,9 +537,10 @@ class BatchClient(_Connected):
             replies["sensor-1"].outputs["forecast"]   # or a StepError for a refused step
 
     Calls may run at once (for different sessions). They are spread over `streams` streams, each on a
-    connection of its own (so over a server's worker processes, and replicas behind a load balancer),
-    each call on the stream whose answers promise to come soonest (`StreamBalance`). A stream connects
-    when first used.
+    connection of its own (so over a server's worker processes, and replicas behind a load balancer; a
+    stream that lands on a process another of them is on is opened again elsewhere while there are
+    processes without one: `Spread`), each call on the stream whose answers promise to come soonest
+    (`StreamBalance`). A stream connects when first used.
     """
 
     def __init__(self, target: str, *, streams: int = 4, **options: Any) -> None:
@@ -451,7 +548,8 @@ class BatchClient(_Connected):
         if streams < 1:
             raise ValueError(f"streams must be 1 or more, got {streams}")
         self.target = target
-        self._streams = [_BatchStream(target, **options) for _ in range(streams)]
+        self._spread = Spread()
+        self._streams = [_BatchStream(target, self._spread, **options) for _ in range(streams)]
         self._balance = StreamBalance(streams)
         self._sessions: dict[tuple[str, str], _SessionState] = {}
         self._ids = itertools.count(1)
@@ -473,6 +571,11 @@ class BatchClient(_Connected):
     def last_error(self) -> BaseException | None:
         """Why a stream last broke or could not be had, on any of this client's connections."""
         return next((s.last_error for s in self._streams if s.last_error is not None), None)
+
+    @property
+    def workers(self) -> list[str]:
+        """The server processes ("host/pid") this client's open streams are on."""
+        return self._spread.workers()
 
     @property
     def attempts(self) -> int:

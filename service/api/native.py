@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 from collections.abc import AsyncIterable, AsyncIterator
 from functools import partial
 from typing import TypeAlias
@@ -25,8 +26,9 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# Which process answers a stream (one of several workers on a port): for operators and tests.
-WORKER_METADATA = (("rnnserve-worker", str(os.getpid())),)
+# Which process answers a stream (one of several workers on a port, on a host): for operators, tests, and
+# clients that spread their streams over the workers.
+WORKER_METADATA = (("rnnserve-worker", str(os.getpid())), ("rnnserve-host", socket.gethostname()))
 
 StreamContext: TypeAlias = grpc.aio.ServicerContext[pb.StepRequest, pb.StepResponse]
 BatchContext: TypeAlias = grpc.aio.ServicerContext[pb.StepBatch, pb.StepBatchResult]

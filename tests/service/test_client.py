@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from service.client import BatchClient, StepReply, StreamBalance, StreamClient, open_channel
+from service.client import BatchClient, Spread, StepReply, StreamBalance, StreamClient, open_channel
 from tests.conftest import vocabulary
 from tests.service.test_session_contract import EXPECTED, TOLERANCE, X
 
@@ -175,6 +175,72 @@ async def test_a_gateway_spreads_concurrent_calls_over_its_streams(start_server)
     for spread_outputs, single_outputs in zip(many, one, strict=True):
         for a, b in zip(spread_outputs, single_outputs, strict=True):
             np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+def test_spread_keeps_each_stream_on_a_process_of_its_own_then_balances():
+    """Four streams, two server processes, connections landing as the kernel draws them: a stream is
+    opened again while it lands where another is, until `tries` landings in a row found no free process;
+    then it stays where fewest are."""
+    spread = Spread(tries=3)
+    draws = iter(["a", "a", "a", "b", "b", "a", "b", "b", "a"])
+
+    def place(stream: str) -> int:
+        attempts = 1
+        while not spread.keep(stream, next(draws)):
+            attempts += 1
+        return attempts
+
+    assert place("s1") == 1  # a
+    assert place("s2") == 3  # a, a refused; b kept
+    assert place("s3") == 3  # b, a: refused (no free process yet); b: the third in a row, a balanced one
+    assert place("s4") == 2  # b refused (it holds more), a kept: every process seen, and a holds fewest
+    assert sorted(spread.workers()) == ["a", "a", "b", "b"]
+    spread.leave("s2")
+    assert spread.keep("s2", "b")  # where fewest are
+    assert spread.keep("s5", None)  # a server that does not say: kept, not counted
+    assert sorted(spread.workers()) == ["a", "a", "b", "b"]
+
+
+def test_spread_gives_up_on_a_single_process_and_caps_its_tries():
+    spread = Spread(tries=2)
+    assert spread.keep("s1", "only")
+    assert not spread.keep("s2", "only")
+    assert spread.keep("s2", "only")  # two in a row found nothing else: it is all there is
+    assert spread.keep("s3", "only")
+    lopsided = Spread(tries=2)
+    assert lopsided.keep("s1", "a") and lopsided.keep("s2", "b")
+    assert not lopsided.keep("s3", "a")
+    assert lopsided.keep("s3", "a")  # a and b hold one each: balanced
+    refusals = 0
+    while not lopsided.keep("s4", "a"):  # a holds 2, b 1: refused, up to 4 × tries, then kept
+        refusals += 1
+    assert refusals == 4 * 2
+
+
+async def test_a_gateways_streams_spread_over_a_servers_workers(redis_store_url, tmp_path):
+    """Four streams to a server of two worker processes: two on each, whatever the kernel drew, and every
+    step answered as on one stream."""
+    from collections import Counter
+
+    from bench.process import ServerProcess, free_port
+    from tests.conftest import TEST_REPO
+
+    server = ServerProcess.rnnserve(free_port(), TEST_REPO, redis_store_url, "--workers", "2", log=tmp_path / "log")
+    server.start()
+    x = np.eye(FEATURES, dtype=np.float32)
+    try:
+        for round_ in range(3):
+            async with BatchClient(f"127.0.0.1:{server.port}", streams=4) as gateway:
+                groups = [[f"w{round_}-{g}-{i}" for i in range(8)] for g in range(12)]
+                for t in range(3):
+                    replies = await asyncio.gather(
+                        *(gateway.step("charlm", {sid: x[t][None] for sid in group}) for group in groups)
+                    )
+                    assert all(isinstance(r, StepReply) and r.seq == t + 1 for rs in replies for r in rs.values())
+                assert gateway.attempts == 4
+                assert sorted(Counter(gateway.workers).values()) == [2, 2], gateway.workers
+    finally:
+        server.stop()
 
 
 async def test_a_call_cancelled_while_it_waits_for_a_session_holds_no_other(start_server):
