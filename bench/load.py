@@ -28,7 +28,7 @@ from hdrh.histogram import HdrHistogram
 from service.api import kserve_messages as kv
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
-from service.client import CHANNEL_OPTIONS, StreamBalance
+from service.client import CHANNEL_OPTIONS, Spread, StreamBalance, worker_of_stream
 
 MAX_LATENCY_US = 120_000_000
 STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
@@ -92,44 +92,33 @@ class LoadResult:
         }
 
 
-async def worker_of(channel: grpc.aio.Channel) -> str:
-    """The server process a connection reached (its `rnnserve-worker` metadata; "?" where it sends none,
-    or sends no headers before the first message)."""
+async def worker_of(channel: grpc.aio.Channel) -> str | None:
+    """The server process a connection reached ("host/pid", as `BatchClient` reads it; None where the
+    server names none, or sends no headers before the first message)."""
     call = pb_grpc.RnnServeStub(channel).StreamBatch()
     try:
-        metadata = dict(await asyncio.wait_for(call.initial_metadata(), 10) or ())
-    except TimeoutError:
-        return "?"
+        return await worker_of_stream(call)
     finally:
         call.cancel()
-    return str(metadata.get("rnnserve-worker", "?"))
 
 
-async def spread(target: str, channels: list[grpc.aio.Channel], tries: int = 8) -> list[int]:
-    """Reopen connections (in place in `channels`) until they fall evenly on the server's worker processes;
-    returns the connections per worker. The kernel gives each connection to a worker at random, and four
-    connections on two workers fall 4:0 one time in eight: a load's figure would measure the draw. A
-    connection is kept when it reaches a worker none holds yet, or, once `tries` connections in a row have
-    found no new worker, one of the workers holding fewest."""
-    held: Counter[str] = Counter()
-    all_seen = False
+async def spread(target: str, channels: list[grpc.aio.Channel]) -> list[int]:
+    """Reopen connections (in place in `channels`) until they fall evenly on the server's worker processes,
+    as `BatchClient` places its streams (`Spread`); returns the connections per worker. The kernel gives
+    each connection to a worker at random, and four connections on two workers fall 4:0 one time in
+    eight: a load's figure would measure the draw."""
+    placement = Spread()
     for i in range(len(channels)):
-        for attempt in range(4 * tries):
+        while True:
             worker = await worker_of(channels[i])
-            if worker == "?":  # a server that does not say (the echo server): nothing to spread on
+            if worker is None:  # a server that does not say (the echo server): nothing to spread on
                 return []
-            fewest = min(held.values(), default=0)
-            if worker not in held or (all_seen and held[worker] == fewest):
+            if placement.keep(i, worker):
                 break
-            if attempt + 1 >= tries:
-                all_seen = True  # no new worker in that many connections: take the least loaded ones
-                if held[worker] == fewest:
-                    break
             await channels[i].close()
             channels[i] = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
             await asyncio.wait_for(channels[i].channel_ready(), 60)
-        held[worker] += 1
-    return sorted(held.values(), reverse=True)
+    return sorted(Counter(placement.workers()).values(), reverse=True)
 
 
 class _FanIn:

@@ -468,7 +468,7 @@ class _BatchStream(_Resumable[pb.StepBatch, pb.StepBatchResult]):
 
     async def _placed(self, call: grpc.aio.StreamStreamCall[pb.StepBatch, pb.StepBatchResult]) -> bool:
         self._spread.leave(self)
-        worker = await _worker_of(call)
+        worker = await worker_of_stream(call)
         if self._spread.keep(self, worker):
             self.worker = worker
             return True
@@ -479,7 +479,7 @@ class _BatchStream(_Resumable[pb.StepBatch, pb.StepBatchResult]):
         self.worker = None
 
 
-async def _worker_of(call: grpc.aio.StreamStreamCall[Any, Any]) -> str | None:
+async def worker_of_stream(call: grpc.aio.StreamStreamCall[Any, Any]) -> str | None:
     """The server process a new stream reached, from the headers rnnserve sends as a stream starts (host
     and process id); None where none came within a moment (another server, or a refused stream)."""
     try:
