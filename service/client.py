@@ -374,17 +374,11 @@ class _Resumable(_Connected, Generic[Req, Resp]):
     async def _one_stream(self, connect_within_s: float) -> bool:
         """One stream: open (on a new connection while `_placed` says to), resend the unanswered requests,
         read answers until it ends. Whether any answer came back on it."""
-        if not await self._connected(connect_within_s):
+        placed = await self._place(connect_within_s)
+        if placed is None:
             return False
-        call = self._open()
-        answered = False
+        call, answered = placed, False
         try:
-            while not await self._placed(call):
-                call.cancel()
-                await self._reopen()
-                if not await self._connected(connect_within_s):
-                    return False
-                call = self._open()
             async with self._lock:
                 if self.attempts:
                     self.reconnects += 1
@@ -405,12 +399,40 @@ class _Resumable(_Connected, Generic[Req, Resp]):
         except grpc.aio.AioRpcError as err:
             self.last_error = err
             return answered
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():  # this client is closing
+                raise
+            # gRPC cancels a call whose write was cancelled (a caller that gave up while its message was
+            # being written): the stream is gone, not this task; the unanswered requests go on a new one.
+            self.last_error = ConnectionError(f"the stream to {self.target} was cancelled under a write")
+            return answered
         finally:
             async with self._lock:
                 if self._call is call:
                     self._call = None
             call.cancel()
             self._left()
+
+    async def _place(self, connect_within_s: float) -> grpc.aio.StreamStreamCall[Req, Resp] | None:
+        """A new stream once connected, opened again on a new connection while `_placed` says to, within
+        the time given to connect (then it stays where it is); None if no connection could be had."""
+        deadline = time.monotonic() + connect_within_s
+        if not await self._connected(connect_within_s):
+            return None
+        call = self._open()
+        try:
+            while time.monotonic() < deadline and not await self._placed(call):
+                call.cancel()
+                await self._reopen()
+                if not await self._connected(deadline - time.monotonic()):
+                    return None
+                call = self._open()
+        except BaseException:  # closing: the stream goes, and its place
+            call.cancel()
+            self._left()
+            raise
+        return call
 
     async def _connected(self, within_s: float) -> bool:
         """Whether the channel connected within `within_s` (else `last_error` says why not)."""
@@ -512,7 +534,9 @@ class Spread:
         held = list(self._held.values())
         on_it, fewest = held.count(worker), min((held.count(w) for w in held), default=0)
         misses = 0 if on_it == 0 else self._misses.get(stream, 0) + 1
-        if misses >= self.tries:
+        if misses == 0:
+            self._all_seen = False  # a process without a stream (a new one, or one whose streams ended)
+        elif misses >= self.tries:
             self._all_seen = True  # that many connections in a row found no process without a stream
         if misses == 0 or (self._all_seen and on_it == fewest) or misses > 4 * self.tries:
             self._misses.pop(stream, None)
@@ -550,6 +574,8 @@ class BatchClient(_Connected):
         self.target = target
         self._spread = Spread()
         self._streams = [_BatchStream(target, self._spread, **options) for _ in range(streams)]
+        self._tls, self._token = options.get("tls"), options.get("token")
+        self._unary: grpc.aio.Channel | None = None  # for `stub`, opened when first asked for
         self._balance = StreamBalance(streams)
         self._sessions: dict[tuple[str, str], _SessionState] = {}
         self._ids = itertools.count(1)
@@ -561,11 +587,17 @@ class BatchClient(_Connected):
     async def close(self) -> None:
         for stream in self._streams:
             await stream.close()
+        if self._unary is not None:
+            await self._unary.close()
 
     @property
     def stub(self) -> pb_grpc.RnnServeStub:
-        """The API's unary calls (GetSession, ListModels, ...), on the first stream's connection."""
-        return self._streams[0].stub
+        """The API's unary calls (GetSession, ListModels, ...), on a connection of their own: the streams'
+        connections are replaced as they are placed."""
+        if self._unary is None:
+            self._unary = open_channel(self.target, self._tls, token=self._token)
+            self._stub = pb_grpc.RnnServeStub(self._unary)
+        return self._stub
 
     @property
     def last_error(self) -> BaseException | None:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.client import BatchClient, Spread, StepReply, StreamBalance, StreamClient, open_channel
 from tests.conftest import vocabulary
 from tests.service.test_session_contract import EXPECTED, TOLERANCE, X
@@ -215,6 +216,53 @@ def test_spread_gives_up_on_a_single_process_and_caps_its_tries():
     while not lopsided.keep("s4", "a"):  # a holds 2, b 1: refused, up to 4 × tries, then kept
         refusals += 1
     assert refusals == 4 * 2
+
+
+def test_spread_looks_again_once_a_process_without_a_stream_turns_up():
+    """After a restart every process is new: the belief that none is free (from before) must not keep a
+    stream on one that already has one."""
+    spread = Spread(tries=2)
+    for stream, draws in (("s1", ["a"]), ("s2", ["a", "b"]), ("s3", ["a", "b"]), ("s4", ["a"])):
+        while not spread.keep(stream, draws.pop(0)):
+            pass
+    assert sorted(spread.workers()) == ["a", "a", "b", "b"]
+    for stream in ("s1", "s2", "s3", "s4"):
+        spread.leave(stream)
+    assert spread.keep("s1", "c")
+    assert not spread.keep("s2", "c")  # d may be there: look again
+    assert spread.keep("s2", "d")
+
+
+async def test_a_step_cancelled_while_its_message_is_written_does_not_stop_the_stream(start_server):
+    """gRPC cancels a call whose write is cancelled (a caller's timeout): the stream's reader must take
+    that for a broken stream and open another, not end, or every later step on it waits for ever."""
+    app = await start_server()
+    x = np.eye(FEATURES, dtype=np.float32)
+    async with BatchClient(f"127.0.0.1:{app.port}", streams=1, reconnect_timeout_s=3) as gateway:
+        await gateway.step("charlm", {"a": x[:1]})
+        stream = gateway._streams[0]
+        doomed = asyncio.create_task(gateway.step("charlm", {"b": x[:1]}))
+        while not stream._pending:  # inside the write
+            await asyncio.sleep(0)
+        doomed.cancel()
+        await asyncio.gather(doomed, return_exceptions=True)
+        replies = await asyncio.wait_for(gateway.step("charlm", {"c": x[:1]}), 10)
+        assert isinstance(replies["c"], StepReply) and replies["c"].seq == 1
+
+
+async def test_the_gateways_stub_outlives_its_streams_connections(start_server):
+    """`stub` (GetSession on resume, say) is on a connection of its own: streams replace theirs as they
+    are placed, and a stub kept from before must still work."""
+    app = await start_server()
+    x = np.eye(FEATURES, dtype=np.float32)
+    async with BatchClient(f"127.0.0.1:{app.port}", streams=2) as gateway:
+        stub = gateway.stub
+        await gateway.step("charlm", {"kept": x[:1]})
+        for stream in gateway._streams:
+            await stream._reopen()  # as a stream placed again does
+        await gateway.step("charlm", {"kept": x[1:2]})
+        info = await stub.GetSession(pb.SessionRef(model="charlm", session_id="kept"))
+        assert gateway.stub is stub and info.last_seq == 2
 
 
 async def test_a_gateways_streams_spread_over_a_servers_workers(redis_store_url, tmp_path):
