@@ -242,3 +242,12 @@ def test_the_default_worker_count_follows_the_containers_cpu_limit(tmp_path, cpu
     visible = len(os.sched_getaffinity(0))
     assert usable_cpus(path) == (visible if expected is None else min(visible, expected))
     assert usable_cpus(tmp_path / "absent") == visible
+
+
+async def both_workers_up(target: str, timeout_s: float = 60) -> None:
+    """Until connections reach two worker processes: a server's health answers once its first worker is
+    up, and the second may still be loading its models."""
+    deadline = time.monotonic() + timeout_s
+    while len(await workers_reached(target, 12)) < 2:
+        assert time.monotonic() < deadline, "the second worker did not come up"
+        await asyncio.sleep(0.2)
