@@ -179,8 +179,7 @@ class _FanIn:
 
     async def read(self, k: int) -> None:
         call = self.calls[k]
-        metadata = dict(await call.initial_metadata() or ())
-        self.result.workers[str(metadata.get("rnnserve-worker", "?"))] += 1
+        self.result.workers[await worker_of_stream(call) or "?"] += 1
         async for result in call:
             g = result.id
             seconds = time.perf_counter() - self.sent_at[g]

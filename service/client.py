@@ -480,7 +480,6 @@ class _BatchStream(_Resumable[pb.StepBatch, pb.StepBatchResult]):
     def __init__(self, target: str, spread: Spread, **options: Any) -> None:
         super().__init__(target, **options)
         self._spread = spread
-        self.worker: str | None = None  # the server process its stream is on, while it has one
 
     def _open(self) -> grpc.aio.StreamStreamCall[pb.StepBatch, pb.StepBatchResult]:
         return self.stub.StreamBatch()
@@ -490,15 +489,10 @@ class _BatchStream(_Resumable[pb.StepBatch, pb.StepBatchResult]):
 
     async def _placed(self, call: grpc.aio.StreamStreamCall[pb.StepBatch, pb.StepBatchResult]) -> bool:
         self._spread.leave(self)
-        worker = await worker_of_stream(call)
-        if self._spread.keep(self, worker):
-            self.worker = worker
-            return True
-        return False
+        return self._spread.keep(self, await worker_of_stream(call))
 
     def _left(self) -> None:
         self._spread.leave(self)
-        self.worker = None
 
 
 async def worker_of_stream(call: grpc.aio.StreamStreamCall[Any, Any]) -> str | None:

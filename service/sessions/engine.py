@@ -139,7 +139,8 @@ class SessionEngine:
             if isinstance(pending, BaseException):
                 done(i, pending)
             elif self._pending >= limit:  # memory stays bounded however many steps clients pipeline
-                done(i, Overloaded(f"this replica has {limit} steps in flight; back off and retry, or use another one"))
+                why = f"this replica has {limit} steps in flight; back off and retry, or use another replica"
+                done(i, Overloaded(why))
             else:
                 self._pending += 1
                 if self._turns.claim(pending.key):
