@@ -136,6 +136,15 @@ class RedisSettings(BaseModel):
         default=5.0, gt=0, description="how long a store call waits for a free pooled connection before UNAVAILABLE"
     )
     key_prefix: str = Field(default="rnnserve", description="prefix of every key the service writes")
+    record_layout: str = Field(
+        default="string",
+        pattern="^(string|hash)$",
+        description=(
+            "how session records are written: string (a key of its own per record, the least Redis CPU a step) "
+            "or hash (as rnnserve 0.1 wrote them: set it while replicas of 0.1 still run beside this version); "
+            "both read both"
+        ),
+    )
     tls_ca: Path | None = Field(
         default=None,
         description="for rediss://: the CA certificates Redis's certificate must chain to (PEM); unset: the system's",

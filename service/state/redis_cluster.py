@@ -33,11 +33,11 @@ from service.errors import RecordCorrupt, RnnServeError, StartupError, StoreRefu
 from service.settings import RedisSettings, parse_cluster_url
 from service.state.redis_store import (
     _MOVED_ON,
+    HASH_LAYOUT,
     KEYS_PER_CALL,
-    RECORD_FIELD,
-    TOKEN_FIELD,
     RedisStateStore,
     _Connections,
+    _load_commands,
     _tls_context_check,
 )
 from service.state.store import Commit, CommitResult, Outcome, Stored
@@ -70,6 +70,7 @@ class RedisClusterStore(RedisStateStore):
                 "ssl_keyfile": str(settings.tls_key) if settings.tls_key else None,
             }
         self._configure(settings)
+        self._layout = HASH_LAYOUT  # a staged record is a new key, which a slot being migrated refuses
         self._pools: dict[Node, tuple[aioredis.ConnectionPool, _Connections]] = {}
         self._slots: list[Node] | None = None  # the primary serving each slot
         self._refreshing: asyncio.Lock = asyncio.Lock()
@@ -213,11 +214,15 @@ class RedisClusterStore(RedisStateStore):
             return []
 
         async def send(node: Node, share: list[int], asking: bool) -> list[Any]:
-            commands = [("HMGET", keys[i], TOKEN_FIELD, RECORD_FIELD) for i in share]
-            return await self._run("loading sessions", commands, self._pool(node), asking)
+            commands = [c for i in share for c in _load_commands(keys[i])]
+            replies = await self._run("loading sessions", commands, self._pool(node), asking)
+            return [_both(replies[2 * j], replies[2 * j + 1]) for j in range(len(share))]
 
         replies = await self._per_node("loading sessions", keys, send)
-        return [self._stored(key, reply) for key, reply in zip(keys, replies, strict=True)]  # a failed node fails all
+        return [  # a failed node fails all
+            self._stored(key, *reply) if isinstance(reply, tuple) else self._stored(key, reply, None)
+            for key, reply in zip(keys, replies, strict=True)
+        ]
 
     async def commit_many(self, commits: Sequence[Commit]) -> list[CommitResult]:
         """Each node's share in calls of the batch script, one slot a call (`KEYS_PER_CALL` keys at most),
@@ -319,6 +324,15 @@ def _shares(
         node = asked.get(i) or slots[key_slot(keys[i].encode())]
         shares.setdefault((node, i in asked), []).append(i)
     return shares
+
+
+def _both(first: Any, second: Any) -> tuple[Any, Any] | ResponseError:
+    """A session's two reads (its hash and its record key share a slot): the pair, or a redirection either
+    was answered with, which stands for both (`_per_node` sends them again)."""
+    for reply in (first, second):
+        if isinstance(reply, _PASSED):
+            return reply
+    return first, second
 
 
 def _reason(outcome: BaseException | object) -> str:

@@ -24,7 +24,10 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import (
     AuthenticationError,
+    ExecAbortError,
+    NoPermissionError,
     NoScriptError,
+    OutOfMemoryError,
     ReadOnlyError,
     RedisError,
     ResponseError,
@@ -42,18 +45,36 @@ from service.tls import load_key_pair
 TOKEN_FIELD = "token"
 RECORD_FIELD = "rec"
 
-# One call commits many sessions. KEYS: the sessions; ARGV, six per key: expected token ('' = unconditional,
-# '!' = no record), new token, record, ttl ms, the tenant's live-sessions key ('' = not counted), and the
-# count's part (N > 0: a start, refused while the key is uncounted and N sessions are live; 0: a step that
-# keeps it live; -1: its end). Returns, per key: {0, token} applied, {1, current} conflict, {2, ''} missing,
-# {3, error} refused (OOM, a key of another type), {4, live} the tenant's limit. The live set is scored by
-# expiry (Redis's clock), so an idled-out session stops counting, and expires itself with the last of them.
+# How a session's record is kept under its key. "string" (the default): the key is a string, the record's
+# token, a newline, then the record's bytes. The records are staged by a plain MSET in the commit's own
+# transaction, and the commit script renames each into place where its compare succeeds: their bytes never
+# pass through Lua, where making a Lua string of a 4.5 KB record cost Redis about half of the 10.6 us a
+# session's commit took. "hash": the key is a hash, fields token and rec, as rnnserve 0.1 wrote it. Both
+# layouts read both, and a write in one replaces the other, so replicas of 0.1 and of this version can share
+# a Redis while "hash" is set (see docs/ARCHITECTURE.md). Redis Cluster keeps "hash": a staged record is a new
+# key, which a slot being migrated refuses.
+STRING_LAYOUT, HASH_LAYOUT = "string", "hash"
+# What a string record's token is when its value holds none (something else wrote the key): a start, which
+# expects it, replaces the record; no writer makes such a token ("epoch:seq"). The commit script reads a
+# token in the value's first TOKEN_HEAD bytes (a token is at most 37), as the literals there say.
+NO_TOKEN = "?"
+TOKEN_HEAD = 64
+
+# One call commits many sessions. ARGV[1]: the layout to write ("string" or "hash"). KEYS: the sessions.
+# ARGV, six per key: expected token ('' = unconditional, '!' = no record), new token, ttl ms, the tenant's
+# live-sessions key ('' = not counted), the count's part (N > 0: a start, refused while the key is uncounted
+# and N sessions are live; 0: a step that keeps it live; -1: its end), and the record's staging key (string)
+# or the record (hash). Returns, per key: {0, token} applied, {1, current} conflict, {2, ''} missing, {3,
+# error} refused (OOM, a key of another type), {4, live} the tenant's limit. The live set is scored by expiry
+# (Redis's clock), so an idled-out session stops counting, and expires itself with the last of them. A
+# session's staged record, where applied, is renamed to the session's key (`_commit_call` deletes the rest).
 # Every Redis call is a pcall: each key is compared and set on its own, and one key's error never stops the
 # keys after it (a script that stopped half way would leave the keys before it applied and the whole call
 # answered as an error). The exception is READONLY: this Redis became a replica (a failover), no key of the
 # call can have been written, and the call's error makes the connection go (to the new primary, under
 # Sentinel).
 _COMMIT_MANY = """
+local hashed = ARGV[1] == 'hash'
 local out = {}
 local now = nil
 local function clock()
@@ -77,13 +98,43 @@ local function over_limit(live, key, limit)
   end
   return nil
 end
+-- The key's token (false: no record) and whether it is a string; or nil and the error of a key that is
+-- neither a string nor a hash. The layout this call writes is tried first.
+local function string_token(key)
+  local head = redis.pcall('GETRANGE', key, 0, 63)
+  if type(head) == 'table' then
+    return nil, head.err
+  elseif head == '' then
+    return false, true
+  end
+  return string.match(head, '^([^\\n]*)\\n') or '?', true
+end
+local function hash_token(key)
+  local held = redis.pcall('HGET', key, 'token')
+  if type(held) == 'table' then
+    return nil, held.err
+  end
+  return held, false
+end
+local function token_of(key)
+  local first, second = string_token, hash_token
+  if hashed then
+    first, second = hash_token, string_token
+  end
+  local current, is_string = first(key)
+  if current == nil then
+    current, is_string = second(key)
+  end
+  return current, is_string
+end
 for i = 1, #KEYS do
-  local a = (i - 1) * 6
-  local expected, token, live, part = ARGV[a + 1], ARGV[a + 2], ARGV[a + 5], tonumber(ARGV[a + 6])
-  local current = redis.pcall('HGET', KEYS[i], 'token')
+  local a = 1 + (i - 1) * 6
+  local key = KEYS[i]
+  local expected, token, ttl, live, part = ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4], tonumber(ARGV[a + 5])
+  local current, is_string = token_of(key)
   local refused = nil
-  if type(current) == 'table' and current.err then
-    refused = {3, current.err}
+  if current == nil then
+    refused = {3, is_string}
   elseif expected == '!' and current then
     refused = {1, current}
   elseif expected ~= '' and expected ~= '!' and not current then
@@ -91,26 +142,34 @@ for i = 1, #KEYS do
   elseif expected ~= '' and expected ~= '!' and current ~= expected then
     refused = {1, current}
   elseif live ~= '' and part > 0 then
-    refused = over_limit(live, KEYS[i], part)
+    refused = over_limit(live, key, part)
   end
   if refused then
     out[i] = refused
   else
-    local written = redis.pcall('HSET', KEYS[i], 'token', token, 'rec', ARGV[a + 3])
+    local written
+    if hashed then
+      if current and is_string then
+        redis.pcall('DEL', key)
+      end
+      written = redis.pcall('HSET', key, 'token', token, 'rec', ARGV[a + 6])
+    else
+      written = redis.pcall('RENAME', ARGV[a + 6], key)
+    end
     if type(written) == 'table' and written.err and string.sub(written.err, 1, 8) == 'READONLY' then
       return redis.error_reply(written.err)
     elseif type(written) == 'table' and written.err then
       out[i] = {3, written.err}
     else
-      redis.pcall('PEXPIRE', KEYS[i], ARGV[a + 4])
+      redis.pcall('PEXPIRE', key, ttl)
       if live ~= '' and part < 0 then
-        redis.pcall('ZREM', live, KEYS[i])
+        redis.pcall('ZREM', live, key)
       elseif live ~= '' then
-        local ttl = tonumber(ARGV[a + 4])
-        redis.pcall('ZADD', live, clock() + ttl, KEYS[i])
+        local ttl_ms = tonumber(ttl)
+        redis.pcall('ZADD', live, clock() + ttl_ms, key)
         local left = redis.pcall('PTTL', live)
-        if type(left) == 'number' and (left == -1 or (left >= 0 and left < ttl)) then
-          redis.pcall('PEXPIRE', live, ttl)
+        if type(left) == 'number' and (left == -1 or (left >= 0 and left < ttl_ms)) then
+          redis.pcall('PEXPIRE', live, ttl_ms)
         end
       end
       out[i] = {0, token}
@@ -220,6 +279,7 @@ class RedisStateStore(StateStore):
         self._pool_timeout_s = settings.pool_timeout_s
         self._socket_timeout_s = settings.socket_timeout_s
         self._cas_sha = hashlib.sha1(_COMMIT_MANY.encode()).hexdigest()
+        self._layout = settings.record_layout
 
     def _finish_init(self, settings: RedisSettings, factory: aioredis.ConnectionPool) -> None:
         self._factory = factory
@@ -228,7 +288,7 @@ class RedisStateStore(StateStore):
     async def _run(
         self,
         what: str,
-        commands: Sequence[tuple[Any, ...]],
+        commands: Sequence[tuple[Any, ...] | bytes],
         connections: _Connections | None = None,
         asking: bool = False,
     ) -> list[Any]:
@@ -307,20 +367,31 @@ class RedisStateStore(StateStore):
     async def load_many(self, keys: Sequence[str]) -> list[Stored | None | RecordCorrupt]:
         if not keys:
             return []
-        replies = await self._run("loading sessions", [("HMGET", key, TOKEN_FIELD, RECORD_FIELD) for key in keys])
-        return [self._stored(key, reply) for key, reply in zip(keys, replies, strict=True)]
+        replies = await self._run("loading sessions", [c for key in keys for c in _load_commands(key)])
+        return [self._stored(key, replies[2 * i], replies[2 * i + 1]) for i, key in enumerate(keys)]
 
-    def _stored(self, key: str, reply: Any) -> Stored | None | RecordCorrupt:
-        """What a session's HMGET answered: its record, None where nothing is stored, RecordCorrupt where
-        the key holds another type (WRONGTYPE: that session only). Any other error is raised: the store's
-        trouble (a cluster without a primary for the slot, a command the ACL refuses), not the session's."""
-        if isinstance(reply, ResponseError):
-            if str(reply).startswith("WRONGTYPE"):
-                return RecordCorrupt(f"the store holds something else than a session under {key!r} ({reply})")
-            raise StoreRefused(f"session store {self._where} refused loading sessions: {reply}")
-        if isinstance(reply, BaseException):
-            raise reply
-        token, record = reply
+    def _stored(self, key: str, as_string: Any, as_hash: Any) -> Stored | None | RecordCorrupt:
+        """A session's record from its two reads (`_load_commands`: as a string, as a hash; where the key
+        exists, one of them is refused WRONGTYPE): None where nothing is stored; RecordCorrupt where the key
+        is neither (that session only). Any other error is raised: the store's trouble (a cluster without a
+        primary for the slot, a command the ACL refuses), not the session's."""
+        for reply in (as_string, as_hash):
+            if isinstance(reply, ResponseError) and not str(reply).startswith("WRONGTYPE"):
+                raise StoreRefused(f"session store {self._where} refused loading sessions: {reply}")
+            if isinstance(reply, BaseException) and not isinstance(reply, ResponseError):
+                raise reply
+        if as_string == b"":  # as the commit script reads it: no record
+            return None
+        if isinstance(as_string, bytes):
+            head, newline, record = as_string.partition(b"\n")
+            if not newline or len(head) >= TOKEN_HEAD:
+                return Stored(NO_TOKEN, as_string)  # not a record this service wrote: it does not decode
+            return Stored(head.decode(errors="replace"), record)
+        if isinstance(as_hash, ResponseError):  # refused as a string and as a hash
+            return RecordCorrupt(f"the store holds something else than a session under {key!r} ({as_hash})")
+        if as_hash is None or as_string is None:
+            return None
+        token, record = as_hash
         return None if token is None or record is None else Stored(token.decode(), record)
 
     async def commit_many(self, commits: Sequence[Commit]) -> list[CommitResult]:
@@ -342,10 +413,11 @@ class RedisStateStore(StateStore):
         of its commits may or may not have been applied (UNKNOWN)."""
         replies: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
+        sent = [self._commit_call(call) for call in calls]
         replicas, wait_ms = self._wait
         acknowledged, refused = replicas, ""
         for attempt in range(2):
-            commands = [self._commit_call(calls[i]) for i in todo]
+            commands = [command for i in todo for command in sent[i]]
             if replicas:  # in the same round trip: the replicas that hold every write of this connection
                 commands.append(("WAIT", replicas, wait_ms))
             answers = await self._run("committing sessions", commands, connections, asking)
@@ -355,21 +427,16 @@ class RedisStateStore(StateStore):
                     refused = f"WAIT refused: {waited}"
                     waited = 0
                 acknowledged = min(acknowledged, waited)
-            for i, reply in zip(todo, answers, strict=True):
-                replies[i] = reply
+            end = 0
+            for i in todo:
+                replies[i] = _script_reply(answers[end : end + len(sent[i])])
+                end += len(sent[i])
             todo = [i for i in todo if isinstance(replies[i], NoScriptError)]
             if not todo:
                 break
             if attempt == 0:
                 await self._load_script(connections)
-        results: list[CommitResult | ResponseError] = []
-        for call, reply in zip(calls, replies, strict=True):
-            if isinstance(reply, passed):
-                results += [reply] * len(call)
-            elif isinstance(reply, RedisError):  # BUSY, a script error: whether any key was written is unknown
-                results += [CommitResult(Outcome.UNKNOWN, str(reply))] * len(call)
-            else:
-                results += [CommitResult(_OUTCOMES[code], current.decode() or None) for code, current in reply]
+        results = _call_results(calls, replies, passed)
         if acknowledged < replicas:  # applied on the primary, which may lose it in a failover: not acknowledged
             why = refused or f"{acknowledged} of {replicas} replicas confirmed the write within {wait_ms} ms"
             results = [
@@ -397,9 +464,10 @@ class RedisStateStore(StateStore):
         once they hold this write they hold every record written before it. Whether each record still holds
         its token (or its read's error, of the `passed` types); Unavailable when replication is not confirmed."""
         replicas, wait_ms = self._wait
-        commands: list[tuple[Any, ...]] = [("HGET", key, TOKEN_FIELD) for key, _ in records]
+        commands: list[tuple[Any, ...] | bytes] = [read for key, _ in records for read in _token_commands(key)]
         commands += [("INCR", probe_key), ("WAIT", replicas, wait_ms)]
-        *tokens, probe, waited = await self._run("confirming replication", commands, connections, asking)
+        *reads, probe, waited = await self._run("confirming replication", commands, connections, asking)
+        tokens = [_token_read(reads[2 * i], reads[2 * i + 1]) for i in range(len(records))]
         if isinstance(probe, passed):  # the probe key's slot moved: nothing confirmed, all sent again
             return [TryAgainError(f"the replication probe's slot moved ({probe})")] * len(records)
         refused = [r for r in (probe, waited) if isinstance(r, ResponseError)]
@@ -413,16 +481,25 @@ class RedisStateStore(StateStore):
                 f"{wait_ms} ms (redis.wait_replicas); resend it"
             )
         return [
-            stored if isinstance(stored, ResponseError) else stored is not None and stored.decode() == token
+            stored if isinstance(stored, ResponseError) else stored == token
             for stored, (_, token) in zip(tokens, records, strict=True)
         ]
 
-    def _commit_call(self, commits: Sequence[Commit]) -> tuple[Any, ...]:
-        args: list[Any] = ["EVALSHA", self._cas_sha, len(commits)]
-        args += [c.key for c in commits]
-        for c in commits:
-            args += (c.expected or "", c.token, c.record, max(1, int(c.ttl_s * 1000)), c.live, c.live_limit)
-        return tuple(args)
+    def _commit_call(self, commits: Sequence[Commit]) -> list[tuple[Any, ...] | bytes]:
+        """One call of the commit script. String layout: in a transaction, after an MSET staging each record
+        (under its key's name, ":w" and its place in the call), and before a DEL of what the script did not
+        rename; the transaction runs whole or not at all, so no other client sees a staged record, and none
+        outlives its call."""
+        args: list[Any] = ["EVALSHA", self._cas_sha, len(commits), *(c.key for c in commits), self._layout]
+        if self._layout == HASH_LAYOUT:
+            for c in commits:
+                args += (c.expected or "", c.token, max(1, int(c.ttl_s * 1000)), c.live, c.live_limit, c.record)
+            return [tuple(args)]
+        stages = [f"{c.key}:w{j}" for j, c in enumerate(commits)]  # apart: a key twice in a call applies twice
+        for c, stage in zip(commits, stages, strict=True):
+            args += (c.expected or "", c.token, max(1, int(c.ttl_s * 1000)), c.live, c.live_limit, stage)
+        staged = _staged_records(stages, [(c.token, c.record) for c in commits])
+        return [("MULTI",), staged, tuple(args), ("DEL", *stages), ("EXEC",)]
 
     async def _load_script(self, connections: _Connections | None = None) -> None:
         sha = await self._one("loading the commit script", "SCRIPT", "LOAD", _COMMIT_MANY, connections=connections)
@@ -570,12 +647,96 @@ class _PrimaryConnection(aioredis.Connection):
         return bytes(reply[0])
 
 
-def _pack(commands: Sequence[tuple[Any, ...]]) -> bytes:
-    """Commands in the Redis protocol (RESP arrays of bulk strings), for one write. Ours take bytes,
-    str and int arguments only; one format per command (cached by its length) instead of redis-py's
-    general packer, which cost several times more per command."""
+def _script_reply(replies: list[Any]) -> Any:
+    """The commit script's reply among its call's (`_commit_call`): alone, or inside its transaction. A
+    transaction Redis refused whole (EXECABORT: a command refused as it was queued, OOM) ran nothing: that is
+    `_NotRun`. One that never began (MULTI refused: BUSY) ran each command alone, or not: the script's own
+    reply says which."""
+    if len(replies) == 1:
+        return replies[0]
+    began, _, script, _, executed = replies
+    if isinstance(executed, list):
+        return executed[1]
+    if isinstance(began, ResponseError):
+        return script
+    if isinstance(executed, ExecAbortError):
+        refused = next((r for r in replies[1:-1] if isinstance(r, ResponseError)), executed)
+        return _NotRun(_redis_message(refused))
+    return executed  # whether it ran is unknown
+
+
+class _NotRun(Exception):
+    """A call's transaction that Redis refused whole: none of its commits was applied."""
+
+
+def _call_results(
+    calls: Sequence[Sequence[Commit]], replies: list[Any], passed: tuple[type[ResponseError], ...]
+) -> list[CommitResult | ResponseError]:
+    """Each commit's result from its call's script reply (`_script_reply`)."""
+    results: list[CommitResult | ResponseError] = []
+    for call, reply in zip(calls, replies, strict=True):
+        if isinstance(reply, passed):
+            results += [reply] * len(call)
+        elif isinstance(reply, _NotRun):
+            results += [CommitResult(Outcome.ERROR, str(reply))] * len(call)
+        elif isinstance(reply, RedisError):  # BUSY, a script error: whether any key was written is unknown
+            results += [CommitResult(Outcome.UNKNOWN, str(reply))] * len(call)
+        else:
+            results += [CommitResult(_OUTCOMES[code], current.decode() or None) for code, current in reply]
+    return results
+
+
+def _redis_message(err: ResponseError) -> str:
+    """Redis's own error text: redis-py drops the code of the errors it has a class for."""
+    code = "OOM" if isinstance(err, OutOfMemoryError) else "NOPERM" if isinstance(err, NoPermissionError) else ""
+    return f"{code} {err}" if code else str(err)
+
+
+def _load_commands(key: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A session's reads, in one round trip: its key as a string (this version's layout), then as a hash (an
+    earlier version's)."""
+    return ("GET", key), ("HMGET", key, TOKEN_FIELD, RECORD_FIELD)
+
+
+def _token_commands(key: str) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    return ("GETRANGE", key, 0, TOKEN_HEAD - 1), ("HGET", key, TOKEN_FIELD)
+
+
+def _token_read(head: Any, in_hash: Any) -> str | None | ResponseError:
+    """A session's token from `_token_commands`' replies, as the commit script reads it: None where there
+    is no record; the error where the key is neither a string nor a hash, or a read was refused otherwise."""
+    if isinstance(head, bytes) and head:
+        token, newline, _ = head.partition(b"\n")
+        return token.decode(errors="replace") if newline else NO_TOKEN
+    for reply in (head, in_hash):
+        if isinstance(reply, ResponseError) and not str(reply).startswith("WRONGTYPE"):
+            return reply
+    if isinstance(head, ResponseError) and isinstance(in_hash, ResponseError):
+        return in_hash
+    return None if in_hash is None or isinstance(in_hash, ResponseError) else str(in_hash.decode())
+
+
+def _staged_records(keys: list[str], records: list[tuple[str, bytes]]) -> bytes:
+    """`MSET key <token "\\n" record> ...`, packed: no record is copied to join it to its token."""
+    parts = [b"*%d\r\n$4\r\nMSET\r\n" % (1 + 2 * len(keys))]
+    for key, (token, record) in zip(keys, records, strict=True):
+        name, head = key.encode(), token.encode()
+        parts.append(_STAGE % (len(name), name, len(head) + 1 + len(record), head, record))
+    return b"".join(parts)
+
+
+_STAGE = b"$%d\r\n%b\r\n$%d\r\n%b\n%b\r\n"
+
+
+def _pack(commands: Sequence[tuple[Any, ...] | bytes]) -> bytes:
+    """Commands in the Redis protocol (RESP arrays of bulk strings), for one write; a command already
+    packed (bytes) goes as it is. Ours take bytes, str and int arguments only; one format per command
+    (cached by its length) instead of redis-py's general packer, which cost several times more per command."""
     out = []
     for command in commands:
+        if type(command) is bytes:
+            out.append(command)
+            continue
         args: list[int | bytes] = []
         for arg in command:
             data = arg if type(arg) is bytes else arg.encode() if type(arg) is str else b"%d" % arg

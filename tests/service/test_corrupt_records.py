@@ -19,6 +19,7 @@ from service.client import step_request
 from service.state.record import _HEADER
 from service.state.store import session_key
 from tests.conftest import vocabulary, written_then_read
+from tests.service.stored import replace_record, stored_record
 
 EYE = np.eye(len(vocabulary()), dtype=np.float32)
 HEALTHY = [f"well-{i}" for i in range(5)]
@@ -77,13 +78,13 @@ async def test_a_corrupt_record_refuses_its_session_only_and_is_left_as_it_was(s
     seq = 1
     first = await batch([step_request("charlm", sid, 1, EYE[[i]]) for i, sid in enumerate([*HEALTHY, VICTIM])])
     assert not any(r.HasField("error") for r in first.values())
-    original = store.hget(key, "rec")
+    original = stored_record(store, key)
     assert original is not None
     foreign = original[: FINGERPRINT.start] + bytes(32) + original[FINGERPRINT.stop :]
     cases = [*corruptions(original), ("a shape that does not fit", _shape_changed(original))]
     cases.append(("a fingerprint of no loaded model", foreign))
     for what, corrupt in cases:
-        store.hset(key, "rec", corrupt)
+        replace_record(store, key, corrupt)
         app.engine.cache.forget(key)  # read from the store, not this replica's copy
         seq += 1
         steps = [step_request("charlm", sid, seq, EYE[[seq % len(EYE)]]) for sid in HEALTHY]
@@ -91,15 +92,15 @@ async def test_a_corrupt_record_refuses_its_session_only_and_is_left_as_it_was(s
         refused = answers[VICTIM]
         expected = grpc.StatusCode.FAILED_PRECONDITION if corrupt is foreign else grpc.StatusCode.DATA_LOSS
         assert refused.error.code == expected.value[0], (what, refused.error)
-        assert store.hget(key, "rec") == corrupt, f"{what}: the refused step changed the stored record"
+        assert stored_record(store, key) == corrupt, f"{what}: the refused step changed the stored record"
         for sid in HEALTHY:
             assert not answers[sid].HasField("error") and answers[sid].seq == seq, (what, answers[sid])
     # The record put back, the session goes on where it was; a new start would have replaced it too.
-    store.hset(key, "rec", original)
+    replace_record(store, key, original)
     app.engine.cache.forget(key)
     resumed = await batch([step_request("charlm", VICTIM, 2, EYE[[2]])])
     assert not resumed[VICTIM].HasField("error") and resumed[VICTIM].seq == 2
-    store.hset(key, "rec", b"garbage")
+    replace_record(store, key, b"garbage")
     app.engine.cache.forget(key)
     restarted = await batch([step_request("charlm", VICTIM, 1, EYE[[1]], start_id=99)])
     assert not restarted[VICTIM].HasField("error") and restarted[VICTIM].seq == 1

@@ -37,6 +37,7 @@ from tests.conftest import (
     written_then_read,
 )
 from tests.faults import RedisProxy
+from tests.service.stored import replace_record, stored_record, stored_token
 from tests.service.test_session_contract import EXPECTED, TOLERANCE, X, assert_error, assert_matches, last_seq, steps
 
 V1 = TEST_REPO / "charlm" / "1"
@@ -260,7 +261,7 @@ async def test_one_sessions_failure_does_not_fail_its_batch(start_server, redis_
     sessions = [f"ok{i}" for i in range(8)]
     await exchange(target, [steps(sid, 1, 1)[0] for sid in [*sessions, "bad"]])
     with redis.Redis.from_url(redis_store_url) as client:
-        client.hset(session_key("rnnserve", "charlm", "bad"), "rec", b"garbage")
+        replace_record(client, session_key("rnnserve", "charlm", "bad"), b"garbage")
     app.engine.cache.forget(session_key("rnnserve", "charlm", "bad"))
     answers = await exchange_pipelined(target, [steps(sid, 2, 2)[0] for sid in ["bad", *sessions]])
     by_session = {a.session_id: a for a in answers}
@@ -307,7 +308,7 @@ async def test_a_step_after_a_lost_restart_is_refused_not_applied_to_the_old_sta
             await again.step(X[2:3])
         assert refused.value.code is grpc.StatusCode.FAILED_PRECONDITION
         assert "holds another start" in refused.value.message and "start it again" in refused.value.message
-        assert decode(redisdb.hget(key, "rec")).seq == 1  # nothing applied
+        assert decode(stored_record(redisdb, key)).seq == 1  # nothing applied
         assert (await first.step(X[1:2])).seq == 2  # the earlier start's own client continues it
 
 
@@ -381,7 +382,7 @@ async def test_stored_state_of_another_dtype_is_data_loss(start_server, redis_st
     await exchange(target, steps("s", 1, 2))
     key = session_key("rnnserve", "charlm", "s")
     with redis.Redis.from_url(redis_store_url) as client:
-        record = decode(client.hget(key, "rec"))
+        record = decode(stored_record(client, key))
         half = SessionRecord(
             record.fingerprint,
             record.epoch,
@@ -390,7 +391,7 @@ async def test_stored_state_of_another_dtype_is_data_loss(start_server, redis_st
             record.outputs,
             digest=record.digest,
         )
-        client.hset(key, "rec", encode(half))
+        replace_record(client, key, encode(half))
     app.engine.cache.forget(key)
     (refused,) = await exchange(target, steps("s", 3, 3))
     assert_error(refused, grpc.StatusCode.DATA_LOSS, "does not fit its model's state")
@@ -421,5 +422,5 @@ async def test_a_stop_gives_up_within_its_grace_on_steps_the_store_does_not_conf
     assert took < 5, f"stop took {took:.1f}s"  # the grace and a moment; each batch would wait 30 s
     assert all(isinstance(f.exception(), Unavailable) for f in futures)
     assert "64 steps had not landed when the shutdown grace ran out" in caplog.text
-    stored = redis.Redis(port=proxy.upstream_port).hget(session_key("rnnserve", "charlm", "before"), "token")
+    stored = stored_token(redis.Redis(port=proxy.upstream_port), session_key("rnnserve", "charlm", "before"))
     assert stored is not None

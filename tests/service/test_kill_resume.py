@@ -18,6 +18,7 @@ from service.client import StreamClient
 from service.state.store import session_key
 from tests.conftest import TEST_REPO, held_out_text, offline_logits, one_hot_text, vocabulary
 from tests.faults import RedisProxy
+from tests.service.stored import stored_token
 
 STEPS = 120
 KILL_AFTER = 60
@@ -57,7 +58,7 @@ async def test_sigkill_mid_session_then_resume_on_a_new_server(servers, redis_pr
         in_flight = asyncio.create_task(session.step(x[KILL_AFTER : KILL_AFTER + 1]))
         with redis.Redis(port=redis_proc.port) as direct:
             while (
-                int(direct.hget(session_key("rnnserve", "charlm", "kill-resume"), "token").split(b":")[1]) <= KILL_AFTER
+                int(stored_token(direct, session_key("rnnserve", "charlm", "kill-resume")).split(":")[1]) <= KILL_AFTER
             ):
                 await asyncio.sleep(0.01)  # until Redis has applied the step's commit
         await asyncio.to_thread(first.kill)

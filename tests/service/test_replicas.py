@@ -252,7 +252,7 @@ async def test_a_store_that_refuses_a_command_says_so(start_server, redis_store_
     app = await start_server(url=redis_store_url)
     target = f"127.0.0.1:{app.port}"
     with redis.Redis.from_url(redis_store_url) as client:
-        client.set(session_key("rnnserve", "charlm", "odd"), b"not a hash")
+        client.rpush(session_key("rnnserve", "charlm", "odd"), b"a list, not a session")
     (refused,) = await exchange(target, steps("odd", 2, 2))
     assert_error(refused, grpc.StatusCode.DATA_LOSS, "something else than a session", "WRONGTYPE")
     (start,) = await exchange(target, steps("odd", 1, 1))  # a start's commit meets it too

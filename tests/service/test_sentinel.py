@@ -32,6 +32,7 @@ from service.settings import RedisSettings, parse_sentinel_url
 from service.state.record import decode
 from service.state.store import Commit, Outcome, session_key
 from tests.conftest import TEST_REPO, exchange, held_out_text, offline_logits, one_hot_text, vocabulary
+from tests.service.stored import stored_record
 from tests.service.test_session_contract import TOLERANCE, assert_error, assert_matches, last_seq, steps
 
 MASTER = "rnnserve-primary"
@@ -184,7 +185,7 @@ async def test_a_killed_primary_loses_no_acknowledged_step(sentinels, start_serv
         for sid, x in xs.items():
             expected = offline_logits(TEST_REPO / "charlm" / "1", x)
             np.testing.assert_allclose(np.stack(got[sid]), expected, atol=TOLERANCE)
-            blob = store.hget(session_key("rnnserve", "charlm", sid), "rec")
+            blob = stored_record(store, session_key("rnnserve", "charlm", sid))
             assert blob is not None, sid
             record = decode(blob)
             assert record.seq == STEPS

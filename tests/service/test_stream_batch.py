@@ -244,7 +244,7 @@ async def test_a_key_redis_cannot_read_fails_its_own_step_only(start_server, red
         assert all(isinstance(reply, StepReply) for reply in first.values())
         with redis.Redis.from_url(redis_store_url) as client:
             client.delete(session_key("rnnserve", "charlm", "w2"))
-            client.set(session_key("rnnserve", "charlm", "w2"), "not a session")
+            client.rpush(session_key("rnnserve", "charlm", "w2"), "a list, not a session")
         second = await gateway.step("charlm", {sid: EYE[[i + 1]] for i, sid in enumerate(names)})
     refused = second.pop("w2")
     assert isinstance(refused, StepError) and "WRONGTYPE" in refused.message, refused

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 
 import pytest
@@ -14,9 +15,11 @@ from service.errors import RecordCorrupt, Unavailable
 from service.server import open_store
 from service.settings import RedisSettings
 from service.state.memory_store import MemoryStateStore
-from service.state.redis_store import KEYS_PER_CALL
+from service.state.redis_store import HASH_LAYOUT, KEYS_PER_CALL, NO_TOKEN, STRING_LAYOUT
 from service.state.store import ABSENT, Commit, Outcome, StateStore, Stored, session_key
 from tests.faults import RedisProxy
+
+LAYOUTS = [STRING_LAYOUT, HASH_LAYOUT]
 
 
 @pytest.fixture
@@ -191,23 +194,29 @@ def _redis_client(server: RedisProcess) -> redis.Redis:
     return redis.Redis(port=server.port)
 
 
-async def test_a_write_redis_refuses_is_an_error_for_its_key_and_changes_nothing(tmp_path):
-    """Out of memory (noeviction): each write is refused with Redis's message; a stale commit in the same
-    batch is still a conflict, and nothing is written. A read-only replica: the call is UNAVAILABLE."""
+@pytest.mark.parametrize("layout", ["string", "hash"])
+async def test_a_write_redis_refuses_is_an_error_for_its_key_and_changes_nothing(tmp_path, layout):
+    """Out of memory (noeviction): each write is refused with Redis's message, and nothing is written. With
+    records in hashes, a stale commit in the same batch is still a conflict; with records staged in the
+    commit's transaction, Redis refuses the transaction whole, the stale commit with it. A read-only replica:
+    the call is UNAVAILABLE."""
     primary = RedisProcess(tmp_path / "primary")
     replica = RedisProcess(tmp_path / "replica")
     for server in (primary, replica):
         server.directory.mkdir()
         server.start()
     try:
-        store = open_store(RedisSettings(url=primary.url))
+        store = open_store(RedisSettings(url=primary.url, record_layout=layout))
         await store.commit_many([Commit("held", None, "e:1", b"one", 60)])
         with _redis_client(primary) as client:
             client.config_set("maxmemory-policy", "noeviction")
             client.config_set("maxmemory", 1)  # far below what is used: every write is refused
         stale, fresh = Commit("held", "e:0", "e:2", b"x", 60), Commit("new", None, "f:1", b"y", 60)
         conflict, refused = await store.commit_many([stale, fresh])
-        assert (conflict.outcome, conflict.current) == (Outcome.CONFLICT, "e:1")
+        if layout == "hash":
+            assert (conflict.outcome, conflict.current) == (Outcome.CONFLICT, "e:1")
+        else:
+            assert conflict.outcome is Outcome.ERROR and "OOM" in (conflict.current or "")
         assert refused.outcome is Outcome.ERROR and "OOM" in (refused.current or "")
         with _redis_client(primary) as client:
             client.config_set("maxmemory", 0)
@@ -218,7 +227,7 @@ async def test_a_write_redis_refuses_is_an_error_for_its_key_and_changes_nothing
             client.replicaof("127.0.0.1", primary.port)
         # A replica (after a failover, the old primary): the call fails as a whole, UNAVAILABLE (retry,
         # on a new connection: under Sentinel, to the new primary), and writes nothing.
-        on_replica = open_store(RedisSettings(url=replica.url))
+        on_replica = open_store(RedisSettings(url=replica.url, record_layout=layout))
         with pytest.raises(Unavailable, match="read-only replica"):
             await on_replica.commit_many([Commit("other", None, "f:1", b"y", 60)])
         assert await records(on_replica, "other") == [None]
@@ -233,7 +242,7 @@ async def test_a_key_of_another_type_refuses_its_own_commit_only(redis_store_url
     an error for its commit, and the commits before and after it in the same call are applied."""
     store = open_store(RedisSettings(url=redis_store_url))
     with redis.Redis.from_url(redis_store_url) as client:
-        client.set("b", "a string, not a session")
+        client.rpush("b", "a list, not a session")
     results = await store.commit_many([Commit(key, None, "e:1", key.encode(), 60) for key in ("a", "b", "c")])
     assert [r.outcome for r in results] == [Outcome.OK, Outcome.ERROR, Outcome.OK]
     assert "WRONGTYPE" in (results[1].current or "")
@@ -241,20 +250,22 @@ async def test_a_key_of_another_type_refuses_its_own_commit_only(redis_store_url
     await store.close()
 
 
-async def test_a_call_redis_answers_with_one_error_is_of_unknown_outcome(tmp_path):
+@pytest.mark.parametrize("layout", ["string", "hash"])
+async def test_a_call_redis_answers_with_one_error_is_of_unknown_outcome(tmp_path, layout):
     """A whole call refused (here BUSY: another script holds Redis) may or may not have written its keys:
-    its commits are UNKNOWN, which the engine answers as UNAVAILABLE "may or may not have been applied"."""
+    its commits are UNKNOWN, which the engine answers as UNAVAILABLE "may or may not have been applied". A
+    call in a transaction that Redis refused whole (EXECABORT) wrote nothing: its commits are refused."""
     server = RedisProcess(tmp_path)
     server.start()
     try:
         with _redis_client(server) as client:
             client.config_set("busy-reply-threshold", 10)  # ms before other clients are told BUSY
-        store = open_store(RedisSettings(url=server.url))
+        store = open_store(RedisSettings(url=server.url, record_layout=layout))
         await store.ping()
         spinning = asyncio.create_task(asyncio.to_thread(_spin_a_script, server))
         await asyncio.sleep(0.3)
         results = await store.commit_many([Commit("k", None, "e:1", b"x", 60)])
-        assert [r.outcome for r in results] == [Outcome.UNKNOWN]
+        assert [r.outcome for r in results] == [Outcome.ERROR if layout == "string" else Outcome.UNKNOWN]
         assert "BUSY" in (results[0].current or "")
         with _redis_client(server) as client:
             client.script_kill()
@@ -273,8 +284,104 @@ async def test_a_key_of_another_type_loads_as_corrupt_for_that_key_only(redis_st
     store = open_store(RedisSettings(url=redis_store_url))
     await store.commit_many([Commit("a", None, "e:1", b"one", 60)])
     with redis.Redis.from_url(redis_store_url) as client:
-        client.set("b", "a string, not a session")
+        client.rpush("b", "a list, not a session")
     a, b, c = await store.load_many(["a", "b", "c"])
     assert a == Stored("e:1", b"one") and c is None
     assert isinstance(b, RecordCorrupt) and "WRONGTYPE" in b.message
     await store.close()
+
+
+async def test_records_in_either_layout_are_read_and_continued_by_both(redis_store_url):
+    """Replicas writing strings (this version) and hashes (rnnserve 0.1, or this version with
+    redis.record_layout=hash while 0.1 still runs) share a session: a random interleaving of their commits,
+    starts, stale writers, ends and deletes against a model of the contract. Each reads what the other
+    wrote, a write replaces the other layout, the ttl is the last write's, and no staged record is left."""
+    rng = random.Random(7)
+    stores = {layout: open_store(RedisSettings(url=redis_store_url, record_layout=layout)) for layout in LAYOUTS}
+    with redis.Redis.from_url(redis_store_url) as client:
+        try:
+            held: dict[str, tuple[str, bytes] | None] = dict.fromkeys(["a", "b", "c"])  # the model: token, record
+            for n in range(400):
+                layout = rng.choice(LAYOUTS)
+                store = stores[layout]
+                key = rng.choice(list(held))
+                token, record, ttl_s = f"e:{n}", rng.randbytes(rng.choice([0, 1, 9, 4574])), rng.choice([60, 600])
+                now = held[key]
+                choice = rng.random()
+                if choice < 0.08:
+                    assert await store.delete(key) is (now is not None)
+                    held[key] = None
+                    continue
+                if choice < 0.25:  # a stale writer: another token than the stored one
+                    expected = "e:stale" if now is not None else "e:gone"
+                elif choice < 0.35 or now is None:  # a start
+                    expected = ABSENT
+                else:
+                    expected = now[0]
+                (result,) = await store.commit_many([Commit(key, expected, token, record, ttl_s)])
+                if expected == ABSENT and now is not None:
+                    assert (result.outcome, result.current) == (Outcome.CONFLICT, now[0])
+                elif expected != ABSENT and now is None:
+                    assert result.outcome is Outcome.MISSING
+                elif now is not None and expected not in (ABSENT, now[0]):
+                    assert (result.outcome, result.current) == (Outcome.CONFLICT, now[0])
+                else:
+                    assert (result.outcome, result.current) == (Outcome.OK, token), (n, layout, result)
+                    held[key] = (token, record)
+                    kind = client.type(key)
+                    assert kind == (b"string" if layout == "string" else b"hash"), (n, layout, kind)
+                    assert ttl_s * 1000 - 5000 < client.pttl(key) <= ttl_s * 1000
+                for reader in stores.values():
+                    (stored,) = await reader.load_many([key])
+                    assert (None if stored is None else (stored.token, stored.record)) == held[key], (n, key)
+                    ttl = await reader.ttl_ms(key)
+                    assert ttl is None if held[key] is None else abs(ttl - client.pttl(key)) < 1000  # type: ignore[operator]
+                assert not list(client.scan_iter("*:w[0-9]*")), "a staged record outlived its call"
+        finally:
+            for store in stores.values():
+                await store.close()
+
+
+async def test_a_key_twice_in_one_call_is_committed_in_order(redis_store_url):
+    """The store's contract holds however a caller batches: each commit on its own, in order (the engine
+    never sends a session twice in a batch)."""
+    for layout in LAYOUTS:
+        store = open_store(RedisSettings(url=redis_store_url, record_layout=layout))
+        try:
+            first, second = Commit(layout, ABSENT, "e:1", b"a", 60), Commit(layout, "e:1", "e:2", b"b", 60)
+            assert [r.outcome for r in await store.commit_many([first, second])] == [Outcome.OK, Outcome.OK]
+            assert await store.load_many([layout]) == [Stored("e:2", b"b")]
+        finally:
+            await store.close()
+
+
+async def test_an_empty_string_is_no_record(redis_store_url):
+    """As the commit script reads it: a start that expects no record replaces it."""
+    store = open_store(RedisSettings(url=redis_store_url))
+    try:
+        with redis.Redis.from_url(redis_store_url) as client:
+            client.set("empty", b"")
+        assert await store.load_many(["empty"]) == [None]
+        (start,) = await store.commit_many([Commit("empty", ABSENT, "f:1", b"one", 60)])
+        assert start.outcome is Outcome.OK
+    finally:
+        await store.close()
+
+
+async def test_a_start_replaces_a_string_that_is_no_record(redis_store_url):
+    """A string under a session's key that this service did not write (no token in its head) reads as a
+    record with the token NO_TOKEN, which does not decode (DATA_LOSS for its steps); a start, which expects
+    that token, replaces it, and a step that expects another does not."""
+    store = open_store(RedisSettings(url=redis_store_url))
+    try:
+        with redis.Redis.from_url(redis_store_url) as client:
+            client.set("odd", b"x" * 100)
+        (stored,) = await store.load_many(["odd"])
+        assert stored == Stored(NO_TOKEN, b"x" * 100)
+        (stale,) = await store.commit_many([Commit("odd", "e:1", "e:2", b"two", 60)])
+        assert (stale.outcome, stale.current) == (Outcome.CONFLICT, NO_TOKEN)
+        (start,) = await store.commit_many([Commit("odd", NO_TOKEN, "f:1", b"one", 60)])
+        assert start.outcome is Outcome.OK
+        assert await records(store, "odd") == [b"one"]
+    finally:
+        await store.close()
