@@ -265,10 +265,15 @@ class RedisProcess:
         return redis.Redis(port=port or self.port, password=self.password, **tls)  # type: ignore[arg-type]
 
     def stop(self) -> None:
-        """Stop the server; a durable one keeps its data for the next start()."""
+        """Stop the server; a durable one keeps its data for the next start(). One that does not stop in
+        10 s (a script spinning: Redis refuses to shut down while one runs) is killed."""
         if self.process is not None:
             self.process.terminate()
-            self.process.wait(10)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
             self.process = None
 
     def kill(self) -> None:
