@@ -30,6 +30,7 @@ from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.server import open_store
 from service.settings import RedisSettings
 from service.state.record import SessionRecord, encode_rows
+from service.state.redis_store import HASH_LAYOUT, STRING_LAYOUT
 from service.state.store import ABSENT, Commit, StateStore, session_key
 
 LAYERS, HIDDEN, FEATURES = 2, 256, 84
@@ -83,26 +84,33 @@ async def _drive(
 
 
 async def _redis_figures(seconds: float) -> dict[str, Any]:
-    single = RedisProcess()
-    single.start()
-    try:
-        assert single.process is not None
-        store = open_store(RedisSettings(url=single.url))
-        await store.ping()
-        with redis.Redis(port=single.port) as client:
-            before = int(client.info("memory")["used_memory"])
-            n = 20_000
-            blobs = _records(BATCH)
-            keys = [session_key("rnnserve", "charlm-lstm", f"mem-{i}") for i in range(n)]
-            for i in range(0, n, BATCH):
-                await store.commit_many([Commit(k, ABSENT, "e:1", blobs[0], 600) for k in keys[i : i + BATCH]])
-            per_session = (int(client.info("memory")["used_memory"]) - before) / n
-            usage = int(client.execute_command("MEMORY", "USAGE", keys[0]))
-            client.flushall()
-        one = await _drive(store, [single.process.pid], 50_000, seconds)
-        await store.close()
-    finally:
-        single.close()
+    """One Redis (each record layout: see service/state/redis_store.py), then a cluster (hashes)."""
+    single_redis: dict[str, Any] = {}
+    for layout in (STRING_LAYOUT, HASH_LAYOUT):
+        single = RedisProcess()
+        single.start()
+        try:
+            assert single.process is not None
+            store = open_store(RedisSettings(url=single.url, record_layout=layout))
+            await store.ping()
+            with redis.Redis(port=single.port) as client:
+                before = int(client.info("memory")["used_memory"])
+                n = 20_000
+                blobs = _records(BATCH)
+                keys = [session_key("rnnserve", "charlm-lstm", f"mem-{i}") for i in range(n)]
+                for i in range(0, n, BATCH):
+                    await store.commit_many([Commit(k, ABSENT, "e:1", blobs[0], 600) for k in keys[i : i + BATCH]])
+                per_session = (int(client.info("memory")["used_memory"]) - before) / n
+                usage = int(client.execute_command("MEMORY", "USAGE", keys[0]))
+                client.flushall()
+            single_redis[layout] = {
+                "bytes_per_session": round(per_session),
+                "memory_usage_of_one_key": usage,
+                **await _drive(store, [single.process.pid], 50_000, seconds),
+            }
+            await store.close()
+        finally:
+            single.close()
     cluster = RedisCluster(primaries=3, replicas=1)
     cluster.start()
     try:
@@ -116,10 +124,12 @@ async def _redis_figures(seconds: float) -> dict[str, Any]:
         await store.close()
     finally:
         cluster.close()
+    one = single_redis[STRING_LAYOUT]
     return {
-        "bytes_per_session": round(per_session),
-        "memory_usage_of_one_key": usage,
+        "bytes_per_session": one.pop("bytes_per_session"),
+        "memory_usage_of_one_key": one.pop("memory_usage_of_one_key"),
         "one_redis": one,
+        "one_redis_hash_layout": single_redis[HASH_LAYOUT],
         "cluster_3_primaries_3_replicas": sharded,
     }
 

@@ -288,7 +288,7 @@ class RedisStateStore(StateStore):
     async def _run(
         self,
         what: str,
-        commands: Sequence[tuple[Any, ...] | bytes],
+        commands: Sequence[tuple[Any, ...] | list[bytes]],
         connections: _Connections | None = None,
         asking: bool = False,
     ) -> list[Any]:
@@ -464,7 +464,7 @@ class RedisStateStore(StateStore):
         once they hold this write they hold every record written before it. Whether each record still holds
         its token (or its read's error, of the `passed` types); Unavailable when replication is not confirmed."""
         replicas, wait_ms = self._wait
-        commands: list[tuple[Any, ...] | bytes] = [read for key, _ in records for read in _token_commands(key)]
+        commands: list[tuple[Any, ...] | list[bytes]] = [read for key, _ in records for read in _token_commands(key)]
         commands += [("INCR", probe_key), ("WAIT", replicas, wait_ms)]
         *reads, probe, waited = await self._run("confirming replication", commands, connections, asking)
         tokens = [_token_read(reads[2 * i], reads[2 * i + 1]) for i in range(len(records))]
@@ -485,7 +485,7 @@ class RedisStateStore(StateStore):
             for stored, (_, token) in zip(tokens, records, strict=True)
         ]
 
-    def _commit_call(self, commits: Sequence[Commit]) -> list[tuple[Any, ...] | bytes]:
+    def _commit_call(self, commits: Sequence[Commit]) -> list[tuple[Any, ...] | list[bytes]]:
         """One call of the commit script. String layout: in a transaction, after an MSET staging each record
         (under its key's name, ":w" and its place in the call), and before a DEL of what the script did not
         rename; the transaction runs whole or not at all, so no other client sees a staged record, and none
@@ -495,11 +495,17 @@ class RedisStateStore(StateStore):
             for c in commits:
                 args += (c.expected or "", c.token, max(1, int(c.ttl_s * 1000)), c.live, c.live_limit, c.record)
             return [tuple(args)]
-        stages = [f"{c.key}:w{j}" for j, c in enumerate(commits)]  # apart: a key twice in a call applies twice
-        for c, stage in zip(commits, stages, strict=True):
-            args += (c.expected or "", c.token, max(1, int(c.ttl_s * 1000)), c.live, c.live_limit, stage)
-        staged = _staged_records(stages, [(c.token, c.record) for c in commits])
-        return [("MULTI",), staged, tuple(args), ("DEL", *stages), ("EXEC",)]
+        # Packed here, in one pass: each staged record's name once, its bytes not copied before the write.
+        staged, removed = (
+            [b"*%d\r\n$4\r\nMSET\r\n" % (1 + 2 * len(commits))],
+            [b"*%d\r\n$3\r\nDEL\r\n" % (1 + len(commits))],
+        )
+        for j, c in enumerate(commits):  # apart by place: a key twice in a call is applied twice, in order
+            name, head = f"{c.key}:w{j}".encode(), c.token.encode()
+            args += (c.expected or "", c.token, max(1, int(c.ttl_s * 1000)), c.live, c.live_limit, name)
+            staged += (_STAGED % (len(name), name, len(head) + 1 + len(c.record), head), c.record, b"\r\n")
+            removed.append(_BULK % (len(name), name))
+        return [("MULTI",), staged, tuple(args), removed, ("EXEC",)]
 
     async def _load_script(self, connections: _Connections | None = None) -> None:
         sha = await self._one("loading the commit script", "SCRIPT", "LOAD", _COMMIT_MANY, connections=connections)
@@ -567,7 +573,7 @@ class _Sentinels:
         async with asyncio.timeout(self._connect_s):
             reader, writer = await asyncio.open_connection(host, port)
         try:
-            writer.write(_pack([("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master)]))
+            writer.writelines(_pack([("SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.master)]))
             async with asyncio.timeout(self._reply_s):
                 header = await reader.readline()
                 if header != b"*2\r\n":  # *-1: it knows no primary of that name; -NOAUTH...: it wants a password
@@ -716,33 +722,26 @@ def _token_read(head: Any, in_hash: Any) -> str | None | ResponseError:
     return None if in_hash is None or isinstance(in_hash, ResponseError) else str(in_hash.decode())
 
 
-def _staged_records(keys: list[str], records: list[tuple[str, bytes]]) -> bytes:
-    """`MSET key <token "\\n" record> ...`, packed: no record is copied to join it to its token."""
-    parts = [b"*%d\r\n$4\r\nMSET\r\n" % (1 + 2 * len(keys))]
-    for key, (token, record) in zip(keys, records, strict=True):
-        name, head = key.encode(), token.encode()
-        parts.append(_STAGE % (len(name), name, len(head) + 1 + len(record), head, record))
-    return b"".join(parts)
+_STAGED = b"$%d\r\n%b\r\n$%d\r\n%b\n"  # a staged record's name and its value up to the record: token "\n"
+_BULK = b"$%d\r\n%b\r\n"
 
 
-_STAGE = b"$%d\r\n%b\r\n$%d\r\n%b\n%b\r\n"
-
-
-def _pack(commands: Sequence[tuple[Any, ...] | bytes]) -> bytes:
-    """Commands in the Redis protocol (RESP arrays of bulk strings), for one write; a command already
-    packed (bytes) goes as it is. Ours take bytes, str and int arguments only; one format per command
-    (cached by its length) instead of redis-py's general packer, which cost several times more per command."""
-    out = []
+def _pack(commands: Sequence[tuple[Any, ...] | list[bytes]]) -> list[bytes]:
+    """Commands in the Redis protocol (RESP arrays of bulk strings), in parts for one write; a command
+    already packed (a list of parts) goes as it is. Ours take bytes, str and int arguments only; one format
+    per command (cached by its length) instead of redis-py's general packer, which cost several times more
+    per command."""
+    out: list[bytes] = []
     for command in commands:
-        if type(command) is bytes:
-            out.append(command)
+        if isinstance(command, list):
+            out += command
             continue
         args: list[int | bytes] = []
         for arg in command:
             data = arg if type(arg) is bytes else arg.encode() if type(arg) is str else b"%d" % arg
             args += (len(data), data)
         out.append(_resp_format(len(command)) % tuple(args))
-    return b"".join(out)
+    return out
 
 
 @functools.cache

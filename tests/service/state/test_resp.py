@@ -18,4 +18,4 @@ _COMMANDS = st.lists(st.tuples(_NAMES, st.lists(_ARGS, max_size=9)).map(lambda c
 @given(_COMMANDS)
 def test_pack_matches_redis_py(commands: list[tuple[object, ...]]) -> None:
     reference = Connection()
-    assert _pack(commands) == b"".join(b"".join(reference.pack_command(*command)) for command in commands)
+    assert b"".join(_pack(commands)) == b"".join(b"".join(reference.pack_command(*command)) for command in commands)
