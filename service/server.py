@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import ssl
 import time
@@ -80,6 +81,11 @@ class App:
     settings: Settings
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
+    def siblings_started(self) -> None:
+        """Every worker process of this server is up: take streams, and say so to readiness."""
+        self.gate.release()
+        self.readiness.update(workers_ok=True)
+
     async def stop(self, grace_s: float | None = None) -> None:
         grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
         started = time.perf_counter()
@@ -100,13 +106,22 @@ class App:
         log.info("stopped in %.2fs", time.perf_counter() - started)
 
 
+SIBLINGS_STARTING = "this server's worker processes are still starting; retry in a moment"
+
+
 async def create_server(
-    settings: Settings, registry: CollectorRegistry | None = None, *, shared_port: bool = False
+    settings: Settings,
+    registry: CollectorRegistry | None = None,
+    *,
+    shared_port: bool = False,
+    siblings_starting: bool = False,
 ) -> App:
     """Load the models, open the store, start gRPC (and /metrics). Port 0 picks a free port.
 
     `shared_port`: one of several worker processes on one port (service/workers.py), which has checked
-    that no other server holds it."""
+    that no other server holds it. `siblings_starting`: the other workers are not all up yet; until
+    `App.siblings_started`, new streams are refused and readiness says NOT_SERVING (a stream taken now
+    would stay on this worker, however the connections spread once every worker listens)."""
     metrics = Metrics(registry if registry is not None else CollectorRegistry())
     metrics_http, metrics_port = _start_metrics(settings, metrics)
     store: StateStore | None = None
@@ -122,7 +137,9 @@ async def create_server(
             )
         engine = SessionEngine(models, store, settings, metrics)
         await engine.start()
-        app = await _serve_grpc(settings, metrics, models, store, engine, metrics_http, metrics_port, shared_port)
+        app = await _serve_grpc(
+            settings, metrics, models, store, engine, metrics_http, metrics_port, shared_port, siblings_starting
+        )
         app.readiness.update(store_ok=store_ok)
     except BaseException:
         if engine is not None:
@@ -144,6 +161,7 @@ async def _serve_grpc(
     metrics_http: WSGIServer | None,
     metrics_port: int | None,
     shared_port: bool,
+    siblings_starting: bool = False,
 ) -> App:
     auth = Authenticator(settings.auth) if settings.auth.token_file is not None else None
     interceptors = []
@@ -178,6 +196,9 @@ async def _serve_grpc(
         on_change=lambda: readiness.update(models_ok=len(models) > 0),
     )
     gate = StreamGate(settings.max_streams, metrics)
+    if siblings_starting:  # before the port opens: no stream can slip in first
+        gate.hold(SIBLINGS_STARTING)
+        readiness.update(workers_ok=False)
     metrics.stream_limit.set(settings.max_streams)
     metrics.session_cache_limit.set(settings.sessions.cache_max_sessions)
     native = NativeServicer(engine, settings, metrics, gate, auth)
@@ -327,14 +348,31 @@ def _reflection_pool() -> descriptor_pool.DescriptorPool:
     return pool
 
 
-async def serve(settings: Settings, *, shared_port: bool = False, on_ready: Callable[[], None] | None = None) -> None:
+async def serve(
+    settings: Settings,
+    *,
+    shared_port: bool = False,
+    on_ready: Callable[[], None] | None = None,
+    siblings_fd: int | None = None,
+) -> None:
     """Run until SIGTERM or SIGINT, then drain. The signals are caught from the start: one that comes
-    while the server is starting stops it as soon as it has started."""
+    while the server is starting stops it as soon as it has started. `siblings_fd`: a pipe that becomes
+    readable (a byte, or its end) once every worker process of the server is up; streams wait for it."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    app = await create_server(settings, shared_port=shared_port)
+    app = await create_server(settings, shared_port=shared_port, siblings_starting=siblings_fd is not None)
+    if siblings_fd is not None:
+        fd = siblings_fd
+
+        def started() -> None:
+            loop.remove_reader(fd)
+            os.close(fd)
+            app.siblings_started()
+            log.info("every worker process is up: taking streams")
+
+        loop.add_reader(fd, started)
     if on_ready is not None:
         on_ready()
     try:

@@ -8,7 +8,8 @@ any worker can continue any session and no routing between them is needed.
 The parent (this module) checks that the port is free, starts the workers (the settings travel as JSON
 in the environment: nothing is pickled), serves /metrics from prometheus_client's multiprocess files,
 restarts a worker that dies (logged, with backoff if it keeps dying), and on SIGTERM or SIGINT has every
-worker drain, then exits.
+worker drain, then exits. Workers take streams only once the parent has told them every worker is up (a
+stream stays on the worker where it opened: see `_all_up`).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 
 SETTINGS_VARIABLE = "RNNSERVE_WORKER_SETTINGS"
 READY_FD_VARIABLE = "RNNSERVE_WORKER_READY_FD"
+SIBLINGS_FD_VARIABLE = "RNNSERVE_WORKER_SIBLINGS_FD"
 METRICS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 START_TIMEOUT_S = 120.0
 METRICS_DIR_PREFIX = "rnnserve-metrics-"  # then the parent's pid: see _sweep_metrics_dirs
@@ -84,6 +86,7 @@ class _Worker:
     process: subprocess.Popen[bytes]
     started: float
     ready_fd: int
+    siblings_fd: int  # written (and closed) once every worker is up: the worker then takes streams
 
 
 class _Supervisor:
@@ -110,6 +113,8 @@ class _Supervisor:
                 self._start(index)
             for index in range(self.count):
                 self._await_ready(index)
+            for index in range(self.count):
+                self._all_up(index)
             log.info("%d workers serving gRPC on port %d, /metrics on %s", self.count, self.port, self.metrics_port)
             while not self.stopping:
                 self._reap()
@@ -147,19 +152,37 @@ class _Supervisor:
 
     def _start(self, index: int) -> None:
         read_fd, write_fd = os.pipe()
+        siblings_read, siblings_write = os.pipe()
         env = os.environ | {
             SETTINGS_VARIABLE: self.worker_settings.model_dump_json(),
             READY_FD_VARIABLE: str(write_fd),
+            SIBLINGS_FD_VARIABLE: str(siblings_read),
             METRICS_DIR_VARIABLE: self.metrics_dir,
             "RNNSERVE_LOG_FORMAT": f"%(asctime)s %(levelname)s [worker {index}] %(name)s: %(message)s",
         }
         process = subprocess.Popen(
             [sys.executable, "-m", "service.workers", logging.getLevelName(logging.getLogger().level)],
             env=env,
-            pass_fds=(write_fd,),
+            pass_fds=(write_fd, siblings_read),
         )
         os.close(write_fd)
-        self.workers[index] = _Worker(index, process, time.monotonic(), read_fd)
+        os.close(siblings_read)
+        self.workers[index] = _Worker(index, process, time.monotonic(), read_fd, siblings_write)
+
+    def _all_up(self, index: int) -> None:
+        """Tell a worker that every worker is up (at the start, once all are; a worker restarted later,
+        once it is): it takes streams from then on. Until then its connections' streams are refused
+        UNAVAILABLE, and retried: a stream taken while it was the only worker listening would stay on
+        it, however the connections spread once all listen."""
+        worker = self.workers[index]
+        if worker.siblings_fd < 0:
+            return
+        try:
+            os.write(worker.siblings_fd, b"up")
+        except OSError:  # the worker has gone: its restart gets a pipe of its own
+            pass
+        os.close(worker.siblings_fd)
+        worker.siblings_fd = -1
 
     def _await_ready(self, index: int) -> None:
         """Wait for the worker's 'ready', or its exit. A stop requested meanwhile waits too, so that the
@@ -199,6 +222,7 @@ class _Supervisor:
                 self._await_ready(index)
             except StartupError as err:  # keep serving with the others; the next pass tries again
                 log.error("%s", err)
+            self._all_up(index)
 
     def _sleep(self, seconds: float) -> bool:
         """Sleep, unless asked to stop meanwhile: False then."""
@@ -287,6 +311,7 @@ def _worker_main() -> int:
     _follow_parent()
     settings = Settings.model_validate_json(os.environ[SETTINGS_VARIABLE])
     ready_fd = int(os.environ[READY_FD_VARIABLE])
+    siblings_fd = int(os.environ[SIBLINGS_FD_VARIABLE])
     import asyncio
 
     from service.server import serve
@@ -296,7 +321,7 @@ def _worker_main() -> int:
         os.close(ready_fd)
 
     try:
-        asyncio.run(serve(settings, shared_port=True, on_ready=ready))
+        asyncio.run(serve(settings, shared_port=True, on_ready=ready, siblings_fd=siblings_fd))
     except Exception as err:  # noqa: BLE001 - reported to the parent by the exit status, and logged
         logging.getLogger("rnnserve").error("worker cannot serve: %s", err)
         return 2

@@ -32,13 +32,14 @@ class Readiness:
         self._on_change = on_change  # told whether the replica is ready, at every change (for /metrics)
         self.store_ok = True
         self.models_ok = True
+        self.workers_ok = True  # False while the server's other worker processes are still starting
         self.draining = False
         self._version = 0
         self._changed = asyncio.Event()  # replaced by a fresh one at every change
 
     @property
     def ready(self) -> bool:
-        return self.store_ok and self.models_ok and not self.draining
+        return self.store_ok and self.models_ok and self.workers_ok and not self.draining
 
     def status(self, service: str) -> int | None:
         """None: not a service this server knows."""
@@ -48,12 +49,16 @@ class Readiness:
             return SERVING if self.ready else NOT_SERVING
         return None
 
-    def update(self, *, store_ok: bool | None = None, models_ok: bool | None = None) -> None:
+    def update(
+        self, *, store_ok: bool | None = None, models_ok: bool | None = None, workers_ok: bool | None = None
+    ) -> None:
         before = self.ready
         if store_ok is not None:
             self.store_ok = store_ok
         if models_ok is not None:
             self.models_ok = models_ok
+        if workers_ok is not None:
+            self.workers_ok = workers_ok
         if self.ready != before:
             self._notify()
 

@@ -34,12 +34,15 @@ class StreamGate:
         self._closed = asyncio.Event()  # set while draining once no stream is open
         self.open = 0
         self.draining = False
+        self.held: str | None = None  # why new streams are refused for now (see `hold`)
 
     @contextlib.contextmanager
     def admit(self) -> Iterator[None]:
         """Count a stream for as long as it is open; refuse it while draining or at the limit."""
         if self.draining:
             raise Unavailable("the server is shutting down; reconnect (any replica can continue the session)")
+        if self.held is not None:
+            raise Unavailable(self.held)
         if self.open >= self._max_streams:
             raise Overloaded(f"this replica has {self.open} open streams; retry with backoff or elsewhere")
         self.open += 1
@@ -51,6 +54,13 @@ class StreamGate:
             self._metrics.active_streams.dec()
             if self.draining and self.open == 0:
                 self._closed.set()
+
+    def hold(self, why: str) -> None:
+        """Refuse new streams (UNAVAILABLE, `why`) until `release`; open ones go on."""
+        self.held = why
+
+    def release(self) -> None:
+        self.held = None
 
     def watch(self, reader: asyncio.Task[None]) -> None:
         """A stream's request reader, to be stopped by `drain`."""

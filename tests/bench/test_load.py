@@ -45,11 +45,9 @@ async def test_connections_spread_evenly_over_a_servers_workers(redis_store_url,
     load generator reopens them until they fall 2:2, and its fan-in streams follow them."""
     from bench.process import ServerProcess, free_port
     from tests.conftest import TEST_REPO
-    from tests.service.test_workers import both_workers_up
 
     server = ServerProcess.rnnserve(free_port(), TEST_REPO, redis_store_url, "--workers", "2", log=tmp_path / "log")
-    server.start()
-    await both_workers_up(f"127.0.0.1:{server.port}")  # health answers once the first is up
+    server.start()  # SERVING once both workers are up
     try:
         for _ in range(3):
             spec = LoadSpec(f"127.0.0.1:{server.port}", 64, 3, 4, model="charlm", features=FEATURES, per_message=16)

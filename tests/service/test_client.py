@@ -272,11 +272,9 @@ async def test_a_gateways_streams_spread_over_a_servers_workers(redis_store_url,
 
     from bench.process import ServerProcess, free_port
     from tests.conftest import TEST_REPO
-    from tests.service.test_workers import both_workers_up
 
     server = ServerProcess.rnnserve(free_port(), TEST_REPO, redis_store_url, "--workers", "2", log=tmp_path / "log")
-    server.start()
-    await both_workers_up(f"127.0.0.1:{server.port}")  # health answers once the first is up
+    server.start()  # SERVING once both workers are up
     x = np.eye(FEATURES, dtype=np.float32)
     try:
         for round_ in range(3):

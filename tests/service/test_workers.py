@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -16,12 +17,24 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.process import ROOT, RedisProcess, ServerProcess, free_port
+from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
-from service.client import CHANNEL_OPTIONS
+from service.client import CHANNEL_OPTIONS, BatchClient, StepReply
+from service.server import SIBLINGS_STARTING
 from service.workers import METRICS_DIR_PREFIX, _sweep_metrics_dirs, usable_cpus
-from tests.conftest import TEST_REPO, held_out_text, logits_of, offline_logits, one_hot_text, step_request, vocabulary
+from tests.conftest import (
+    TEST_REPO,
+    exchange,
+    held_out_text,
+    logits_of,
+    offline_logits,
+    one_hot_text,
+    step_request,
+    vocabulary,
+)
 
 X = one_hot_text(held_out_text()[:400], vocabulary())
 EXPECTED = offline_logits(TEST_REPO / "charlm" / "1", X)
@@ -244,10 +257,69 @@ def test_the_default_worker_count_follows_the_containers_cpu_limit(tmp_path, cpu
     assert usable_cpus(tmp_path / "absent") == visible
 
 
-async def both_workers_up(target: str, timeout_s: float = 60) -> None:
-    """Until connections reach two worker processes: a server's health answers once its first worker is
-    up, and the second may still be loading its models."""
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def serving(target: str, timeout_s: float = 60) -> None:
+    """Until the server's health says SERVING."""
     deadline = time.monotonic() + timeout_s
-    while len(await workers_reached(target, 12)) < 2:
-        assert time.monotonic() < deadline, "the second worker did not come up"
-        await asyncio.sleep(0.2)
+    async with grpc.aio.insecure_channel(target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while True:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                if (await health.Check(health_pb2.HealthCheckRequest(), timeout=1)).status == SERVING:
+                    return
+            assert time.monotonic() < deadline, "the server did not come up"
+            await asyncio.sleep(0.02)
+
+
+async def test_a_worker_takes_no_stream_and_is_unready_until_every_worker_is_up(start_server):
+    """A stream taken while one worker alone listened would stay on it, however the connections spread
+    once all listen: until the server's workers are all up, a worker refuses streams (UNAVAILABLE, the
+    client retries) and its health says NOT_SERVING; its unary calls are served."""
+    app = await start_server()
+    app.gate.hold(SIBLINGS_STARTING)
+    app.readiness.update(workers_ok=False)
+    target = f"127.0.0.1:{app.port}"
+    first = step_request("s", 1, np.eye(84, dtype=np.float32)[:1], start=True)
+    async with grpc.aio.insecure_channel(target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        assert (await health.Check(health_pb2.HealthCheckRequest())).status == NOT_SERVING
+        stream = pb_grpc.RnnServeStub(channel).Stream()
+        await stream.write(first)
+        await stream.done_writing()
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            _ = [answer async for answer in stream]
+        assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert "still starting" in (refused.value.details() or "")
+        assert (await pb_grpc.RnnServeStub(channel).ListModels(pb.ListModelsRequest())).models
+        app.siblings_started()
+        assert (await health.Check(health_pb2.HealthCheckRequest())).status == SERVING
+        (answer,) = await exchange(target, [first])
+        assert not answer.HasField("error") and answer.seq == 1
+
+
+async def test_a_gateway_spreads_over_a_restarted_servers_workers(redis_store_url, tmp_path):
+    """A gateway's streams reconnect as soon as a restarted server listens, which its first worker does
+    before the second: they are placed only once both are up (until then a worker refuses streams), so
+    they spread 2:2 after every restart. From the first SERVING on, connections reach both workers."""
+    from collections import Counter
+
+    x = np.eye(84, dtype=np.float32)[:1]
+    port = free_port()
+    server = ServerProcess.rnnserve(port, TEST_REPO, redis_store_url, "--workers", "2", log=tmp_path / "log")
+    server.start(wait=False)
+    target = f"127.0.0.1:{port}"
+    try:
+        async with BatchClient(target, streams=4, reconnect_timeout_s=60) as gateway:
+            for round_ in range(8):
+                groups = [{f"g{g}-{i}": x for i in range(8)} for g in range(12)]  # all four streams busy
+                replies = await asyncio.gather(*(gateway.step("charlm", group) for group in groups))
+                assert all(isinstance(r, StepReply) for answered in replies for r in answered.values()), replies
+                assert sorted(Counter(gateway.workers).values()) == [2, 2], (round_, gateway.workers)
+                await serving(target)
+                assert len(await workers_reached(target, 12)) == 2, f"SERVING with one worker up (round {round_})"
+                server.kill()
+                server.start(wait=False)  # the gateway's streams reconnect as soon as a worker listens
+    finally:
+        server.stop()
