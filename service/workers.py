@@ -114,7 +114,8 @@ class _Supervisor:
             for index in range(self.count):
                 self._await_ready(index)
             for index in range(self.count):
-                self._all_up(index)
+                if not self.stopping:  # asked to stop while starting: the drain comes next, take nothing
+                    self._all_up(index)
             log.info("%d workers serving gRPC on port %d, /metrics on %s", self.count, self.port, self.metrics_port)
             while not self.stopping:
                 self._reap()
