@@ -272,6 +272,7 @@ class _Resumable(_Connected, Generic[Req, Resp]):
         self.attempts = 0  # streams opened
         self.reconnects = 0  # streams opened after one had broken or ended
         self.last_error: BaseException | None = None
+        self._moving = False  # `move` ended the stream: not an error
 
     def _open(self) -> grpc.aio.StreamStreamCall[Req, Resp]:
         raise NotImplementedError
@@ -403,14 +404,13 @@ class _Resumable(_Connected, Generic[Req, Resp]):
             task = asyncio.current_task()
             if task is not None and task.cancelling():  # this client is closing
                 raise
-            # gRPC cancels a call whose write was cancelled (a caller that gave up while its message was
-            # being written): the stream is gone, not this task; the unanswered requests go on a new one.
-            self.last_error = ConnectionError(f"the stream to {self.target} was cancelled under a write")
+            self._note_cancelled()
             return answered
         finally:
             async with self._lock:
                 if self._call is call:
                     self._call = None
+                self._moving = False
             call.cancel()
             self._left()
 
@@ -443,6 +443,23 @@ class _Resumable(_Connected, Generic[Req, Resp]):
             self.last_error = TimeoutError(f"{self.target} did not accept a connection{await self._why()}")
             return False
         return True
+
+    def _note_cancelled(self) -> None:
+        """gRPC cancels a call whose write was cancelled (a caller that gave up while its message was being
+        written), or `move` did: the stream is gone, not this task; the unanswered requests go on a new one."""
+        if not self._moving:
+            self.last_error = ConnectionError(f"the stream to {self.target} was cancelled under a write")
+
+    async def move(self) -> bool:
+        """End the stream if nothing is in flight on it: the next request opens (and places) a new one.
+        Whether it was ended."""
+        async with self._lock:
+            if self._pending or self._call is None:
+                return False
+            self._moving = True
+            self._call.cancel()
+            self._call = None  # a request from now on waits for the new stream
+            return True
 
     def _fail_pending(self, err: BaseException) -> None:
         for _, future in self._pending.values():
@@ -545,6 +562,23 @@ class Spread:
     def workers(self) -> list[str]:
         return list(self._held.values())
 
+    def crowded(self) -> bool:
+        """Whether two streams share a process."""
+        return len(set(self._held.values())) < len(self._held)
+
+    def to_move(self, found: str) -> list[object]:
+        """The streams one of which, moved to `found` (a process a new connection reached), evens them out:
+        those of the process holding most, if it holds at least two more than `found`. Placing the moved
+        one looks for such a process again before settling (`keep`)."""
+        held = list(self._held.values())
+        if not held:
+            return []
+        most = max(held, key=held.count)  # the first such, in the order the streams were placed
+        if held.count(most) < held.count(found) + 2:
+            return []
+        self._all_seen = False
+        return [stream for stream, worker in self._held.items() if worker == most]
+
 
 class BatchClient(_Connected):
     """Many sessions' steps per message (`StreamBatch`), for gateways: each call steps a set of sessions
@@ -561,11 +595,16 @@ class BatchClient(_Connected):
     (`StreamBalance`). A stream connects when first used.
     """
 
-    def __init__(self, target: str, *, streams: int = 4, **options: Any) -> None:
-        """`options` as for StreamClient: reconnect_timeout_s, max_backoff_s, max_message_bytes, tls, token."""
+    def __init__(self, target: str, *, streams: int = 4, rebalance_s: float = 5.0, **options: Any) -> None:
+        """`options` as for StreamClient: reconnect_timeout_s, max_backoff_s, max_message_bytes, tls, token.
+        `rebalance_s`: how often, while two of the streams share a server process, a connection is opened to
+        look for a process without one (0: never; see `_rebalance`)."""
         if streams < 1:
             raise ValueError(f"streams must be 1 or more, got {streams}")
         self.target = target
+        self._rebalance_s = rebalance_s
+        self._rebalancer: asyncio.Task[None] | None = None
+        self.moves = 0  # streams ended to be placed again (`_rebalance`)
         self._spread = Spread()
         self._streams = [_BatchStream(target, self._spread, **options) for _ in range(streams)]
         self._tls, self._token = options.get("tls"), options.get("token")
@@ -577,12 +616,51 @@ class BatchClient(_Connected):
     async def connect(self) -> None:
         for stream in self._streams:
             await stream.connect()
+        if self._rebalance_s > 0 and len(self._streams) > 1 and self._rebalancer is None:
+            self._rebalancer = asyncio.create_task(self._rebalance(), name=f"rnnserve-rebalance-{self.target}")
 
     async def close(self) -> None:
+        if self._rebalancer is not None:
+            self._rebalancer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._rebalancer
         for stream in self._streams:
             await stream.close()
         if self._unary is not None:
             await self._unary.close()
+
+    async def _rebalance(self) -> None:
+        """Streams are placed as they open, so streams that opened while a process was missing (a worker
+        restarting after a crash: its streams reconnected to the others) stay crowded once it is back.
+        Every `rebalance_s` while two streams share a process: one connection opened to see where the
+        kernel puts it, and if moving a stream there evens them out (`Spread.to_move`), one such stream
+        ended while idle; the next call opens it again, and `Spread` places it."""
+        while True:
+            await asyncio.sleep(self._rebalance_s)
+            if not self._spread.crowded():
+                continue
+            try:
+                found = await self._probe()
+            except Exception:  # noqa: BLE001 - only a look: the streams' own errors are what counts
+                continue
+            for stream in self._spread.to_move(found) if found is not None else []:
+                if await stream.move():  # type: ignore[attr-defined]
+                    self.moves += 1
+                    break
+
+    async def _probe(self) -> str | None:
+        """The server process a new connection reaches (None: one that does not say)."""
+        channel = open_channel(self.target, self._tls, token=self._token)
+        try:
+            async with asyncio.timeout(self._rebalance_s):
+                await channel.channel_ready()
+                call = pb_grpc.RnnServeStub(channel).StreamBatch()
+                try:
+                    return await worker_of_stream(call)
+                finally:
+                    call.cancel()
+        finally:
+            await channel.close()
 
     @property
     def stub(self) -> pb_grpc.RnnServeStub:

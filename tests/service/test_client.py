@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import time
 
 import numpy as np
@@ -233,6 +235,24 @@ def test_spread_looks_again_once_a_process_without_a_stream_turns_up():
     assert spread.keep("s2", "d")
 
 
+def test_spread_moves_a_stream_only_where_that_evens_them_out():
+    """A worker back after a crash: its streams had gone to the others. A stream of the process holding
+    most moves to a process a probe found, if that one holds at least two fewer; its placement then looks
+    for the room again before settling."""
+    spread = Spread(tries=2)
+    for stream in ("s1", "s2", "s3", "s4"):
+        assert spread.keep(stream, "a") or spread.keep(stream, "a") or spread.keep(stream, "a")
+    assert spread.crowded() and sorted(spread.workers()) == ["a"] * 4
+    assert sorted(spread.to_move("b")) == ["s1", "s2", "s3", "s4"]
+    spread.leave("s4")
+    assert not spread.keep("s4", "a")  # b has room: look again
+    assert spread.keep("s4", "b")
+    assert sorted(spread.to_move("b")) == ["s1", "s2", "s3"]  # 3 against 1
+    spread.leave("s3")
+    assert spread.keep("s3", "b") or spread.keep("s3", "b") or spread.keep("s3", "b")
+    assert spread.to_move("b") == [] and spread.to_move("a") == [] and spread.to_move("c") == ["s1", "s2"]
+
+
 async def test_a_step_cancelled_while_its_message_is_written_does_not_stop_the_stream(start_server):
     """gRPC cancels a call whose write is cancelled (a caller's timeout): the stream's reader must take
     that for a broken stream and open another, not end, or every later step on it waits for ever."""
@@ -287,6 +307,50 @@ async def test_a_gateways_streams_spread_over_a_servers_workers(redis_store_url,
                     assert all(isinstance(r, StepReply) and r.seq == t + 1 for rs in replies for r in rs.values())
                 assert gateway.attempts == 4
                 assert sorted(Counter(gateway.workers).values()) == [2, 2], gateway.workers
+    finally:
+        server.stop()
+
+
+async def test_a_gateways_streams_spread_again_once_a_crashed_worker_is_back(redis_store_url, tmp_path):
+    """A worker that crashes takes its streams' connections with it: they reconnect to the other worker,
+    the only one listening, and four streams sit 4:0. Once the parent has the worker back, the gateway
+    finds it (a probe connection now and then) and moves streams over, idle ones only: 2:2 again, and every
+    step answered in order throughout."""
+    from collections import Counter
+
+    from bench.process import ServerProcess, free_port
+    from tests.conftest import TEST_REPO
+    from tests.service.test_workers import children
+
+    server = ServerProcess.rnnserve(free_port(), TEST_REPO, redis_store_url, "--workers", "2", log=tmp_path / "log")
+    server.start()  # SERVING once both workers are up
+    assert server.process is not None
+    x = np.eye(FEATURES, dtype=np.float32)
+    groups = [[f"c{g}-{i}" for i in range(8)] for g in range(12)]
+    try:
+        async with BatchClient(f"127.0.0.1:{server.port}", streams=4, rebalance_s=0.2) as gateway:
+
+            async def round_(t: int) -> None:
+                replies = await asyncio.gather(
+                    *(gateway.step("charlm", {sid: x[t % FEATURES][None] for sid in group}) for group in groups)
+                )
+                assert all(isinstance(r, StepReply) and r.seq == t + 1 for rs in replies for r in rs.values())
+
+            await round_(0)
+            assert sorted(Counter(gateway.workers).values()) == [2, 2], gateway.workers
+            victim = children(server.process.pid)[0]
+            os.kill(victim, signal.SIGKILL)
+            t = 1
+            await round_(t)  # on the survivor alone
+            deadline = time.monotonic() + 30
+            while sorted(Counter(gateway.workers).values()) != [2, 2]:
+                assert time.monotonic() < deadline, f"still {gateway.workers} ({gateway.moves} moved)"
+                t += 1
+                await round_(t)
+                await asyncio.sleep(0.1)
+            assert victim not in {int(w.rpartition("/")[2]) for w in gateway.workers}
+            assert gateway.moves >= 1
+            await round_(t + 1)
     finally:
         server.stop()
 
