@@ -24,7 +24,7 @@ import random
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Collection, Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -190,9 +190,11 @@ class StreamBalance:
         self._weight = weight  # of the newest answer in the moving average
         self._half_life_s = half_life_s
 
-    def pick(self) -> int:
+    def pick(self, skip: Collection[int] = ()) -> int:
+        """The stream for the next message, other than those in `skip` (unless that is all of them)."""
         now = self._clock()
-        return min(range(len(self.waiting)), key=lambda i: self._cost(i, now))
+        allowed = [i for i in range(len(self.waiting)) if i not in skip] or range(len(self.waiting))
+        return min(allowed, key=lambda i: self._cost(i, now))
 
     def _cost(self, i: int, now: float) -> tuple[float, int]:
         waiting = self.waiting[i]
@@ -450,6 +452,14 @@ class _Resumable(_Connected, Generic[Req, Resp]):
         if not self._moving:
             self.last_error = ConnectionError(f"the stream to {self.target} was cancelled under a write")
 
+    @property
+    def open(self) -> bool:
+        return self._call is not None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
     async def move(self) -> bool:
         """End the stream if nothing is in flight on it: the next request opens (and places) a new one.
         Whether it was ended."""
@@ -568,15 +578,17 @@ class Spread:
 
     def to_move(self, found: str) -> list[object]:
         """The streams one of which, moved to `found` (a process a new connection reached), evens them out:
-        those of the process holding most, if it holds at least two more than `found`. Placing the moved
-        one looks for such a process again before settling (`keep`)."""
+        those of the process holding most, if it holds at least two more than `found`. Where `found` holds
+        none, placing the moved one looks for a process without a stream again before settling (`keep`);
+        where it holds some, it settles on one holding fewest, as it does once all have been seen."""
         held = list(self._held.values())
         if not held:
             return []
         most = max(held, key=held.count)  # the first such, in the order the streams were placed
         if held.count(most) < held.count(found) + 2:
             return []
-        self._all_seen = False
+        if found not in held:
+            self._all_seen = False
         return [stream for stream, worker in self._held.items() if worker == most]
 
 
@@ -605,6 +617,7 @@ class BatchClient(_Connected):
         self._rebalance_s = rebalance_s
         self._rebalancer: asyncio.Task[None] | None = None
         self.moves = 0  # streams ended to be placed again (`_rebalance`)
+        self._leaving: set[int] = set()  # streams being moved: no new call goes on them
         self._spread = Spread()
         self._streams = [_BatchStream(target, self._spread, **options) for _ in range(streams)]
         self._tls, self._token = options.get("tls"), options.get("token")
@@ -635,24 +648,44 @@ class BatchClient(_Connected):
         Every `rebalance_s` while two streams share a process: one connection opened to see where the
         kernel puts it, and if moving a stream there evens them out (`Spread.to_move`), one such stream
         ended while idle; the next call opens it again, and `Spread` places it."""
+        idle_probes = 0  # probes in a row that found nothing to move: each doubles the wait, up to 16 times
         while True:
-            await asyncio.sleep(self._rebalance_s)
+            await asyncio.sleep(self._rebalance_s * 2 ** min(idle_probes, 4))
             if not self._spread.crowded():
+                idle_probes = 0
                 continue
             try:
                 found = await self._probe()
             except Exception:  # noqa: BLE001 - only a look: the streams' own errors are what counts
+                found = None
+            movable = self._spread.to_move(found) if found is not None else []
+            if not movable:
+                idle_probes += 1
                 continue
-            for stream in self._spread.to_move(found) if found is not None else []:
-                if await stream.move():  # type: ignore[attr-defined]
+            idle_probes = 0
+            streams = [stream for stream in self._streams if stream in movable]
+            await self._move(min(streams, key=lambda stream: stream.in_flight))
+
+    async def _move(self, stream: _BatchStream) -> None:
+        """End `stream` to be placed afresh: no new call goes on it meanwhile, and it ends once the calls on
+        it are answered (a busy gateway is never idle on its own)."""
+        k = self._streams.index(stream)
+        self._leaving.add(k)
+        try:
+            deadline = time.monotonic() + max(10.0, 10 * self._rebalance_s)
+            while stream.open and time.monotonic() < deadline:
+                if await stream.move():
                     self.moves += 1
-                    break
+                    return
+                await asyncio.sleep(0.005)
+        finally:
+            self._leaving.discard(k)
 
     async def _probe(self) -> str | None:
         """The server process a new connection reaches (None: one that does not say)."""
         channel = open_channel(self.target, self._tls, token=self._token)
         try:
-            async with asyncio.timeout(self._rebalance_s):
+            async with asyncio.timeout(max(1.0, self._rebalance_s)):
                 await channel.channel_ready()
                 call = pb_grpc.RnnServeStub(channel).StreamBatch()
                 try:
@@ -720,7 +753,7 @@ class BatchClient(_Connected):
             requests = [
                 state.next(model, sid, x, sid in ending) for (sid, x), state in zip(inputs.items(), states, strict=True)
             ]
-            k = self._balance.pick()
+            k = self._balance.pick(self._leaving)
             ticket = self._balance.sent(k)
             started = time.perf_counter()
             measured = False

@@ -180,6 +180,14 @@ async def test_a_gateway_spreads_concurrent_calls_over_its_streams(start_server)
             np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
 
+def test_stream_balance_skips_the_streams_being_moved_unless_all_are():
+    balance = StreamBalance(3)
+    assert balance.pick() == 0
+    assert balance.pick({0}) == 1
+    assert balance.pick({0, 1}) == 2
+    assert balance.pick({0, 1, 2}) == 0
+
+
 def test_spread_keeps_each_stream_on_a_process_of_its_own_then_balances():
     """Four streams, two server processes, connections landing as the kernel draws them: a stream is
     opened again while it lands where another is, until `tries` landings in a row found no free process;
@@ -314,7 +322,8 @@ async def test_a_gateways_streams_spread_over_a_servers_workers(redis_store_url,
 async def test_a_gateways_streams_spread_again_once_a_crashed_worker_is_back(redis_store_url, tmp_path):
     """A worker that crashes takes its streams' connections with it: they reconnect to the other worker,
     the only one listening, and four streams sit 4:0. Once the parent has the worker back, the gateway
-    finds it (a probe connection now and then) and moves streams over, idle ones only: 2:2 again, and every
+    finds it (a probe connection now and then) and moves streams over, each once the calls on it are
+    answered (no new call goes on it meanwhile): 2:2 again, though twelve callers never pause, and every
     step answered in order throughout."""
     from collections import Counter
 
@@ -326,32 +335,38 @@ async def test_a_gateways_streams_spread_again_once_a_crashed_worker_is_back(red
     server.start()  # SERVING once both workers are up
     assert server.process is not None
     x = np.eye(FEATURES, dtype=np.float32)
-    groups = [[f"c{g}-{i}" for i in range(8)] for g in range(12)]
+    stop = asyncio.Event()
     try:
         async with BatchClient(f"127.0.0.1:{server.port}", streams=4, rebalance_s=0.2) as gateway:
 
-            async def round_(t: int) -> None:
-                replies = await asyncio.gather(
-                    *(gateway.step("charlm", {sid: x[t % FEATURES][None] for sid in group}) for group in groups)
-                )
-                assert all(isinstance(r, StepReply) and r.seq == t + 1 for rs in replies for r in rs.values())
+            async def caller(g: int) -> int:
+                sessions = [f"c{g}-{i}" for i in range(8)]
+                t = 0
+                while not stop.is_set() or t == 0:
+                    replies = await gateway.step("charlm", {sid: x[t % FEATURES][None] for sid in sessions})
+                    assert all(isinstance(r, StepReply) and r.seq == t + 1 for r in replies.values()), replies
+                    t += 1
+                return t
 
-            await round_(0)
-            assert sorted(Counter(gateway.workers).values()) == [2, 2], gateway.workers
-            victim = children(server.process.pid)[0]
-            os.kill(victim, signal.SIGKILL)
-            t = 1
-            await round_(t)  # on the survivor alone
+            callers = [asyncio.create_task(caller(g)) for g in range(12)]
             deadline = time.monotonic() + 30
             while sorted(Counter(gateway.workers).values()) != [2, 2]:
+                assert time.monotonic() < deadline, f"not 2:2 before the crash: {gateway.workers}"
+                await asyncio.sleep(0.05)
+            victim = children(server.process.pid)[0]
+            os.kill(victim, signal.SIGKILL)
+            while victim in {int(w.rpartition("/")[2]) for w in gateway.workers}:
+                assert time.monotonic() < deadline, f"streams still on the dead worker: {gateway.workers}"
+                await asyncio.sleep(0.05)
+            while sorted(Counter(gateway.workers).values()) != [2, 2]:
                 assert time.monotonic() < deadline, f"still {gateway.workers} ({gateway.moves} moved)"
-                t += 1
-                await round_(t)
-                await asyncio.sleep(0.1)
-            assert victim not in {int(w.rpartition("/")[2]) for w in gateway.workers}
+                await asyncio.sleep(0.05)
             assert gateway.moves >= 1
-            await round_(t + 1)
+            stop.set()
+            steps = await asyncio.wait_for(asyncio.gather(*callers), 30)
+            assert min(steps) > 1
     finally:
+        stop.set()
         server.stop()
 
 
