@@ -1,5 +1,5 @@
-"""Session records in Redis: one hash per session ({token, rec}), compare-and-set in Lua for many sessions
-per call, pipelined.
+"""Session records in Redis: one key per session (a string, token then record; or, as rnnserve 0.1 wrote it,
+a hash {token, rec}: see the layouts below), compare-and-set in Lua for many sessions per call, pipelined.
 
 Every write sets the TTL. A lost connection or a timeout becomes `Unavailable`; since a commit that
 timed out may or may not have been applied, the client's resend of the same step settles it (a resend
