@@ -587,8 +587,7 @@ class Spread:
         most = max(held, key=held.count)  # the first such, in the order the streams were placed
         if held.count(most) < held.count(found) + 2:
             return []
-        if found not in held:
-            self._all_seen = False
+        self._all_seen = found in held  # without a stream there: look for one such; else settle on fewest
         return [stream for stream, worker in self._held.items() if worker == most]
 
 
@@ -648,9 +647,9 @@ class BatchClient(_Connected):
         Every `rebalance_s` while two streams share a process: one connection opened to see where the
         kernel puts it, and if moving a stream there evens them out (`Spread.to_move`), one such stream
         ended while idle; the next call opens it again, and `Spread` places it."""
-        idle_probes = 0  # probes in a row that found nothing to move: each doubles the wait, up to 16 times
+        idle_probes = 0  # probes in a row that found nothing to move: past 4, each doubles the wait (to 16 ×)
         while True:
-            await asyncio.sleep(self._rebalance_s * 2 ** min(idle_probes, 4))
+            await asyncio.sleep(self._rebalance_s * 2 ** min(max(0, idle_probes - 4), 4))
             if not self._spread.crowded():
                 idle_probes = 0
                 continue

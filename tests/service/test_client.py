@@ -349,7 +349,7 @@ async def test_a_gateways_streams_spread_again_once_a_crashed_worker_is_back(red
                 return t
 
             callers = [asyncio.create_task(caller(g)) for g in range(12)]
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + 90  # a worker restarting on a busy machine takes its time
             while sorted(Counter(gateway.workers).values()) != [2, 2]:
                 assert time.monotonic() < deadline, f"not 2:2 before the crash: {gateway.workers}"
                 await asyncio.sleep(0.05)
