@@ -383,10 +383,7 @@ class RedisStateStore(StateStore):
         if as_string == b"":  # as the commit script reads it: no record
             return None
         if isinstance(as_string, bytes):
-            head, newline, record = as_string.partition(b"\n")
-            if not newline or len(head) >= TOKEN_HEAD:
-                return Stored(NO_TOKEN, as_string)  # not a record this service wrote: it does not decode
-            return Stored(head.decode(errors="replace"), record)
+            return Stored(*_split_string_record(as_string))
         if isinstance(as_hash, ResponseError):  # refused as a string and as a hash
             return RecordCorrupt(f"the store holds something else than a session under {key!r} ({as_hash})")
         if as_hash is None or as_string is None:
@@ -704,6 +701,16 @@ def _load_commands(key: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return ("GET", key), ("HMGET", key, TOKEN_FIELD, RECORD_FIELD)
 
 
+def _split_string_record(value: bytes) -> tuple[str, bytes]:
+    """A string record's token and record, as the commit script reads them: the token ends at a newline
+    within the first TOKEN_HEAD bytes; a value without one (not a record this service wrote, which does not
+    decode) has the token NO_TOKEN."""
+    head, newline, record = value.partition(b"\n")
+    if not newline or len(head) >= TOKEN_HEAD:
+        return NO_TOKEN, value
+    return head.decode(errors="replace"), record
+
+
 def _token_commands(key: str) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     return ("GETRANGE", key, 0, TOKEN_HEAD - 1), ("HGET", key, TOKEN_FIELD)
 
@@ -712,8 +719,7 @@ def _token_read(head: Any, in_hash: Any) -> str | None | ResponseError:
     """A session's token from `_token_commands`' replies, as the commit script reads it: None where there
     is no record; the error where the key is neither a string nor a hash, or a read was refused otherwise."""
     if isinstance(head, bytes) and head:
-        token, newline, _ = head.partition(b"\n")
-        return token.decode(errors="replace") if newline else NO_TOKEN
+        return _split_string_record(head)[0]
     for reply in (head, in_hash):
         if isinstance(reply, ResponseError) and not str(reply).startswith("WRONGTYPE"):
             return reply
