@@ -609,7 +609,7 @@ class BatchClient(_Connected):
     def __init__(self, target: str, *, streams: int = 4, rebalance_s: float = 5.0, **options: Any) -> None:
         """`options` as for StreamClient: reconnect_timeout_s, max_backoff_s, max_message_bytes, tls, token.
         `rebalance_s`: how often, while two of the streams share a server process, a connection is opened to
-        look for a process without one (0: never; see `_rebalance`)."""
+        look for a process holding fewer of them (0: never; see `_rebalance`)."""
         if streams < 1:
             raise ValueError(f"streams must be 1 or more, got {streams}")
         self.target = target
@@ -645,8 +645,9 @@ class BatchClient(_Connected):
         """Streams are placed as they open, so streams that opened while a process was missing (a worker
         restarting after a crash: its streams reconnected to the others) stay crowded once it is back.
         Every `rebalance_s` while two streams share a process: one connection opened to see where the
-        kernel puts it, and if moving a stream there evens them out (`Spread.to_move`), one such stream
-        ended while idle; the next call opens it again, and `Spread` places it."""
+        kernel puts it, and if moving a stream there evens them out (`Spread.to_move`), one such stream is
+        given no new call and ended once its calls are answered (`_move`); the next call opens it again, and
+        `Spread` places it."""
         idle_probes = 0  # probes in a row that found nothing to move: past 4, each doubles the wait (to 16 ×)
         while True:
             await asyncio.sleep(self._rebalance_s * 2 ** min(max(0, idle_probes - 4), 4))

@@ -140,9 +140,9 @@ class RedisSettings(BaseModel):
         default="string",
         pattern="^(string|hash)$",
         description=(
-            "how session records are written: string (a key of its own per record, the least Redis CPU a step) "
-            "or hash (as rnnserve 0.1 wrote them: set it while replicas of 0.1 still run beside this version); "
-            "both read both"
+            "how session records are written: string (the session's key holds token and record, staged outside "
+            "the commit script: the least Redis CPU a step) or hash (as rnnserve 0.1 wrote them: set it while "
+            "replicas of 0.1 still run beside this version); both read both; Redis Cluster always writes hash"
         ),
     )
     tls_ca: Path | None = Field(
