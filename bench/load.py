@@ -32,6 +32,41 @@ from service.client import CHANNEL_OPTIONS, Spread, StreamBalance, worker_of_str
 
 MAX_LATENCY_US = 120_000_000
 STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
+STREAM_BATCH_METHOD = "/rnnserve.v1.RnnServe/StreamBatch"
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+class BatchEncoder:
+    """A group's StepBatch messages, encoded here: each session's step is its fixed fields (model, version,
+    session id, input), encoded once, then its seq and start flag. Building a message of 256 steps as
+    protobuf objects cost the load generator about 4 µs a step, a tenth of what the machine spends on a
+    step, and it shares the machine with the server it measures. The server parses the same fields."""
+
+    def __init__(self, model: str, version: int, sessions: list[str], tensor: pb.Tensor) -> None:
+        self._fixed = [
+            pb.StepRequest(model=model, version=version, session_id=sid, input=tensor).SerializeToString()
+            for sid in sessions
+        ]
+        self._heads: dict[int, list[bytes]] = {}  # by the tail's length: each step's tag, length and fixed fields
+
+    def encode(self, seq: int, batch_id: int) -> bytes:
+        tail = b"\x20" + _varint(seq) + (b"\x28\x01" if seq == 1 else b"")  # seq (4), start (5)
+        heads = self._heads.get(len(tail))
+        if heads is None:  # steps (1): each a length-delimited StepRequest
+            heads = self._heads[len(tail)] = [b"\x0a" + _varint(len(f) + len(tail)) + f for f in self._fixed]
+        return tail.join(heads) + tail + b"\x10" + _varint(batch_id)  # id (2)
+
+
+def _as_is(message: bytes) -> bytes:
+    return message
 
 
 @dataclass(frozen=True)
@@ -135,8 +170,14 @@ class _FanIn:
         self.seq = [1] * len(self.groups)
         self.sent_at = [0.0] * len(self.groups)
         x = np.random.default_rng(len(sessions)).random((spec.chunk, spec.features)).astype(np.float32)
-        self.tensor = pb.Tensor(shape=x.shape, raw=x.tobytes())
-        self.calls = [pb_grpc.RnnServeStub(channel).StreamBatch() for channel in channels]
+        tensor = pb.Tensor(shape=x.shape, raw=x.tobytes())
+        self.encoders = [BatchEncoder(spec.model, spec.version, group, tensor) for group in self.groups]
+        self.calls = [
+            channel.stream_stream(
+                STREAM_BATCH_METHOD, request_serializer=_as_is, response_deserializer=pb.StepBatchResult.FromString
+            )()
+            for channel in channels
+        ]
         self.writing = [asyncio.Lock() for _ in self.calls]  # one write at a time on a call (readers share them)
         self.balance = StreamBalance(len(self.calls))
         self.tickets = [0.0] * len(self.groups)
@@ -144,18 +185,12 @@ class _FanIn:
         self.done = asyncio.Event()
 
     async def send(self, g: int) -> None:
-        spec, seq = self.spec, self.seq[g]
-        steps = [
-            pb.StepRequest(
-                model=spec.model, version=spec.version, session_id=sid, seq=seq, start=seq == 1, input=self.tensor
-            )
-            for sid in self.groups[g]
-        ]
+        message = self.encoders[g].encode(self.seq[g], g)
         k = self.balance.pick()
         self.tickets[g] = self.balance.sent(k)
         self.sent_at[g] = time.perf_counter()
         async with self.writing[k]:
-            await self.calls[k].write(pb.StepBatch(steps=steps, id=g))
+            await self.calls[k].write(message)
 
     async def run(self) -> None:
         """Until every group is done; a stream that fails or ends first ends the run with its error."""

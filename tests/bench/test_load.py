@@ -4,10 +4,34 @@ from __future__ import annotations
 
 import asyncio
 
-from bench.load import LoadSpec, run_load
+import numpy as np
+import pytest
+
+from bench.load import STREAM_BATCH_METHOD, BatchEncoder, LoadSpec, run_load
+from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from tests.conftest import vocabulary
 
 FEATURES = len(vocabulary())
+
+
+@pytest.mark.parametrize("seq", [1, 2, 127, 128, 16_383, 16_384, 2**40])
+def test_the_fan_in_encoder_sends_what_protobuf_would(seq):
+    """The load generator encodes its StepBatch messages itself: they parse to the message protobuf builds,
+    start flag, seq (across varint lengths) and id included, on the method the service declares."""
+    tensor = pb.Tensor(shape=[1, 3], raw=np.arange(3, dtype=np.float32).tobytes())
+    sessions = ["a", "s-" + "x" * 140, "m:1"]
+    encoder = BatchEncoder("charlm", 2, sessions, tensor)
+    for batch_id in (0, 5, 300):
+        expected = pb.StepBatch(
+            id=batch_id,
+            steps=[
+                pb.StepRequest(model="charlm", version=2, session_id=s, seq=seq, start=seq == 1, input=tensor)
+                for s in sessions
+            ],
+        )
+        assert pb.StepBatch.FromString(encoder.encode(seq, batch_id)) == expected
+    method = pb.DESCRIPTOR.services_by_name["RnnServe"].methods_by_name["StreamBatch"]
+    assert STREAM_BATCH_METHOD == f"/{method.containing_service.full_name}/{method.name}"
 
 
 async def test_fan_in_counts_every_step(start_server):
