@@ -42,7 +42,7 @@ def add_bench_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     load.add_argument("--chunk", type=int, default=1, help="time steps per request")
     load.add_argument("--per-message", type=int, default=1, help="fan-in: sessions' steps per StreamBatch message")
     load.add_argument("--model", default="charlm-lstm")
-    load.add_argument("--version", type=int, default=1)
+    load.add_argument("--version", type=int, default=0, help="0: the newest version the server loads")
     load.add_argument("--features", type=int, default=84, help="the model's input features")
     load.add_argument(
         "--no-spread",

@@ -99,6 +99,7 @@ class LoadResult:
     spec: LoadSpec
     histogram: HdrHistogram = field(default_factory=lambda: HdrHistogram(1, MAX_LATENCY_US, 3))
     errors: Counter[str] = field(default_factory=Counter)
+    first_errors: dict[str, str] = field(default_factory=dict)  # fan-in: the first message of each code
     workers: Counter[str] = field(default_factory=Counter)  # fan-in: streams per server worker process
     connections: list[int] = field(default_factory=list)  # connections per worker process, after `spread`
     steps: int = 0
@@ -122,6 +123,7 @@ class LoadResult:
             "p999_us": h.get_value_at_percentile(99.9),
             "max_us": h.get_max_value(),
             "errors": dict(self.errors),
+            **({"first_errors": self.first_errors} if self.first_errors else {}),
             "streams_per_worker": sorted(self.workers.values(), reverse=True),
             "connections_per_worker": self.connections,
         }
@@ -222,7 +224,9 @@ class _FanIn:
             self.result.histogram.record_value(max(1, int(seconds * 1e6)))
             failed = [r for r in result.responses if r.HasField("error")]
             for response in failed:
-                self.result.errors[_CODES[response.error.code].name] += 1
+                code = _CODES[response.error.code].name
+                self.result.errors[code] += 1
+                self.result.first_errors.setdefault(code, response.error.message)
             self.result.steps += len(result.responses) - len(failed)
             self.seq[g] += 1
             # A group with an error stops short (its errors are what the run reports), and counts as done:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -49,3 +50,25 @@ def test_gateway_with_many_sessions(target):
     out = run("gateway.py", "--target", target, "--sensors", "300", "--readings", "5")
     assert "300 sensors x 5 readings = 1500 steps" in out
     assert "forecasts received for 300 sensors" in out
+
+
+def test_fan_in_gateway(target):
+    out = run("fan_in_gateway.py", "--target", target, "--sensors", "1500", "--readings", "4", "--group", "600")
+    assert "1500 sensors x 4 readings = 6000 steps" in out
+    assert "3 groups of up to 600 sensors a message" in out
+    assert "forecasts received for 1500 sensors, 0 steps refused" in out
+
+
+def test_the_load_generator_runs_as_documented(target):
+    """`rnnserve bench load` on its defaults (charlm-lstm, the newest version the server loads), fan-in."""
+    done = subprocess.run(
+        [sys.executable, "-m", "service", "bench", "load", "--target", target, "--sessions", "8", "--steps", "3"]
+        + ["--streams", "2", "--per-message", "4"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["steps"] == 8 * 3 and summary["errors"] == {}

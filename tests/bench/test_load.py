@@ -53,6 +53,7 @@ async def test_fan_in_where_every_step_fails_ends(start_server):
     result = await asyncio.wait_for(run_load(spec), 30)
     assert result.steps == 0
     assert result.errors == {"NOT_FOUND": 64}
+    assert "charlm/99" in result.summary()["first_errors"]["NOT_FOUND"]  # says why, not only how many
 
 
 async def test_the_engine_bench_checks_every_answer_and_counts_its_steps(redis_store_url):
