@@ -606,13 +606,27 @@ class BatchClient(_Connected):
     (`StreamBalance`). A stream connects when first used.
     """
 
-    def __init__(self, target: str, *, streams: int = 4, rebalance_s: float = 5.0, **options: Any) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        streams: int = 4,
+        rebalance_s: float = 5.0,
+        max_steps_per_message: int = 1024,
+        **options: Any,
+    ) -> None:
         """`options` as for StreamClient: reconnect_timeout_s, max_backoff_s, max_message_bytes, tls, token.
         `rebalance_s`: how often, while two of the streams share a server process, a connection is opened to
-        look for a process holding fewer of them (0: never; see `_rebalance`)."""
+        look for a process holding fewer of them (0: never; see `_rebalance`).
+        `max_steps_per_message`: a call of more sessions goes as several messages (the server's
+        `max_steps_per_message`, 1,024 by default, refuses larger ones); so does one past `max_message_bytes`."""
         if streams < 1:
             raise ValueError(f"streams must be 1 or more, got {streams}")
+        if max_steps_per_message < 1:
+            raise ValueError(f"max_steps_per_message must be 1 or more, got {max_steps_per_message}")
         self.target = target
+        self._max_steps = max_steps_per_message
+        self._max_bytes: int = options.get("max_message_bytes", 4 * 1024 * 1024)
         self._rebalance_s = rebalance_s
         self._rebalancer: asyncio.Task[None] | None = None
         self.moves = 0  # streams ended to be placed again (`_rebalance`)
@@ -740,9 +754,12 @@ class BatchClient(_Connected):
     async def step(
         self, model: str, inputs: dict[str, np.ndarray], *, end: Iterable[str] = (), version: int = 0
     ) -> dict[str, StepReply | StepError]:
-        """One step for each session in `inputs` (x: [T, F] float32), in one message; the sessions in `end`
-        end with it. A refused step leaves its session where it was: call again with the same input to
-        resend it. Raises ConnectionError if no stream could be had within the reconnect timeout."""
+        """One step for each session in `inputs` (x: [T, F] float32), in one message (in several, sent at
+        once, past `max_steps_per_message` sessions or `max_message_bytes`); the sessions in `end` end with
+        it. A refused step leaves its session where it was: call again with the same input to resend it.
+        Raises ConnectionError if no stream could be had within the reconnect timeout for any of its
+        messages; then no session of the call moves on, and calling again with the same inputs resends every
+        step (those applied are answered as replays)."""
         ending = set(end)
         states = [self._sessions.setdefault((model, sid), _SessionState(version)) for sid in inputs]
         held: list[_SessionState] = []
@@ -753,21 +770,20 @@ class BatchClient(_Connected):
             requests = [
                 state.next(model, sid, x, sid in ending) for (sid, x), state in zip(inputs.items(), states, strict=True)
             ]
-            k = self._balance.pick(self._leaving)
-            ticket = self._balance.sent(k)
-            started = time.perf_counter()
-            measured = False
-            try:
-                result = await self._streams[k]._exchange(pb.StepBatch(steps=requests, id=next(self._ids)))
-                measured = True
-            except ConnectionError:  # no stream could be had: its time counts, and the stream is given less
-                measured = True
-                raise
-            finally:
-                self._balance.answered(k, ticket, measured=measured)
-            latency = time.perf_counter() - started
+            parts = self._messages(requests)
+            if len(parts) == 1:
+                results = [await self._send(parts[0])]
+            else:  # every message runs to its end before any session moves on (see the docstring)
+                outcomes = await asyncio.gather(*(self._send(part) for part in parts), return_exceptions=True)
+                for outcome in outcomes:
+                    if isinstance(outcome, BaseException):
+                        raise outcome
+                results = outcomes  # type: ignore[assignment]
             replies: dict[str, StepReply | StepError] = {}
-            for response, state in zip(result.responses, states, strict=True):
+            responses = (
+                item for result, latency in results for item in zip(result.responses, itertools.repeat(latency))
+            )
+            for (response, latency), state in zip(responses, states, strict=True):
                 reply = replies[response.session_id] = _reply(response, latency)
                 if isinstance(reply, StepReply):
                     state.acknowledged(reply)
@@ -775,6 +791,42 @@ class BatchClient(_Connected):
         finally:  # those taken only: a call cancelled while it waited for a lock holds no others
             for state in held:
                 state.order.release()
+
+    def _messages(self, requests: list[pb.StepRequest]) -> list[list[pb.StepRequest]]:
+        """The call's steps in order, cut into messages of at most `max_steps_per_message` steps and
+        `max_message_bytes` bytes; ValueError, before anything is sent, for a step that alone exceeds it."""
+        parts: list[list[pb.StepRequest]] = [[]]
+        room = budget = self._max_bytes - _BATCH_ID_BYTES
+        for request in requests:
+            size = request.ByteSize()
+            size += 1 + _varint_bytes(size)  # the field's tag and length
+            if size > budget:
+                raise ValueError(
+                    f"the step of session {request.session_id!r} takes {size} bytes, more than a message of "
+                    f"{self._max_bytes} bytes holds; send it in shorter chunks"
+                )
+            if len(parts[-1]) == self._max_steps or size > room:
+                parts.append([])
+                room = budget
+            parts[-1].append(request)
+            room -= size
+        return parts
+
+    async def _send(self, requests: list[pb.StepRequest]) -> tuple[pb.StepBatchResult, float]:
+        """One message, on the stream whose answers promise to come soonest; its answer and latency."""
+        k = self._balance.pick(self._leaving)
+        ticket = self._balance.sent(k)
+        started = time.perf_counter()
+        measured = False
+        try:
+            result = await self._streams[k]._exchange(pb.StepBatch(steps=requests, id=next(self._ids)))
+            measured = True
+        except ConnectionError:  # no stream could be had: its time counts, and the stream is given less
+            measured = True
+            raise
+        finally:
+            self._balance.answered(k, ticket, measured=measured)
+        return result, time.perf_counter() - started
 
 
 class _SessionState:
@@ -816,6 +868,13 @@ def step_request(
         end=end,
         input=pb.Tensor(shape=data.shape, raw=data.tobytes()),
     )
+
+
+_BATCH_ID_BYTES = 11  # a StepBatch's id field, at most
+
+
+def _varint_bytes(value: int) -> int:
+    return max(1, (value.bit_length() + 6) // 7)
 
 
 def _reply(response: pb.StepResponse, latency_s: float) -> StepReply | StepError:

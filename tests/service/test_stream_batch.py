@@ -310,3 +310,80 @@ async def test_overlapping_batches_wait_only_for_the_sessions_they_share(start_s
             want = offline_logits(V1, EYE[sent[step.session_id][: step.seq]])[-1]
             np.testing.assert_allclose(answer.outputs["logits"][0], want, atol=1e-5, rtol=0)
     assert engine.steps_in_flight == 0 and engine.sessions_in_flight == 0
+
+
+async def test_a_gateway_call_past_the_servers_step_limit_goes_as_several_messages(start_server):
+    """1,100 sessions in one call, to a server taking at most 1,024 steps a message: the client sends two
+    messages at once and answers every session, in the call's order (one message was refused step by step,
+    RESOURCE_EXHAUSTED, which no retry could cure)."""
+    app = await start_server()
+    target = f"127.0.0.1:{app.port}"
+    async with BatchClient(target) as gateway:
+        for seq in (1, 2):
+            inputs = {f"w{i}": EYE[[(i + seq) % FEATURES]] for i in range(1100)}
+            replies = await gateway.step("charlm", inputs)
+            assert list(replies) == list(inputs)
+            for sid, reply in replies.items():
+                assert isinstance(reply, StepReply) and reply.seq == seq, reply
+                i = int(sid[1:])
+                want = offline_logits(V1, EYE[[(i + 1) % FEATURES, (i + 2) % FEATURES][:seq]])[-1]
+                np.testing.assert_allclose(reply.outputs["logits"][0], want, atol=1e-5, rtol=0)
+    assert (
+        app.metrics.registry.get_sample_value(
+            "rnnserve_errors_total", {"method": "StreamBatch", "code": "RESOURCE_EXHAUSTED"}
+        )
+        is None
+    )
+
+
+async def test_a_gateway_call_is_cut_by_steps_and_by_bytes(start_server):
+    """A client's own limits: at most `max_steps_per_message` steps and `max_message_bytes` bytes a message;
+    a single step past the byte limit is refused before anything is sent, and no session moves on."""
+    app = await start_server(max_steps_per_message=8)
+    target = f"127.0.0.1:{app.port}"
+    async with BatchClient(target, max_steps_per_message=8) as gateway:
+        replies = await gateway.step("charlm", {f"c{i}": EYE[[i % FEATURES]] for i in range(30)})
+        assert all(isinstance(r, StepReply) and r.seq == 1 for r in replies.values())
+    step_bytes = step_request("charlm", "b00", 1, EYE[[1, 2]], start_id=1).ByteSize()
+    async with BatchClient(target, max_message_bytes=3 * step_bytes + 20) as gateway:  # three steps a message
+        inputs = {f"b{i:02d}": EYE[[i % FEATURES, 2]] for i in range(10)}
+        replies = await gateway.step("charlm", inputs)
+        assert list(replies) == list(inputs) and all(isinstance(r, StepReply) for r in replies.values())
+        too_long = {"b00": EYE[[1, 2, 3]], "huge": np.zeros((40, FEATURES), np.float32)}
+        try:
+            await gateway.step("charlm", too_long)
+            raise AssertionError("a step larger than a message was sent")
+        except ValueError as err:
+            assert "'huge'" in str(err) and "shorter chunks" in str(err)
+        assert gateway.acked_seq("charlm", "b00") == 1 and gateway.acked_seq("charlm", "huge") == 0
+        (again,) = (await gateway.step("charlm", {"b00": EYE[[4]]})).values()
+        assert isinstance(again, StepReply) and again.seq == 2 and not again.replayed
+
+
+async def test_a_call_whose_messages_fail_in_part_moves_no_session_on(start_server, redis_store_url):
+    """Of a call sent as two messages, the first applied and the second lost (no stream could be had): the
+    call raises, no session moves on, and the call made again replays the first message's steps and applies
+    the second's. Nothing is applied twice."""
+    app = await start_server(url=redis_store_url)
+    target = f"127.0.0.1:{app.port}"
+
+    class SecondMessageLost(BatchClient):
+        sent = 0
+
+        async def _send(self, requests):  # type: ignore[no-untyped-def]
+            SecondMessageLost.sent += 1
+            if SecondMessageLost.sent == 2:
+                raise ConnectionError("no stream could be had")
+            return await super()._send(requests)
+
+    inputs = {f"p{i}": EYE[[i % FEATURES]] for i in range(20)}
+    async with SecondMessageLost(target, max_steps_per_message=10) as gateway:
+        try:
+            await gateway.step("charlm", inputs)
+            raise AssertionError("the call did not raise")
+        except ConnectionError:
+            pass
+        assert all(gateway.acked_seq("charlm", sid) == 0 for sid in inputs)
+        replies = await gateway.step("charlm", inputs)
+    assert [r.replayed for r in replies.values()] == [True] * 10 + [False] * 10  # type: ignore[union-attr]
+    assert all(isinstance(r, StepReply) and r.seq == 1 for r in replies.values())
