@@ -21,6 +21,7 @@ import contextlib
 import itertools
 import math
 import random
+import re
 import secrets
 import time
 import uuid
@@ -261,7 +262,7 @@ class _Resumable(_Connected, Generic[Req, Resp]):
         self.target = target
         self._reconnect_timeout_s = reconnect_timeout_s
         self._max_backoff_s = max_backoff_s
-        self._max_message_bytes = max_message_bytes
+        self._max_message_bytes = self._own_max_message_bytes = max_message_bytes
         self._tls, self._token = tls, token
         self._channel = open_channel(target, tls, token=token)
         self.stub = pb_grpc.RnnServeStub(self._channel)
@@ -319,9 +320,7 @@ class _Resumable(_Connected, Generic[Req, Resp]):
         if self._closed or self._supervisor is None:
             raise ConnectionError(f"the client for {self.target} is {'closed' if self._closed else 'not connected'}")
         if request.ByteSize() > self._max_message_bytes:
-            raise ValueError(
-                f"a message of {request.ByteSize()} bytes exceeds the {self._max_message_bytes}-byte limit"
-            )
+            raise self._too_large(request.ByteSize())
         future: asyncio.Future[Resp] = asyncio.get_running_loop().create_future()
         key = self._key(request)
         async with self._lock:
@@ -382,6 +381,7 @@ class _Resumable(_Connected, Generic[Req, Resp]):
             return False
         call, answered = placed, False
         try:
+            await self._learn_limits(call)
             async with self._lock:
                 if self.attempts:
                     self.reconnects += 1
@@ -400,7 +400,7 @@ class _Resumable(_Connected, Generic[Req, Resp]):
                 if entry is not None and not entry[1].done():
                     entry[1].set_result(response)
         except grpc.aio.AioRpcError as err:
-            self.last_error = err
+            self._broke(err)
             return answered
         except asyncio.CancelledError:
             task = asyncio.current_task()
@@ -457,6 +457,11 @@ class _Resumable(_Connected, Generic[Req, Resp]):
         return self._call is not None
 
     @property
+    def max_message_bytes(self) -> int:
+        """The largest message this client sends: its own limit, or a server's that turned out smaller."""
+        return self._max_message_bytes
+
+    @property
     def in_flight(self) -> int:
         return len(self._pending)
 
@@ -470,6 +475,50 @@ class _Resumable(_Connected, Generic[Req, Resp]):
             self._call.cancel()
             self._call = None  # a request from now on waits for the new stream
             return True
+
+    async def _learn_limits(self, call: grpc.aio.StreamStreamCall[Req, Resp]) -> None:
+        """The server's limits, from the headers it sends as a stream starts (before anything is written on
+        it): where its message limit is below this client's, the waiting messages past it fail and later
+        ones keep to it (see `_refuse_larger`)."""
+        try:
+            async with asyncio.timeout(2.0):
+                headers = dict(await call.initial_metadata() or ())
+        except (TimeoutError, grpc.aio.AioRpcError):
+            return  # a refused stream, or a server that does not say: its refusals will
+        limit = str(headers.get("rnnserve-max-message-bytes", ""))
+        if limit.isdigit() and int(limit) < self._max_message_bytes:
+            self._refuse_larger(int(limit))
+        self._headers_read(headers)
+
+    def _headers_read(self, headers: dict[str, Any]) -> None:
+        """What else a client takes from a new stream's headers."""
+
+    def _broke(self, err: grpc.aio.AioRpcError) -> None:
+        """The stream ended with `err`; where that is the server refusing a message past its size limit,
+        the messages past it fail (see `_refuse_larger`)."""
+        self.last_error = err
+        if (limit := _receive_limit(err)) is not None:
+            self._refuse_larger(limit)
+
+    def _refuse_larger(self, limit: int) -> None:
+        """The server takes messages of at most `limit` bytes (its headers say so, or its refusal of one),
+        less than this client's `max_message_bytes`: the waiting requests larger than that fail (resent,
+        they would only break stream after stream), and from now on the client keeps to the server's limit."""
+        self._max_message_bytes = min(self._max_message_bytes, limit)
+        for key, (request, future) in list(self._pending.items()):
+            if request.ByteSize() > limit:
+                del self._pending[key]
+                if not future.done():
+                    future.set_exception(self._too_large(request.ByteSize()))
+
+    def _too_large(self, size: int) -> ValueError:
+        limit = self._max_message_bytes
+        if limit == self._own_max_message_bytes:
+            return ValueError(f"a message of {size} bytes exceeds the {limit}-byte limit; send shorter chunks")
+        return ValueError(
+            f"a message of {size} bytes exceeds the {limit}-byte limit of the server at {self.target} (this "
+            "client keeps to it from now on); send shorter chunks, and set max_message_bytes to match the server's"
+        )
 
     def _fail_pending(self, err: BaseException) -> None:
         for _, future in self._pending.values():
@@ -507,6 +556,12 @@ class _BatchStream(_Resumable[pb.StepBatch, pb.StepBatchResult]):
     def __init__(self, target: str, spread: Spread, **options: Any) -> None:
         super().__init__(target, **options)
         self._spread = spread
+        self.max_steps: int | None = None  # a StepBatch's most steps, as the server's headers say
+
+    def _headers_read(self, headers: dict[str, Any]) -> None:
+        limit = str(headers.get("rnnserve-max-steps-per-message", ""))
+        if limit.isdigit():
+            self.max_steps = int(limit)
 
     def _open(self) -> grpc.aio.StreamStreamCall[pb.StepBatch, pb.StepBatchResult]:
         return self.stub.StreamBatch()
@@ -619,14 +674,14 @@ class BatchClient(_Connected):
         `rebalance_s`: how often, while two of the streams share a server process, a connection is opened to
         look for a process holding fewer of them (0: never; see `_rebalance`).
         `max_steps_per_message`: a call of more sessions goes as several messages (the server's
-        `max_steps_per_message`, 1,024 by default, refuses larger ones); so does one past `max_message_bytes`."""
+        `max_steps_per_message`, 1,024 by default, refuses larger ones); so does one past `max_message_bytes`.
+        A server's own smaller limits, which it names in a stream's headers, are kept to once a stream is open."""
         if streams < 1:
             raise ValueError(f"streams must be 1 or more, got {streams}")
         if max_steps_per_message < 1:
             raise ValueError(f"max_steps_per_message must be 1 or more, got {max_steps_per_message}")
         self.target = target
         self._max_steps = max_steps_per_message
-        self._max_bytes: int = options.get("max_message_bytes", 4 * 1024 * 1024)
         self._rebalance_s = rebalance_s
         self._rebalancer: asyncio.Task[None] | None = None
         self.moves = 0  # streams ended to be placed again (`_rebalance`)
@@ -796,16 +851,19 @@ class BatchClient(_Connected):
         """The call's steps in order, cut into messages of at most `max_steps_per_message` steps and
         `max_message_bytes` bytes; ValueError, before anything is sent, for a step that alone exceeds it."""
         parts: list[list[pb.StepRequest]] = [[]]
-        room = budget = self._max_bytes - _BATCH_ID_BYTES
+        # Each the client's own, or a server's that turned out smaller (its streams' headers say).
+        limit = min(stream.max_message_bytes for stream in self._streams)
+        steps = min([self._max_steps] + [stream.max_steps for stream in self._streams if stream.max_steps])
+        room = budget = limit - _BATCH_ID_BYTES
         for request in requests:
             size = request.ByteSize()
             size += 1 + _varint_bytes(size)  # the field's tag and length
             if size > budget:
                 raise ValueError(
                     f"the step of session {request.session_id!r} takes {size} bytes, more than a message of "
-                    f"{self._max_bytes} bytes holds; send it in shorter chunks"
+                    f"{limit} bytes holds; send it in shorter chunks"
                 )
-            if len(parts[-1]) == self._max_steps or size > room:
+            if len(parts[-1]) == steps or size > room:
                 parts.append([])
                 room = budget
             parts[-1].append(request)
@@ -868,6 +926,19 @@ def step_request(
         end=end,
         input=pb.Tensor(shape=data.shape, raw=data.tobytes()),
     )
+
+
+# gRPC's words when a server refuses a message past its receive limit (a server started with a smaller
+# max_message_bytes than the client's); they end with "(<size> vs. <limit>)".
+_TOO_LARGE = re.compile(r"Received message larger than max \((\d+) vs\. (\d+)\)")
+
+
+def _receive_limit(err: grpc.aio.AioRpcError) -> int | None:
+    """The server's message limit, where `err` is its refusal of a message past it."""
+    if err.code() is not grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return None
+    found = _TOO_LARGE.search(err.details() or "")
+    return int(found.group(2)) if found else None
 
 
 _BATCH_ID_BYTES = 11  # a StepBatch's id field, at most

@@ -83,6 +83,13 @@ class NativeServicer(pb_grpc.RnnServeServicer):
         self._settings = settings
         self._gate = gate
         self._auth = auth
+        # What a stream's headers tell its client: the process it reached, and the limits a client should
+        # keep to (`service.client` cuts its messages to them).
+        self._headers = (
+            *WORKER_METADATA,
+            ("rnnserve-max-message-bytes", str(settings.max_message_bytes)),
+            ("rnnserve-max-steps-per-message", str(settings.max_steps_per_message)),
+        )
 
     # -- Stream --------------------------------------------------------------------------------
 
@@ -93,7 +100,7 @@ class NativeServicer(pb_grpc.RnnServeServicer):
             metadata = context.invocation_metadata()
             tenant = tenant_of(self._auth, metadata)
             with self._gate.admit():
-                await context.send_initial_metadata(WORKER_METADATA)
+                await context.send_initial_metadata(self._headers)
                 limit = self._settings.max_inflight_per_stream
                 submit = partial(self._submit, tenant=tenant)
                 requests = while_valid(request_iterator, self._auth, metadata)
@@ -111,7 +118,7 @@ class NativeServicer(pb_grpc.RnnServeServicer):
             metadata = context.invocation_metadata()
             tenant = tenant_of(self._auth, metadata)
             with self._gate.admit():
-                await context.send_initial_metadata(WORKER_METADATA)
+                await context.send_initial_metadata(self._headers)
                 limit = self._settings.max_inflight_per_stream
                 answers = answer_all(
                     while_valid(request_iterator, self._auth, metadata),

@@ -387,3 +387,23 @@ async def test_a_call_cancelled_while_it_waits_for_a_session_holds_no_other(star
         states[second].order.release()
         replies = await asyncio.wait_for(gateway.step("charlm", {first: x[[3]]}), 10)
         assert isinstance(replies[first], StepReply) and replies[first].seq == 2
+
+
+async def test_a_stream_client_keeps_to_a_smaller_server_message_limit(start_server):
+    """A server started with max_message_bytes below its client's: the step past it fails at once with a
+    ValueError naming the server's limit (not resent, breaking the stream under the other sessions, until
+    the reconnect timeout), the other sessions go on, and the session steps on with shorter chunks."""
+    app = await start_server(max_message_bytes=50_000)
+    eye = np.eye(FEATURES, dtype=np.float32)
+    async with StreamClient(f"127.0.0.1:{app.port}", reconnect_timeout_s=20) as client:
+        long, other = client.session("charlm", "long"), client.session("charlm", "other")
+        first = await long.step(eye[[1]])
+        outcomes = await asyncio.wait_for(
+            asyncio.gather(long.step(np.tile(eye[[2]], (300, 1))), other.step(eye[[3]]), return_exceptions=True), 10
+        )
+        assert isinstance(outcomes[0], ValueError) and "50000-byte limit of the server" in str(outcomes[0])
+        assert isinstance(outcomes[1], StepReply) and outcomes[1].seq == 1
+        assert first.seq == 1 and long.acked_seq == 1
+        with pytest.raises(ValueError, match="50000-byte limit"):  # refused before it is sent, from now on
+            await long.step(np.tile(eye[[2]], (300, 1)))
+        assert (await long.step(np.tile(eye[[2]], (30, 1)))).seq == 2
