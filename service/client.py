@@ -268,6 +268,8 @@ class _Resumable(_Connected, Generic[Req, Resp]):
         self.stub = pb_grpc.RnnServeStub(self._channel)
         self._call: grpc.aio.StreamStreamCall[Req, Resp] | None = None
         self._pending: dict[Hashable, tuple[Req, asyncio.Future[Resp]]] = {}
+        self._written: set[Hashable] = set()  # pending requests written on some stream: perhaps applied
+        self._headers: dict[str, Any] | None = None  # the current stream's, once read
         self._lock = asyncio.Lock()  # writes to the stream, and swapping the stream, one at a time
         self._work = asyncio.Event()  # a request is waiting for a stream
         self._supervisor: asyncio.Task[None] | None = None
@@ -329,12 +331,19 @@ class _Resumable(_Connected, Generic[Req, Resp]):
             self._pending[key] = (request, future)
             self._work.set()
             if self._call is not None:
-                await _write(self._call, request)  # on a broken stream the supervisor resends it
+                if request.ByteSize() > _SMALLEST_SERVER_LIMIT:  # could be past the server's own limit
+                    await self._read_headers(self._call)
+                if request.ByteSize() > self._max_message_bytes:
+                    del self._pending[key]
+                    raise self._too_large(request.ByteSize())
+                if await _write(self._call, request):  # on a broken stream the supervisor resends it
+                    self._written.add(key)
         try:
             return await future
         finally:
             if self._pending.get(key, (None, None))[1] is future:
                 del self._pending[key]
+                self._written.discard(key)
 
     async def _supervise(self) -> None:
         """Keep a stream open while requests wait: open, resend what is unanswered, read; on a break,
@@ -381,15 +390,7 @@ class _Resumable(_Connected, Generic[Req, Resp]):
             return False
         call, answered = placed, False
         try:
-            await self._learn_limits(call)
-            async with self._lock:
-                if self.attempts:
-                    self.reconnects += 1
-                self._call = call
-                self.attempts += 1
-                for request, _ in list(self._pending.values()):  # in the order first sent
-                    if not await _write(call, request):
-                        break
+            await self._resend(call)
             while True:
                 response = await call.read()
                 if response is grpc.aio.EOF:  # the server ended it (a drain)
@@ -413,8 +414,26 @@ class _Resumable(_Connected, Generic[Req, Resp]):
                 if self._call is call:
                     self._call = None
                 self._moving = False
+                # The next stream may reach another server: its headers will say its limits.
+                self._headers, self._max_message_bytes = None, self._own_max_message_bytes
             call.cancel()
             self._left()
+
+    async def _resend(self, call: grpc.aio.StreamStreamCall[Req, Resp]) -> None:
+        """Make `call` this client's stream and write the unanswered requests on it, in the order first sent
+        (past the server's limits, where a large one could be, none: `_refuse_larger`)."""
+        if any(request.ByteSize() > _SMALLEST_SERVER_LIMIT for request, _ in self._pending.values()):
+            await self._read_headers(call)  # before anything is written
+        async with self._lock:
+            if self.attempts:
+                self.reconnects += 1
+            self._call = call
+            self.attempts += 1
+            self._refuse_larger()
+            for key, (request, _) in list(self._pending.items()):
+                if not await _write(call, request):
+                    break
+                self._written.add(key)
 
     async def _place(self, connect_within_s: float) -> grpc.aio.StreamStreamCall[Req, Resp] | None:
         """A new stream once connected, opened again on a new connection while `_placed` says to, within
@@ -422,14 +441,14 @@ class _Resumable(_Connected, Generic[Req, Resp]):
         deadline = time.monotonic() + connect_within_s
         if not await self._connected(connect_within_s):
             return None
-        call = self._open()
+        call, self._headers = self._open(), None
         try:
             while time.monotonic() < deadline and not await self._placed(call):
                 call.cancel()
                 await self._reopen()
                 if not await self._connected(deadline - time.monotonic()):
                     return None
-                call = self._open()
+                call, self._headers = self._open(), None
         except BaseException:  # closing: the stream goes, and its place
             call.cancel()
             self._left()
@@ -476,48 +495,59 @@ class _Resumable(_Connected, Generic[Req, Resp]):
             self._call = None  # a request from now on waits for the new stream
             return True
 
-    async def _learn_limits(self, call: grpc.aio.StreamStreamCall[Req, Resp]) -> None:
-        """The server's limits, from the headers it sends as a stream starts (before anything is written on
-        it): where its message limit is below this client's, the waiting messages past it fail and later
-        ones keep to it (see `_refuse_larger`)."""
-        try:
-            async with asyncio.timeout(2.0):
-                headers = dict(await call.initial_metadata() or ())
-        except (TimeoutError, grpc.aio.AioRpcError):
-            return  # a refused stream, or a server that does not say: its refusals will
-        limit = str(headers.get("rnnserve-max-message-bytes", ""))
-        if limit.isdigit() and int(limit) < self._max_message_bytes:
-            self._refuse_larger(int(limit))
-        self._headers_read(headers)
+    async def _read_headers(self, call: grpc.aio.StreamStreamCall[Req, Resp]) -> dict[str, Any]:
+        """The headers the server sent as the stream `call` started ({} where none came within a moment),
+        read once a stream; its limits, where it names them, are this client's while the stream lasts (the
+        smaller of its own and the server's: `_refuse_larger`)."""
+        if self._headers is None:
+            try:
+                async with asyncio.timeout(2.0):
+                    self._headers = dict(await call.initial_metadata() or ())
+            except (TimeoutError, grpc.aio.AioRpcError):
+                self._headers = {}  # a refused stream, or a server that does not say: its refusals will
+            limit = _header_limit(self._headers, "rnnserve-max-message-bytes", _SMALLEST_SERVER_LIMIT)
+            self._max_message_bytes = min(self._own_max_message_bytes, limit or self._own_max_message_bytes)
+            self._headers_read(self._headers)
+        return self._headers
 
     def _headers_read(self, headers: dict[str, Any]) -> None:
         """What else a client takes from a new stream's headers."""
 
     def _broke(self, err: grpc.aio.AioRpcError) -> None:
         """The stream ended with `err`; where that is the server refusing a message past its size limit,
-        the messages past it fail (see `_refuse_larger`)."""
+        this client keeps to that limit and the messages past it fail (see `_refuse_larger`)."""
         self.last_error = err
         if (limit := _receive_limit(err)) is not None:
-            self._refuse_larger(limit)
+            self._max_message_bytes = min(self._max_message_bytes, limit)
+            self._refuse_larger()
 
-    def _refuse_larger(self, limit: int) -> None:
-        """The server takes messages of at most `limit` bytes (its headers say so, or its refusal of one),
-        less than this client's `max_message_bytes`: the waiting requests larger than that fail (resent,
-        they would only break stream after stream), and from now on the client keeps to the server's limit."""
-        self._max_message_bytes = min(self._max_message_bytes, limit)
+    def _refuse_larger(self) -> None:
+        """Fail the waiting requests past the server's message limit where it is below this client's:
+        resent, they would only break stream after stream. One never written is refused as not sent
+        (ValueError); one written on an earlier stream and not answered may have been applied."""
         for key, (request, future) in list(self._pending.items()):
-            if request.ByteSize() > limit:
-                del self._pending[key]
-                if not future.done():
-                    future.set_exception(self._too_large(request.ByteSize()))
+            if request.ByteSize() <= self._max_message_bytes:
+                continue
+            del self._pending[key]
+            sent = key in self._written
+            self._written.discard(key)
+            if not future.done():
+                future.set_exception(self._too_large(request.ByteSize(), sent))
 
-    def _too_large(self, size: int) -> ValueError:
+    def _too_large(self, size: int, sent: bool = False) -> Exception:
         limit = self._max_message_bytes
         if limit == self._own_max_message_bytes:
             return ValueError(f"a message of {size} bytes exceeds the {limit}-byte limit; send shorter chunks")
+        server = f"the {limit}-byte limit of the server at {self.target}"
+        if sent:
+            return ConnectionError(
+                f"a message of {size} bytes was sent, not answered before its stream broke, and exceeds {server} "
+                "now reached: it may or may not have been applied. A BatchClient call made again is cut to fit "
+                "and replays what was applied; a Session should read its last_seq (GetSession) and resume"
+            )
         return ValueError(
-            f"a message of {size} bytes exceeds the {limit}-byte limit of the server at {self.target} (this "
-            "client keeps to it from now on); send shorter chunks, and set max_message_bytes to match the server's"
+            f"a message of {size} bytes exceeds {server} (this client keeps to it while its stream lasts); send "
+            "shorter chunks, and set max_message_bytes to match the server's"
         )
 
     def _fail_pending(self, err: BaseException) -> None:
@@ -559,9 +589,7 @@ class _BatchStream(_Resumable[pb.StepBatch, pb.StepBatchResult]):
         self.max_steps: int | None = None  # a StepBatch's most steps, as the server's headers say
 
     def _headers_read(self, headers: dict[str, Any]) -> None:
-        limit = str(headers.get("rnnserve-max-steps-per-message", ""))
-        if limit.isdigit():
-            self.max_steps = int(limit)
+        self.max_steps = _header_limit(headers, "rnnserve-max-steps-per-message", 1)
 
     def _open(self) -> grpc.aio.StreamStreamCall[pb.StepBatch, pb.StepBatchResult]:
         return self.stub.StreamBatch()
@@ -571,7 +599,7 @@ class _BatchStream(_Resumable[pb.StepBatch, pb.StepBatchResult]):
 
     async def _placed(self, call: grpc.aio.StreamStreamCall[pb.StepBatch, pb.StepBatchResult]) -> bool:
         self._spread.leave(self)
-        return self._spread.keep(self, await worker_of_stream(call))
+        return self._spread.keep(self, _worker_in(await self._read_headers(call)))
 
     def _left(self) -> None:
         self._spread.leave(self)
@@ -582,11 +610,21 @@ async def worker_of_stream(call: grpc.aio.StreamStreamCall[Any, Any]) -> str | N
     and process id); None where none came within a moment (another server, or a refused stream)."""
     try:
         async with asyncio.timeout(2.0):
-            metadata = dict(await call.initial_metadata() or ())
+            return _worker_in(dict(await call.initial_metadata() or ()))
     except (TimeoutError, grpc.aio.AioRpcError):
         return None
-    worker = metadata.get("rnnserve-worker")
-    return None if worker is None else f"{metadata.get('rnnserve-host', '')}/{worker}"
+
+
+def _worker_in(headers: dict[str, Any]) -> str | None:
+    worker = headers.get("rnnserve-worker")
+    return None if worker is None else f"{headers.get('rnnserve-host', '')}/{worker}"
+
+
+def _header_limit(headers: dict[str, Any], name: str, least: int) -> int | None:
+    """A limit a server names in its headers; None where it names none, or one no rnnserve server has (below
+    `least`: a header from something else in the way, which must not make a client refuse everything)."""
+    value = str(headers.get(name, ""))
+    return int(value) if value.isascii() and value.isdigit() and int(value) >= least else None
 
 
 class Spread:
@@ -942,6 +980,7 @@ def _receive_limit(err: grpc.aio.AioRpcError) -> int | None:
 
 
 _BATCH_ID_BYTES = 11  # a StepBatch's id field, at most
+_SMALLEST_SERVER_LIMIT = 1024  # no rnnserve server takes a max_message_bytes below it
 
 
 def _varint_bytes(value: int) -> int:

@@ -407,3 +407,47 @@ async def test_a_stream_client_keeps_to_a_smaller_server_message_limit(start_ser
         with pytest.raises(ValueError, match="50000-byte limit"):  # refused before it is sent, from now on
             await long.step(np.tile(eye[[2]], (300, 1)))
         assert (await long.step(np.tile(eye[[2]], (30, 1)))).seq == 2
+
+
+async def test_a_client_keeps_to_the_limit_of_the_server_it_reaches(start_server, redis_store_url, tmp_path):
+    """Two replicas on one Redis behind one target, A taking 4 MiB messages and B 50 KB. A long step written
+    to A, which dies before answering, fails on reaching B as one that may have been applied (not as one
+    never sent, whose advice, shorter chunks, would be wrong for it); on B a long step is refused before it
+    is sent, and a short one goes on; back on A, long steps are taken again."""
+    from bench.process import ServerProcess, free_port
+    from tests.conftest import TEST_REPO
+
+    eye = np.eye(FEATURES, dtype=np.float32)
+    long = np.tile(eye[[2]], (300, 1))
+    b = await start_server(url=redis_store_url, max_message_bytes=50_000)
+    a = ServerProcess.rnnserve(free_port(), TEST_REPO, redis_store_url, "--workers", "1", log=tmp_path / "a.log")
+    a.start()
+    try:
+        async with StreamClient(f"ipv4:127.0.0.1:{a.port},127.0.0.1:{b.port}", reconnect_timeout_s=30) as client:
+            session = client.session("charlm", "m")
+            assert (await session.step(eye[[1]])).seq == 1  # on A, the first address
+            assert a.process is not None
+            os.kill(a.process.pid, signal.SIGSTOP)  # A takes the long step's bytes and never answers
+            lost = asyncio.create_task(session.step(long))
+            await asyncio.sleep(0.5)
+            a.kill()
+            with pytest.raises(ConnectionError, match="may or may not have been applied"):
+                await asyncio.wait_for(lost, 20)
+            with pytest.raises(ValueError, match="50000-byte limit of the server"):
+                await session.step(long)  # on B: refused before it is sent
+            assert (await session.step(eye[[3]])).seq == 2
+            a.start()
+            await b.stop(grace_s=0.5)  # the client goes back to A
+            assert (await asyncio.wait_for(session.step(long), 20)).seq == 3
+    finally:
+        a.kill()
+
+
+def test_a_limit_no_rnnserve_server_has_is_not_taken_from_headers():
+    from service.client import _header_limit
+
+    name = "rnnserve-max-message-bytes"
+    assert _header_limit({name: "200000"}, name, 1024) == 200_000
+    for bogus in ("0", "1", "00100", "-1", "abc", "²", ""):
+        assert _header_limit({name: bogus}, name, 1024) is None, bogus
+    assert _header_limit({}, name, 1024) is None
