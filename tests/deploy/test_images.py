@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench.process import free_port
 from service.client import StepReply, StreamClient
 from tests.conftest import shipped_versions
 from tests.deploy.conftest import DEPLOY, ROOT, tool
@@ -47,12 +47,6 @@ def test_the_image_is_multi_stage_non_root_pinned_and_checks_its_health(dockerfi
             assert (ROOT / source).exists(), f"{dockerfile.name} copies {source}, which is not in the repository"
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert not {"service", "bench", "export", "models", "requirements", "deploy"} & set(ignored)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.mark.timeout(600)
@@ -92,7 +86,7 @@ def test_the_serving_install_has_no_torch_and_answers_a_stream(tmp_path: Path) -
     ).stdout
     assert "CUDAExecutionProvider" not in providers  # the CPU build of ONNX Runtime
 
-    port = _free_port()
+    port = free_port()
     rnnserve = str(venv / "bin" / "rnnserve")
     server = subprocess.Popen(
         [
