@@ -268,7 +268,8 @@ class _Resumable(_Connected, Generic[Req, Resp]):
         self.stub = pb_grpc.RnnServeStub(self._channel)
         self._call: grpc.aio.StreamStreamCall[Req, Resp] | None = None
         self._pending: dict[Hashable, tuple[Req, asyncio.Future[Resp]]] = {}
-        self._written: set[Hashable] = set()  # pending requests written on some stream: perhaps applied
+        self._written: dict[Hashable, int] = {}  # pending requests written: on which stream (`attempts`)
+        self._refused_limit: int | None = None  # a server's message limit, from its refusal of a message
         self._headers: dict[str, Any] | None = None  # the current stream's, once read
         self._lock = asyncio.Lock()  # writes to the stream, and swapping the stream, one at a time
         self._work = asyncio.Event()  # a request is waiting for a stream
@@ -324,26 +325,26 @@ class _Resumable(_Connected, Generic[Req, Resp]):
         if request.ByteSize() > self._max_message_bytes:
             raise self._too_large(request.ByteSize())
         future: asyncio.Future[Resp] = asyncio.get_running_loop().create_future()
-        key = self._key(request)
-        async with self._lock:
-            if self._closed:  # closed while this call waited for the lock: close() has failed the others
-                raise ConnectionError(f"the client for {self.target} is closed")
-            self._pending[key] = (request, future)
-            self._work.set()
-            if self._call is not None:
-                if request.ByteSize() > _SMALLEST_SERVER_LIMIT:  # could be past the server's own limit
-                    await self._read_headers(self._call)
-                if request.ByteSize() > self._max_message_bytes:
-                    del self._pending[key]
-                    raise self._too_large(request.ByteSize())
-                if await _write(self._call, request):  # on a broken stream the supervisor resends it
-                    self._written.add(key)
-        try:
+        key, entry = self._key(request), (request, future)
+        try:  # from here on, however this call ends (cancelled under the lock too), its request goes
+            async with self._lock:
+                if self._closed:  # closed while this call waited for the lock: close() has failed the others
+                    raise ConnectionError(f"the client for {self.target} is closed")
+                self._pending[key] = entry
+                self._work.set()
+                if self._call is not None:
+                    if request.ByteSize() > _SMALLEST_SERVER_LIMIT:  # could be past the server's own limit
+                        await self._read_headers(self._call)
+                    if request.ByteSize() > self._max_message_bytes:
+                        raise self._too_large(request.ByteSize())
+                    # On a broken stream the supervisor resends it.
+                    if await _write(self._call, request) and self._pending.get(key) is entry:
+                        self._written[key] = self.attempts
             return await future
         finally:
-            if self._pending.get(key, (None, None))[1] is future:
+            if self._pending.get(key) is entry:
                 del self._pending[key]
-                self._written.discard(key)
+                self._written.pop(key, None)
 
     async def _supervise(self) -> None:
         """Keep a stream open while requests wait: open, resend what is unanswered, read; on a break,
@@ -415,25 +416,28 @@ class _Resumable(_Connected, Generic[Req, Resp]):
                     self._call = None
                 self._moving = False
                 # The next stream may reach another server: its headers will say its limits.
-                self._headers, self._max_message_bytes = None, self._own_max_message_bytes
+                self._headers, self._max_message_bytes = None, self._limit_unless_told()
             call.cancel()
             self._left()
 
     async def _resend(self, call: grpc.aio.StreamStreamCall[Req, Resp]) -> None:
         """Make `call` this client's stream and write the unanswered requests on it, in the order first sent
         (past the server's limits, where a large one could be, none: `_refuse_larger`)."""
-        if any(request.ByteSize() > _SMALLEST_SERVER_LIMIT for request, _ in self._pending.values()):
-            await self._read_headers(call)  # before anything is written
         async with self._lock:
+            if self._headers is None and any(r.ByteSize() > _SMALLEST_SERVER_LIMIT for r, _ in self._pending.values()):
+                await self._read_headers(call)  # before anything is written
             if self.attempts:
                 self.reconnects += 1
             self._call = call
             self.attempts += 1
             self._refuse_larger()
-            for key, (request, _) in list(self._pending.items()):
-                if not await _write(call, request):
+            for key, entry in list(self._pending.items()):
+                if self._pending.get(key) is not entry:  # its caller gave up meanwhile
+                    continue
+                if not await _write(call, entry[0]):
                     break
-                self._written.add(key)
+                if self._pending.get(key) is entry:
+                    self._written[key] = self.attempts
 
     async def _place(self, connect_within_s: float) -> grpc.aio.StreamStreamCall[Req, Resp] | None:
         """A new stream once connected, opened again on a new connection while `_placed` says to, within
@@ -506,9 +510,14 @@ class _Resumable(_Connected, Generic[Req, Resp]):
             except (TimeoutError, grpc.aio.AioRpcError):
                 self._headers = {}  # a refused stream, or a server that does not say: its refusals will
             limit = _header_limit(self._headers, "rnnserve-max-message-bytes", _SMALLEST_SERVER_LIMIT)
-            self._max_message_bytes = min(self._own_max_message_bytes, limit or self._own_max_message_bytes)
+            self._max_message_bytes = min(self._own_max_message_bytes, limit) if limit else self._limit_unless_told()
             self._headers_read(self._headers)
         return self._headers
+
+    def _limit_unless_told(self) -> int:
+        """This client's message limit where a server's headers name none: its own, or a server's that
+        refused a larger message (a server older than these headers, or a proxy in the way)."""
+        return min(self._own_max_message_bytes, self._refused_limit or self._own_max_message_bytes)
 
     def _headers_read(self, headers: dict[str, Any]) -> None:
         """What else a client takes from a new stream's headers."""
@@ -518,19 +527,20 @@ class _Resumable(_Connected, Generic[Req, Resp]):
         this client keeps to that limit and the messages past it fail (see `_refuse_larger`)."""
         self.last_error = err
         if (limit := _receive_limit(err)) is not None:
+            self._refused_limit = min(self._refused_limit or limit, limit)
             self._max_message_bytes = min(self._max_message_bytes, limit)
             self._refuse_larger()
 
     def _refuse_larger(self) -> None:
         """Fail the waiting requests past the server's message limit where it is below this client's:
-        resent, they would only break stream after stream. One never written is refused as not sent
-        (ValueError); one written on an earlier stream and not answered may have been applied."""
+        resent, they would only break stream after stream. One written on an earlier stream and not answered
+        may have been applied (ConnectionError); one never written, or written on this stream, whose server
+        refuses it, was not (ValueError)."""
         for key, (request, future) in list(self._pending.items()):
             if request.ByteSize() <= self._max_message_bytes:
                 continue
             del self._pending[key]
-            sent = key in self._written
-            self._written.discard(key)
+            sent = self._written.pop(key, self.attempts) < self.attempts
             if not future.done():
                 future.set_exception(self._too_large(request.ByteSize(), sent))
 
@@ -555,6 +565,7 @@ class _Resumable(_Connected, Generic[Req, Resp]):
             if not future.done():
                 future.set_exception(err)
         self._pending.clear()
+        self._written.clear()
 
 
 class StreamClient(_Resumable[pb.StepRequest, pb.StepResponse]):
