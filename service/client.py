@@ -137,6 +137,10 @@ def _bearer_interceptors(token: str) -> list[Any]:
     return [kind(token) for kind in (_BearerUnaryUnary, _BearerUnaryStream, _BearerStreamUnary, _BearerStreamStream)]
 
 
+class MessageTooLarge(ValueError):
+    """A message past the limit of the server a stream reached, smaller than the client's own: not sent."""
+
+
 class StepError(Exception):
     """The server refused a step; the session's state is unchanged."""
 
@@ -544,7 +548,7 @@ class _Resumable(_Connected, Generic[Req, Resp]):
             if not future.done():
                 future.set_exception(self._too_large(request.ByteSize(), sent))
 
-    def _too_large(self, size: int, sent: bool = False) -> Exception:
+    def _too_large(self, size: int, sent: bool = False) -> ValueError | ConnectionError:
         limit = self._max_message_bytes
         if limit == self._own_max_message_bytes:
             return ValueError(f"a message of {size} bytes exceeds the {limit}-byte limit; send shorter chunks")
@@ -555,7 +559,7 @@ class _Resumable(_Connected, Generic[Req, Resp]):
                 "now reached: it may or may not have been applied. A BatchClient call made again is cut to fit "
                 "and replays what was applied; a Session should read its last_seq (GetSession) and resume"
             )
-        return ValueError(
+        return MessageTooLarge(
             f"a message of {size} bytes exceeds {server} (this client keeps to it while its stream lasts); send "
             "shorter chunks, and set max_message_bytes to match the server's"
         )
@@ -876,13 +880,13 @@ class BatchClient(_Connected):
             ]
             parts = self._messages(requests)
             if len(parts) == 1:
-                results = [await self._send(parts[0])]
+                results = await self._send_fitted(parts[0])
             else:  # every message runs to its end before any session moves on (see the docstring)
-                outcomes = await asyncio.gather(*(self._send(part) for part in parts), return_exceptions=True)
+                outcomes = await asyncio.gather(*(self._send_fitted(part) for part in parts), return_exceptions=True)
                 for outcome in outcomes:
                     if isinstance(outcome, BaseException):
                         raise outcome
-                results = outcomes  # type: ignore[assignment]
+                results = [piece for outcome in outcomes for piece in outcome]  # type: ignore[union-attr]
             replies: dict[str, StepReply | StepError] = {}
             responses = (
                 item for result, latency in results for item in zip(result.responses, itertools.repeat(latency))
@@ -918,6 +922,25 @@ class BatchClient(_Connected):
             parts[-1].append(request)
             room -= size
         return parts
+
+    async def _send_fitted(self, requests: list[pb.StepRequest]) -> list[tuple[pb.StepBatchResult, float]]:
+        """One message of a call; cut again and sent in pieces, one after another, where the server it
+        reached takes less than the message was cut for (a server's limits are known once a stream to it is
+        open): a message past its byte limit is refused before it is sent, and one past its step limit is
+        refused step by step, so nothing of it was applied, and its pieces carry the same steps."""
+        try:
+            answered = await self._send(requests)
+        except MessageTooLarge:
+            pieces = self._messages(requests)
+            if len(pieces) == 1:
+                raise
+        else:
+            steps = min((stream.max_steps for stream in self._streams if stream.max_steps), default=None)
+            too_many = steps is not None and len(requests) > steps
+            refused = all(r.error.code == _RESOURCE_EXHAUSTED for r in answered[0].responses)
+            if not (too_many and refused) or len(pieces := self._messages(requests)) == 1:
+                return [answered]
+        return [result for piece in pieces for result in await self._send_fitted(piece)]
 
     async def _send(self, requests: list[pb.StepRequest]) -> tuple[pb.StepBatchResult, float]:
         """One message, on the stream whose answers promise to come soonest; its answer and latency."""
@@ -991,6 +1014,7 @@ def _receive_limit(err: grpc.aio.AioRpcError) -> int | None:
 
 
 _BATCH_ID_BYTES = 11  # a StepBatch's id field, at most
+_RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
 _SMALLEST_SERVER_LIMIT = 1024  # no rnnserve server takes a max_message_bytes below it
 
 
