@@ -407,7 +407,6 @@ async def test_a_gateway_cuts_its_calls_to_a_servers_smaller_message_limit(start
         assert all(isinstance(r, StepReply) and r.seq == 2 for r in replies.values())
 
 
-
 async def test_a_gateway_keeps_to_a_servers_smaller_step_limit(start_server):
     """A server that takes at most 8 steps a message says so in a stream's headers: the client's first call,
     cut by its own 1,024 before any stream was open, is refused step by step (RESOURCE_EXHAUSTED, nothing
