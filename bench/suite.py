@@ -248,7 +248,7 @@ async def run(model_repo: Path, only: list[str] | None, quick: bool) -> dict[str
             scenario = replace(scenario, steps=max(2, scenario.steps // scale))
             # A fan-in load is judged against the floors measured just before and just after it: this
             # machine's speed drifts by a quarter within minutes, so floors measured at the start of the
-            # run made the same code's ratio range from 0.31 to 0.49.
+            # run made the same code's ratio range from 0.33 to 0.49.
             beside = scenario.per_message > 1 and scenario.store in redis_urls
             floor_calls = max(20, floor_steps // 10)
             if beside:
