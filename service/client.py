@@ -927,7 +927,8 @@ class BatchClient(_Connected):
         """One message of a call; cut again and sent in pieces, one after another, where the server it
         reached takes less than the message was cut for (a server's limits are known once a stream to it is
         open): a message past its byte limit is refused before it is sent, and one past its step limit is
-        refused step by step, so nothing of it was applied, and its pieces carry the same steps."""
+        refused step by step, whole; its pieces carry the same steps, so a step of it that a replica applied
+        before a failover comes back as a replay."""
         try:
             answered = await self._send(requests)
         except MessageTooLarge:
