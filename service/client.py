@@ -334,6 +334,11 @@ class _Resumable(_Connected, Generic[Req, Resp]):
             async with self._lock:
                 if self._closed:  # closed while this call waited for the lock: close() has failed the others
                     raise ConnectionError(f"the client for {self.target} is closed")
+                if key in self._pending:  # its answer could only go to one of them: the other would wait for ever
+                    raise ValueError(
+                        f"a request answered as {key!r} is already waiting on this client; send a session's "
+                        "steps one at a time (one Session object a session)"
+                    )
                 self._pending[key] = entry
                 self._work.set()
                 if self._call is not None:

@@ -452,3 +452,19 @@ def test_a_limit_no_rnnserve_server_has_is_not_taken_from_headers():
     for bogus in ("0", "1", "00100", "-1", "abc", "²", ""):
         assert _header_limit({name: bogus}, name, 1024) is None, bogus
     assert _header_limit({}, name, 1024) is None
+
+
+async def test_two_sessions_objects_stepping_one_session_at_once_do_not_hang(start_server):
+    """Two Session objects for one session id on one client send the same seq at once: their answers would
+    pair with one request only, and the other would wait for ever. The second is refused at once."""
+    app = await start_server()
+    eye = np.eye(FEATURES, dtype=np.float32)
+    async with StreamClient(f"127.0.0.1:{app.port}") as client:
+        one, other = client.session("charlm", "twice"), client.session("charlm", "twice")
+        outcomes = await asyncio.wait_for(
+            asyncio.gather(one.step(eye[[1]]), other.step(eye[[1]]), return_exceptions=True), 10
+        )
+        assert sum(isinstance(o, StepReply) for o in outcomes) == 1
+        refused = next(o for o in outcomes if not isinstance(o, StepReply))
+        assert isinstance(refused, ValueError) and "already waiting" in str(refused)
+        assert client.in_flight == 0
