@@ -326,8 +326,9 @@ class _Resumable(_Connected, Generic[Req, Resp]):
         """Send a request and wait for its answer, across reconnects; ConnectionError if none came."""
         if self._closed or self._supervisor is None:
             raise ConnectionError(f"the client for {self.target} is {'closed' if self._closed else 'not connected'}")
-        if request.ByteSize() > self._max_message_bytes:
-            raise self._too_large(request.ByteSize())
+        size = request.ByteSize()
+        if size > self._max_message_bytes:
+            raise self._too_large(size)
         future: asyncio.Future[Resp] = asyncio.get_running_loop().create_future()
         key, entry = self._key(request), (request, future)
         try:  # from here on, however this call ends (cancelled under the lock too), its request goes
@@ -342,10 +343,10 @@ class _Resumable(_Connected, Generic[Req, Resp]):
                 self._pending[key] = entry
                 self._work.set()
                 if self._call is not None:
-                    if request.ByteSize() > _SMALLEST_SERVER_LIMIT:  # could be past the server's own limit
+                    if size > _SMALLEST_SERVER_LIMIT:  # could be past the server's own limit
                         await self._read_headers(self._call)
-                    if request.ByteSize() > self._max_message_bytes:
-                        raise self._too_large(request.ByteSize())
+                    if size > self._max_message_bytes:
+                        raise self._too_large(size)
                     # On a broken stream the supervisor resends it.
                     if await _write(self._call, request) and self._pending.get(key) is entry:
                         self._written[key] = self.attempts
@@ -513,11 +514,7 @@ class _Resumable(_Connected, Generic[Req, Resp]):
         read once a stream; its limits, where it names them, are this client's while the stream lasts (the
         smaller of its own and the server's: `_refuse_larger`)."""
         if self._headers is None:
-            try:
-                async with asyncio.timeout(2.0):
-                    self._headers = dict(await call.initial_metadata() or ())
-            except (TimeoutError, grpc.aio.AioRpcError):
-                self._headers = {}  # a refused stream, or a server that does not say: its refusals will
+            self._headers = await stream_headers(call)  # {}: its refusals will say what it takes
             limit = _header_limit(self._headers, "rnnserve-max-message-bytes", _SMALLEST_SERVER_LIMIT)
             self._max_message_bytes = min(self._own_max_message_bytes, limit) if limit else self._limit_unless_told()
             self._headers_read(self._headers)
@@ -628,11 +625,17 @@ class _BatchStream(_Resumable[pb.StepBatch, pb.StepBatchResult]):
 async def worker_of_stream(call: grpc.aio.StreamStreamCall[Any, Any]) -> str | None:
     """The server process a new stream reached, from the headers rnnserve sends as a stream starts (host
     and process id); None where none came within a moment (another server, or a refused stream)."""
+    return _worker_in(await stream_headers(call))
+
+
+async def stream_headers(call: grpc.aio.StreamStreamCall[Any, Any]) -> dict[str, Any]:
+    """The headers a server sent as a stream started; {} where none came within a moment (a refused
+    stream, or a server that sends them only with its first answer)."""
     try:
         async with asyncio.timeout(2.0):
-            return _worker_in(dict(await call.initial_metadata() or ()))
+            return dict(await call.initial_metadata() or ())
     except (TimeoutError, grpc.aio.AioRpcError):
-        return None
+        return {}
 
 
 def _worker_in(headers: dict[str, Any]) -> str | None:
