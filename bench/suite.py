@@ -208,7 +208,8 @@ async def run(model_repo: Path, only: list[str] | None, quick: bool) -> dict[str
     echo = ServerProcess(free_port(), [], module="bench.echo")
     echo.args = ["--port", str(echo.port)]
     echo.start()
-    servers = Servers(model_repo, {"redis": redis.url, "redis-aof": synced.url})
+    redis_urls = {"redis": redis.url, "redis-aof": synced.url}
+    servers = Servers(model_repo, redis_urls)
     assert redis.process is not None and synced.process is not None
     redis_pids = {"redis": redis.process.pid, "redis-aof": synced.process.pid}
     results: dict[str, Any] = {
@@ -224,24 +225,22 @@ async def run(model_repo: Path, only: list[str] | None, quick: bool) -> dict[str
     scale = 10 if quick else 1
     try:
         floor_steps = 2000 // scale
+        floor_calls = max(20, floor_steps // 10)  # runtime calls and commits of a batch, each floor
         results["floors"] = {
             "runtime": (await asyncio.to_thread(runtime_floor, model_repo, floor_steps))["batch_1"],
             "redis_commit": (await redis_floor(model_repo, redis.url, floor_steps))["commit"],
         }
         batches = tuple(s.per_message for s in FAN_IN if s.per_message > 1)
-        runtime = await asyncio.to_thread(runtime_floor, model_repo, max(20, floor_steps // 10), batches)
+        runtime = await asyncio.to_thread(runtime_floor, model_repo, floor_calls, batches)
         results["batch_floors"] = {
             str(batch): {
                 "runtime": runtime[f"batch_{batch}"],
-                "commit": await pipelined_commit_floor(model_repo, redis.url, max(20, floor_steps // 10), batch),
-                "commit_synced": await pipelined_commit_floor(
-                    model_repo, synced.url, max(20, floor_steps // 10), batch
-                ),
+                "commit": await pipelined_commit_floor(model_repo, redis.url, floor_calls, batch),
+                "commit_synced": await pipelined_commit_floor(model_repo, synced.url, floor_calls, batch),
             }
             for batch in batches
         }
         features = 84
-        redis_urls = {"redis": redis.url, "redis-aof": synced.url}
         for scenario in SCENARIOS + FAN_IN:
             if only and scenario.name not in only:
                 continue
@@ -250,7 +249,6 @@ async def run(model_repo: Path, only: list[str] | None, quick: bool) -> dict[str
             # machine's speed drifts by a quarter within minutes, so floors measured at the start of the
             # run made the same code's ratio range from 0.33 to 0.49.
             beside = scenario.per_message > 1 and scenario.store in redis_urls
-            floor_calls = max(20, floor_steps // 10)
             if beside:
                 before = await batch_floors(model_repo, redis_urls[scenario.store], scenario.per_message, floor_calls)
             measured = await measure(scenario, servers, f"127.0.0.1:{echo.port}", features, redis_pids)
