@@ -487,22 +487,34 @@ class RedisStateStore(StateStore):
         (under its key's name, ":w" and its place in the call), and before a DEL of what the script did not
         rename; the transaction runs whole or not at all, so no other client sees a staged record, and none
         outlives its call."""
-        args: list[Any] = ["EVALSHA", self._cas_sha, len(commits), *(c.key for c in commits), self._layout]
         if self._layout == HASH_LAYOUT:
+            args: list[Any] = ["EVALSHA", self._cas_sha, len(commits), *(c.key for c in commits), self._layout]
             for c in commits:
                 args += (c.expected or "", c.token, max(1, int(c.ttl_s * 1000)), c.live, c.live_limit, c.record)
             return [tuple(args)]
-        # Packed here, in one pass: each staged record's name once, its bytes not copied before the write.
-        staged, removed = (
-            [b"*%d\r\n$4\r\nMSET\r\n" % (1 + 2 * len(commits))],
-            [b"*%d\r\n$3\r\nDEL\r\n" % (1 + len(commits))],
-        )
+        # Packed here, in one pass, as `_pack` would pack the EVALSHA's arguments: each key and staged name
+        # encoded once, the arguments most commits share (ttl, live key, limit) packed once a call, and no
+        # record's bytes copied before the write.
+        count = len(commits)
+        sha = self._cas_sha.encode()
+        script = [b"*%d\r\n$7\r\nEVALSHA\r\n" % (4 + 7 * count) + _BULK % (len(sha), sha) + _BULK % _bulk_int(count)]
+        keys: list[bytes] = []
+        staged, removed = [b"*%d\r\n$4\r\nMSET\r\n" % (1 + 2 * count)], [b"*%d\r\n$3\r\nDEL\r\n" % (1 + count)]
+        shared: dict[tuple[float, str, int], bytes] = {}
         for j, c in enumerate(commits):  # apart by place: a key twice in a call is applied twice, in order
-            name, head = f"{c.key}:w{j}".encode(), c.token.encode()
-            args += (c.expected or "", c.token, max(1, int(c.ttl_s * 1000)), c.live, c.live_limit, name)
+            key = c.key.encode()
+            name, head, expected = b"%b:w%d" % (key, j), c.token.encode(), (c.expected or "").encode()
+            if (tail := shared.get((c.ttl_s, c.live, c.live_limit))) is None:
+                live, ttl_ms = c.live.encode(), max(1, int(c.ttl_s * 1000))
+                tail = _BULK % _bulk_int(ttl_ms) + _BULK % (len(live), live) + _BULK % _bulk_int(c.live_limit)
+                shared[(c.ttl_s, c.live, c.live_limit)] = tail
+            keys.append(_BULK % (len(key), key))
+            script.append(_COMMIT_ARGS % (len(expected), expected, len(head), head, tail, len(name), name))
             staged += (_STAGED % (len(name), name, len(head) + 1 + len(c.record), head), c.record, b"\r\n")
             removed.append(_BULK % (len(name), name))
-        return [("MULTI",), staged, tuple(args), removed, ("EXEC",)]
+        layout = self._layout.encode()
+        script[1:1] = [*keys, _BULK % (len(layout), layout)]
+        return [("MULTI",), staged, script, removed, ("EXEC",)]
 
     async def _load_script(self, connections: _Connections | None = None) -> None:
         sha = await self._one("loading the commit script", "SCRIPT", "LOAD", _COMMIT_MANY, connections=connections)
@@ -730,6 +742,15 @@ def _token_read(head: Any, in_hash: Any) -> str | None | ResponseError:
 
 _STAGED = b"$%d\r\n%b\r\n$%d\r\n%b\n"  # a staged record's name and its value up to the record: token "\n"
 _BULK = b"$%d\r\n%b\r\n"
+# A commit's arguments to the commit script: its expected token, its token, the shared ttl, live key and
+# limit (packed already), its staged record's name.
+_COMMIT_ARGS = b"$%d\r\n%b\r\n$%d\r\n%b\r\n%b$%d\r\n%b\r\n"
+
+
+def _bulk_int(value: int) -> tuple[int, bytes]:
+    """An integer argument's length and digits, for `_BULK`."""
+    digits = b"%d" % value
+    return len(digits), digits
 
 
 def _pack(commands: Sequence[tuple[Any, ...] | list[bytes]]) -> list[bytes]:
