@@ -500,14 +500,17 @@ class RedisStateStore(StateStore):
         script = [b"*%d\r\n$7\r\nEVALSHA\r\n" % (4 + 7 * count) + _BULK % (len(sha), sha) + _BULK % _bulk_int(count)]
         keys: list[bytes] = []
         staged, removed = [b"*%d\r\n$4\r\nMSET\r\n" % (1 + 2 * count)], [b"*%d\r\n$3\r\nDEL\r\n" % (1 + count)]
-        shared: dict[tuple[float, str, int], bytes] = {}
+        shared: dict[tuple[type, float, str, int], bytes] = {}
         for j, c in enumerate(commits):  # apart by place: a key twice in a call is applied twice, in order
             key = c.key.encode()
             name, head, expected = b"%b:w%d" % (key, j), c.token.encode(), (c.expected or "").encode()
-            if (tail := shared.get((c.ttl_s, c.live, c.live_limit))) is None:
-                live, ttl_ms = c.live.encode(), max(1, int(c.ttl_s * 1000))
-                tail = _BULK % _bulk_int(ttl_ms) + _BULK % (len(live), live) + _BULK % _bulk_int(c.live_limit)
-                shared[(c.ttl_s, c.live, c.live_limit)] = tail
+            # The ttl's type in the key: an int and a float of one value are one dict key, and past 2**53 s
+            # their milliseconds differ.
+            if (tail := shared.get(shares := (type(c.ttl_s), c.ttl_s, c.live, c.live_limit))) is None:
+                live = c.live.encode()
+                tail = _BULK % _bulk_int(max(1, int(c.ttl_s * 1000))) + _BULK % (len(live), live)
+                tail += _BULK % _bulk_int(c.live_limit)
+                shared[shares] = tail
             keys.append(_BULK % (len(key), key))
             script.append(_COMMIT_ARGS % (len(expected), expected, len(head), head, tail, len(name), name))
             staged += (_STAGED % (len(name), name, len(head) + 1 + len(c.record), head), c.record, b"\r\n")

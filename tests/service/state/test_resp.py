@@ -30,7 +30,7 @@ _COMMITS = st.lists(
         expected=st.one_of(st.none(), st.just(ABSENT), st.text(max_size=20)),
         token=st.text(min_size=1, max_size=20),
         record=st.binary(max_size=200),
-        ttl_s=st.floats(0, 1e6),
+        ttl_s=st.one_of(st.floats(0, 1e6), st.integers(0, 2**60), st.sampled_from([2**53 + 2, float(2**53 + 2)])),
         live=st.sampled_from(["", "rnnserve:live:{tenant-a}", "rnnserve:live:{ténant}"]),
         live_limit=st.sampled_from([-1, 0, 1, 1000]),
     ),
