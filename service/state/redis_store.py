@@ -490,15 +490,14 @@ class RedisStateStore(StateStore):
         if self._layout == HASH_LAYOUT:
             args: list[Any] = ["EVALSHA", self._cas_sha, len(commits), *(c.key for c in commits), self._layout]
             for c in commits:
-                args += (c.expected or "", c.token, max(1, int(c.ttl_s * 1000)), c.live, c.live_limit, c.record)
+                args += (c.expected or "", c.token, _ttl_ms(c.ttl_s), c.live, c.live_limit, c.record)
             return [tuple(args)]
         # Packed here, in one pass, as `_pack` would pack the EVALSHA's arguments: each key and staged name
         # encoded once, the arguments most commits share (ttl, live key, limit) packed once a call, and no
         # record's bytes copied before the write.
         count = len(commits)
-        sha = self._cas_sha.encode()
-        script = [b"*%d\r\n$7\r\nEVALSHA\r\n" % (4 + 7 * count) + _BULK % (len(sha), sha) + _BULK % _bulk_int(count)]
         keys: list[bytes] = []
+        arguments: list[bytes] = []
         staged, removed = [b"*%d\r\n$4\r\nMSET\r\n" % (1 + 2 * count)], [b"*%d\r\n$3\r\nDEL\r\n" % (1 + count)]
         shared: dict[tuple[type, float, str, int], bytes] = {}
         for j, c in enumerate(commits):  # apart by place: a key twice in a call is applied twice, in order
@@ -508,15 +507,16 @@ class RedisStateStore(StateStore):
             # their milliseconds differ.
             if (tail := shared.get(shares := (type(c.ttl_s), c.ttl_s, c.live, c.live_limit))) is None:
                 live = c.live.encode()
-                tail = _BULK % _bulk_int(max(1, int(c.ttl_s * 1000))) + _BULK % (len(live), live)
+                tail = _BULK % _bulk_int(_ttl_ms(c.ttl_s)) + _BULK % (len(live), live)
                 tail += _BULK % _bulk_int(c.live_limit)
                 shared[shares] = tail
             keys.append(_BULK % (len(key), key))
-            script.append(_COMMIT_ARGS % (len(expected), expected, len(head), head, tail, len(name), name))
+            arguments.append(_COMMIT_ARGS % (len(expected), expected, len(head), head, tail, len(name), name))
             staged += (_STAGED % (len(name), name, len(head) + 1 + len(c.record), head), c.record, b"\r\n")
             removed.append(_BULK % (len(name), name))
-        layout = self._layout.encode()
-        script[1:1] = [*keys, _BULK % (len(layout), layout)]
+        sha, layout = self._cas_sha.encode(), self._layout.encode()
+        call = b"*%d\r\n$7\r\nEVALSHA\r\n" % (4 + 7 * count) + _BULK % (len(sha), sha) + _BULK % _bulk_int(count)
+        script = [call, *keys, _BULK % (len(layout), layout), *arguments]
         return [("MULTI",), staged, script, removed, ("EXEC",)]
 
     async def _load_script(self, connections: _Connections | None = None) -> None:
@@ -748,6 +748,11 @@ _BULK = b"$%d\r\n%b\r\n"
 # A commit's arguments to the commit script: its expected token, its token, the shared ttl, live key and
 # limit (packed already), its staged record's name.
 _COMMIT_ARGS = b"$%d\r\n%b\r\n$%d\r\n%b\r\n%b$%d\r\n%b\r\n"
+
+
+def _ttl_ms(ttl_s: float) -> int:
+    """A commit's time to live as the script takes it: whole milliseconds, at least 1."""
+    return max(1, int(ttl_s * 1000))
 
 
 def _bulk_int(value: int) -> tuple[int, bytes]:
