@@ -36,7 +36,7 @@ from service.api.kserve_convert import (
     sequence_of,
 )
 from service.api.status import classify, grpc_status, unary
-from service.api.streams import StreamGate, answer_all, failed, time_steps
+from service.api.streams import StreamGate, answer_all, failed, time_steps, weighed
 from service.auth import Authenticator, tenant_of, while_valid
 from service.errors import InvalidArgument, ModelNotFound, RnnServeError, SessionEnded, SessionNotFound
 from service.loader import ModelLoader
@@ -244,7 +244,8 @@ class KServeServicer:
             requests = while_valid(request_iterator, self._auth, metadata_list)
             with self._gate.admit():
                 limit = self._settings.max_inflight_per_stream
-                answers = answer_all(requests, start, respond, limit, self._gate, _sequence_key, _weight_of(limit))
+                start_weighed = weighed(start, _weight_of(limit))
+                answers = answer_all(requests, start_weighed, respond, limit, self._gate, _sequence_key)
                 async for response in answers:
                     yield response
         except Exception as err:  # noqa: BLE001 - refused by the gate, or (triton_grpc_error) the first error

@@ -6,17 +6,18 @@ import asyncio
 import logging
 import os
 import socket
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from functools import partial
 from typing import TypeAlias
 
 import grpc
+import numpy as np
 
 from service.api.convert import fill_tensors, tensor_to_array
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from service.api.status import classify, grpc_status, unary
-from service.api.streams import StreamGate, answer_all, failed, time_steps
+from service.api.streams import StreamGate, Submitted, answer_all, failed, time_steps
 from service.auth import Authenticator, tenant_of, while_valid
 from service.errors import InvalidArgument, Overloaded, RnnServeError, SeqOutOfOrder
 from service.metrics import Metrics
@@ -51,18 +52,72 @@ def _model_info(model: LoadedModel) -> pb.ModelInfo:
     )
 
 
-def _step(request: pb.StepRequest, tenant: str) -> Step:
-    return Step(
-        model=request.model,
-        version=request.version,
-        session_id=request.session_id,
-        seq=request.seq,
-        start=request.start,
-        end=request.end,
-        start_id=request.start_id,
-        x=tensor_to_array(request.input),
-        tenant=tenant,
-    )
+_FLOAT32 = np.dtype("<f4")
+_NO_INPUT = np.empty((0, 0), _FLOAT32)  # a step's input until its message's inputs are read
+
+
+def _steps_of(
+    requests: Sequence[pb.StepRequest], tenant: str, inflight_limit: int
+) -> tuple[list[Step | BaseException], int]:
+    """Each request as a step, or what refused it (answered in-band: a second step of one session in the
+    message, an input that does not parse, a fault as INTERNAL); and what they weigh in all against the
+    stream's in-flight limit (`time_steps` of each, at least 1 in all).
+
+    Each request's fields are read once. The inputs in the clients' usual form, raw float32 [T, F] with
+    every message's step the same shape, become views of one array read at once: per step, reading an
+    input on its own cost more than the rest of the step's parsing."""
+    steps: list[Step | BaseException] = []
+    seen: set[tuple[str, str]] = set()
+    weight = 0
+    bulk: list[int] = []  # the steps whose inputs are read together ...
+    raws: list[bytes] = []  # ... their bytes
+    common: tuple[int, int] | None = None  # ... and their shape
+    for request in requests:
+        tensor = request.input
+        dims = tensor.shape
+        session = (request.model, request.session_id)
+        if len(dims) == 2 and (rows := dims[0]) > 0 and (columns := dims[1]) > 0:
+            weight += rows if rows < inflight_limit else inflight_limit
+            raw = tensor.raw
+            fast = len(raw) == 4 * rows * columns and not tensor.data and (common is None or common == (rows, columns))
+        else:
+            weight += time_steps(dims, inflight_limit)
+            fast = False
+        if session in seen:
+            steps.append(
+                InvalidArgument(
+                    f"session {request.session_id!r} has more than one step in this batch; "
+                    "send its next step in a later batch"
+                )
+            )
+            continue
+        seen.add(session)
+        try:
+            x = _NO_INPUT if fast else tensor_to_array(tensor)
+            step = Step(
+                session[0],
+                session[1],
+                request.seq,
+                x,
+                request.version,
+                request.start,
+                request.end,
+                request.start_id,
+                tenant,
+            )
+        except Exception as err:  # noqa: BLE001 - answered in-band (a fault as INTERNAL, logged): the others go on
+            steps.append(err)
+            continue
+        if fast:
+            common = (rows, columns)
+            bulk.append(len(steps))
+            raws.append(raw)
+        steps.append(step)
+    if common is not None:
+        inputs = np.frombuffer(b"".join(raws), _FLOAT32).reshape(len(raws), *common)
+        for i, x in zip(bulk, inputs, strict=True):  # each a view of one row
+            steps[i].x = x  # type: ignore[union-attr]
+    return steps, max(1, weight)
 
 
 def _session_of(request: pb.StepRequest) -> tuple[str, str]:
@@ -104,7 +159,7 @@ class NativeServicer(pb_grpc.RnnServeServicer):
                 limit = self._settings.max_inflight_per_stream
                 submit = partial(self._submit, tenant=tenant)
                 requests = while_valid(request_iterator, self._auth, metadata)
-                answers = answer_all(requests, submit, self._respond, limit, self._gate, _session_of, self._weight)
+                answers = answer_all(requests, submit, self._respond, limit, self._gate, _session_of)
                 async for response in answers:
                     yield response
         except RnnServeError as refusal:  # steps answer in-band: only the gate refuses a whole stream
@@ -127,7 +182,6 @@ class NativeServicer(pb_grpc.RnnServeServicer):
                     limit,
                     self._gate,
                     _in_order,
-                    self._weigh_batch,
                 )
                 async for response in answers:
                     yield response
@@ -135,37 +189,16 @@ class NativeServicer(pb_grpc.RnnServeServicer):
             self.metrics.errors.labels("StreamBatch", refusal.code.name).inc()
             await context.abort(grpc_status(refusal.code), refusal.message)
 
-    def _weight(self, request: pb.StepRequest) -> int:
-        return time_steps(request.input.shape, self._settings.max_inflight_per_stream)
-
-    def _weigh_batch(self, batch: pb.StepBatch) -> int:
-        """The time steps of all its steps (an empty batch weighs 1)."""
-        return max(1, sum(self._weight(request) for request in batch.steps))
-
-    def _submit_batch(self, batch: pb.StepBatch, tenant: str) -> asyncio.Future[list[Answer]]:
+    def _submit_batch(self, batch: pb.StepBatch, tenant: str) -> Submitted[list[Answer]]:
         """Every step of the batch started at once (the engine batches them together); done when all are."""
-        limit = self._settings.max_steps_per_message
-        if len(batch.steps) > limit:
-            too_many = Overloaded(f"a StepBatch holds at most {limit} steps, this one {len(batch.steps)}; split it")
-            return self._engine.submit_many([too_many] * len(batch.steps))
-        steps: list[Step | BaseException] = []
-        seen: set[tuple[str, str]] = set()
-        for request in batch.steps:
-            session = (request.model, request.session_id)
-            if session in seen:
-                steps.append(
-                    InvalidArgument(
-                        f"session {request.session_id!r} has more than one step in this batch; "
-                        "send its next step in a later batch"
-                    )
-                )
-                continue
-            seen.add(session)
-            try:
-                steps.append(_step(request, tenant))
-            except Exception as err:  # noqa: BLE001 - answered in-band (a fault as INTERNAL, logged): the others go on
-                steps.append(err)
-        return self._engine.submit_many(steps)
+        limit, inflight = self._settings.max_steps_per_message, self._settings.max_inflight_per_stream
+        requests = batch.steps
+        if len(requests) > limit:
+            too_many = Overloaded(f"a StepBatch holds at most {limit} steps, this one {len(requests)}; split it")
+            weight = sum(time_steps(request.input.shape, inflight) for request in requests)
+            return self._engine.submit_many([too_many] * len(requests)), weight
+        steps, weight = _steps_of(requests, tenant, inflight)
+        return self._engine.submit_many(steps), weight
 
     def _respond_batch(
         self, batch: pb.StepBatch, done: asyncio.Future[list[Answer]], taken: float
@@ -176,12 +209,11 @@ class NativeServicer(pb_grpc.RnnServeServicer):
             self._fill(add(), request, answer, "StreamBatch")
         return result
 
-    def _submit(self, request: pb.StepRequest, tenant: str) -> asyncio.Future[StepResult]:
-        try:
-            step = _step(request, tenant)
-        except Exception as err:  # noqa: BLE001 - answered in-band (a fault as INTERNAL, logged): the stream goes on
-            return failed(err)
-        return self._engine.submit(step)
+    def _submit(self, request: pb.StepRequest, tenant: str) -> Submitted[StepResult]:
+        (step,), weight = _steps_of((request,), tenant, self._settings.max_inflight_per_stream)
+        if isinstance(step, BaseException):
+            return failed(step), weight
+        return self._engine.submit(step), weight
 
     def _respond(self, request: pb.StepRequest, done: asyncio.Future[StepResult], taken: float) -> pb.StepResponse:
         response = pb.StepResponse()

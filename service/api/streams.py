@@ -23,6 +23,9 @@ Req = TypeVar("Req")
 Out = TypeVar("Out")
 Resp = TypeVar("Resp")
 
+# What starting a request gives: its future, and its weight against the stream's in-flight limit.
+Submitted = tuple[asyncio.Future[Out], int]
+
 
 class StreamGate:
     """How many streams are open, whether more may open, and the drain that ends them all."""
@@ -131,16 +134,14 @@ class _Answers(Generic[Req, Out, Resp]):
 
     def __init__(
         self,
-        submit: Callable[[Req], asyncio.Future[Out]],
+        submit: Callable[[Req], Submitted[Out]],
         respond: Callable[[Req, asyncio.Future[Out], float], Resp],
         max_inflight: int,
         order_key: Callable[[Req], Hashable],
-        weight: Callable[[Req], int],
     ) -> None:
         self._submit = submit
         self._respond = respond
         self._order_key = order_key
-        self._weight = weight
         self.responses: asyncio.Queue[object] = asyncio.Queue()
         self.budget = _Budget(max_inflight)
         self.futures: set[asyncio.Future[Out]] = set()
@@ -151,10 +152,9 @@ class _Answers(Generic[Req, Out, Resp]):
         self.closed = False  # the stream has ended: no answer can be sent any more
 
     def take(self, request: Req) -> None:
-        weight = self._weight(request)
+        future, weight = self._submit(request)
         self.budget.charge(weight)
         key = self._order_key(request)
-        future = self._submit(request)
         self.futures.add(future)
         self._answered.clear()
         waiting = self._queued.get(key)
@@ -208,28 +208,28 @@ class _Answers(Generic[Req, Out, Resp]):
 
 async def answer_all(
     requests: AsyncIterable[Req],
-    submit: Callable[[Req], asyncio.Future[Out]],
+    submit: Callable[[Req], Submitted[Out]],
     respond: Callable[[Req, asyncio.Future[Out], float], Resp],
     max_inflight: int,
     gate: StreamGate,
     order_key: Callable[[Req], Hashable],
-    weight: Callable[[Req], int] = lambda _: 1,
 ) -> AsyncIterator[Resp]:
-    """Yield an answer for every request: `submit(request)` starts it, `respond(request, future, taken)`
-    turns its finished future into the response (taken: when it was read, `time.perf_counter()`).
-    Requests with the same `order_key` (a session) are answered in the order they came, the others as
-    they finish; no task is made per request.
+    """Yield an answer for every request: `submit(request)` starts it and says what it weighs,
+    `respond(request, future, taken)` turns its finished future into the response (taken: when it was
+    read, `time.perf_counter()`). Requests with the same `order_key` (a session) are answered in the
+    order they came, the others as they finish; no task is made per request.
 
-    At most `max_inflight` time steps are taken and not yet delivered (`weight(request)`: the time steps
-    a request holds, see `time_steps`; one message may overshoot by its own size): past that, reading
-    waits for the client to read its answers. Memory per stream is bounded in time steps, however many
-    each message carries.
+    At most `max_inflight` time steps are taken and not yet delivered (a request's weight: the time steps
+    it holds, see `time_steps`; one message may overshoot by its own size): past that, reading waits for
+    the client to read its answers. Memory per stream is bounded in time steps, however many each message
+    carries. The weight comes from `submit`, which reads the request anyway: a message of many sessions'
+    steps is read once, not once to weigh it and again to start it.
 
     If `respond` raises, the stream ends with that exception (a handler that must keep the stream open
     answers errors in-band). A request, once taken, is answered even when a drain stops the reading; once
     the stream has ended (the client went away), the steps still land and their answers are dropped.
     """
-    answers = _Answers(submit, respond, max_inflight, order_key, weight)
+    answers = _Answers(submit, respond, max_inflight, order_key)
     reader = asyncio.create_task(answers.read(requests, gate))
     gate.watch(reader)
     try:
@@ -246,6 +246,17 @@ async def answer_all(
             future.cancel()  # a step in flight still lands: the engine does not depend on its waiter
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(reader, return_exceptions=True)
+
+
+def weighed(
+    submit: Callable[[Req], asyncio.Future[Out]], weight: Callable[[Req], int]
+) -> Callable[[Req], Submitted[Out]]:
+    """A `submit` for `answer_all` from one that starts a request and one that weighs it."""
+
+    def start(request: Req) -> Submitted[Out]:
+        return submit(request), weight(request)
+
+    return start
 
 
 def time_steps(shape: Sequence[int], limit: int) -> int:

@@ -168,16 +168,26 @@ class SessionEngine:
 
     def _admit_many(self, steps: Sequence[Step | BaseException]) -> list[Pending | BaseException]:
         """Each step admitted (everything that can be checked without the store), or what refused it.
-        Finiteness is checked for all the inputs of one width at once: per step, that check cost more than
-        the rest of admission."""
+
+        What depends only on the model (is it served, does it take steps) is looked up once per
+        model in the call, and finiteness is checked for all the inputs of one width at once: per step,
+        each cost more than the rest of admission."""
         checked: list[tuple[Step, LoadedModel, np.ndarray] | BaseException] = []
         widths: dict[int, list[int]] = {}
+        models: dict[tuple[str, int], LoadedModel] = {}
+        max_steps = self._settings.sessions.max_chunk_steps
         for step in steps:
             if isinstance(step, BaseException):
                 checked.append(step)
                 continue
             try:
-                model, x = self._check(step)
+                _check_step(step)
+                model = models.get((step.model, step.version))
+                if model is None:
+                    model = models[step.model, step.version] = self._model_for(step)
+                x = check_input(model, step.x, max_steps)
+                if step.start_id < 0 or step.start_id >= 1 << 64:
+                    raise InvalidArgument(f"start_id must fit an unsigned 64-bit integer, got {step.start_id}")
             except RnnServeError as err:
                 checked.append(err)
                 continue
@@ -192,21 +202,11 @@ class SessionEngine:
         now = time.perf_counter()  # they came together
         return [item if isinstance(item, BaseException) else self._pending_of(*item, now) for item in checked]
 
-    def _check(self, step: Step) -> tuple[LoadedModel, np.ndarray]:
-        """The step's model and its input as float32 [T, F]; raises for a malformed step (all but the
-        input's values, which `_non_finite` checks)."""
-        _check_session_id(step.session_id)
-        if step.seq is not None:
-            if step.seq < 1:
-                raise InvalidArgument(f"seq must be 1 or more, got {step.seq}; number a session's steps 1, 2, 3, ...")
-            if step.start and step.seq != 1:
-                raise InvalidArgument(f"a start step must have seq 1, got {step.seq}")
-        model = self.registry.get(step.model, step.version)  # NOT_FOUND for an unknown model first
+    def _model_for(self, step: Step) -> LoadedModel:
+        """The version `step` names (NOT_FOUND for an unknown model), if it can take steps."""
+        model = self.registry.get(step.model, step.version)
         _check_streamable(model)
-        x = check_input(model, step.x, self._settings.sessions.max_chunk_steps)
-        if step.start_id < 0 or step.start_id >= 1 << 64:
-            raise InvalidArgument(f"start_id must fit an unsigned 64-bit integer, got {step.start_id}")
-        return model, x
+        return model
 
     def _pending_of(self, step: Step, model: LoadedModel, x: np.ndarray, enqueued: float) -> Pending:
         ask = Ask(step.session_id, step.seq, step.start, step.end, step.start_id, input_digest(x, step.end))
@@ -291,6 +291,16 @@ _EPOCHS = random.Random(secrets.randbits(128))
 
 def _new_epoch() -> int:
     return _EPOCHS.getrandbits(63) | 1
+
+
+def _check_step(step: Step) -> None:
+    """The session id and seq, checked before the model (a malformed step is refused as such first)."""
+    _check_session_id(step.session_id)
+    if step.seq is not None:
+        if step.seq < 1:
+            raise InvalidArgument(f"seq must be 1 or more, got {step.seq}; number a session's steps 1, 2, 3, ...")
+        if step.start and step.seq != 1:
+            raise InvalidArgument(f"a start step must have seq 1, got {step.seq}")
 
 
 def _check_session_id(session_id: str) -> None:

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
-from service.api.streams import StreamGate, answer_all
+from service.api.streams import StreamGate, answer_all, weighed
 from service.client import StepError, StreamClient
 from service.metrics import Metrics
 from service.state.record import SessionRecord, decode, encode
@@ -362,7 +362,8 @@ async def test_a_request_read_as_the_drain_begins_is_still_answered():
     def submit(request: str) -> asyncio.Future[str]:
         return asyncio.ensure_future(handle(request))
 
-    answers = [a async for a in answer_all(requests(), submit, lambda r, done, taken: done.result(), 8, gate, str)]
+    answered = answer_all(requests(), weighed(submit, lambda _: 1), lambda r, done, taken: done.result(), 8, gate, str)
+    answers = [a async for a in answered]
     assert sorted(answers) == ["FIRST", "SECOND"]
 
 

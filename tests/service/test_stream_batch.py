@@ -124,6 +124,58 @@ async def test_bad_steps_fail_alone(start_server, redis_store_url):
             np.testing.assert_allclose(logits_of(response)[0], want, atol=1e-5, rtol=0)
 
 
+async def test_inputs_of_every_form_and_shape_in_one_batch_answer_as_alone(start_server, redis_store_url):
+    """One message's inputs in the usual form (raw float32) share a shape and are read at once; the
+    others (another shape, values in `data`, a malformed one) are read one by one. Every step is answered
+    as its own stream would answer it, in order: the bulk read must not shift an input to another step."""
+    app = await start_server(url=redis_store_url)
+    target = f"127.0.0.1:{app.port}"
+    rng = np.random.default_rng(3)
+    inputs = {f"s{i}": EYE[rng.integers(0, FEATURES, 4)] for i in range(8)}
+    first = [
+        step_request("charlm", "s0", 1, inputs["s0"][:1]),
+        step_request("charlm", "s1", 1, inputs["s1"][:3]),  # a chunk: another shape
+        step_request("charlm", "s2", 1, inputs["s2"][:1]),
+        pb.StepRequest(  # the values as floats, not raw bytes
+            model="charlm",
+            session_id="s3",
+            seq=1,
+            start=True,
+            input=pb.Tensor(shape=[1, FEATURES], data=inputs["s3"][0]),
+        ),
+        step_request("charlm", "s0", 2, inputs["s0"][1:2]),  # a second step of s0: refused alone
+        pb.StepRequest(  # raw bytes that do not fill the shape
+            model="charlm", session_id="s4", seq=1, start=True, input=pb.Tensor(shape=[1, FEATURES], raw=b"\0" * 8)
+        ),
+        step_request("charlm", "s5", 1, inputs["s5"][:2]),
+        step_request("charlm", "s6", 1, inputs["s6"][:1]),
+        step_request("charlm", "s7", 1, inputs["s7"][:2]),
+    ]
+    (result,) = await exchange_batches(target, [pb.StepBatch(id=1, steps=first)])
+    codes = [(r.session_id, r.error.code) for r in result.responses]
+    invalid = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert codes == [
+        ("s0", 0),
+        ("s1", 0),
+        ("s2", 0),
+        ("s3", 0),
+        ("s0", invalid),
+        ("s4", invalid),
+        ("s5", 0),
+        ("s6", 0),
+        ("s7", 0),
+    ]
+    assert "raw holds 8 bytes" in result.responses[5].error.message
+    rows = {"s0": 1, "s1": 3, "s2": 1, "s3": 1, "s5": 2, "s6": 1, "s7": 2}
+    for response in result.responses:
+        if response.HasField("error"):
+            continue
+        sid = response.session_id
+        want = offline_logits(V1, inputs[sid][: rows[sid]])
+        got = np.frombuffer(response.outputs["logits"].raw, "<f4").reshape(rows[sid], FEATURES)
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
 async def test_an_oversize_batch_is_refused_step_by_step(start_server):
     app = await start_server(max_steps_per_message=4)
     (result,) = await exchange_batches(
@@ -210,6 +262,21 @@ async def test_chunks_count_their_time_steps_against_the_stream_limit(start_serv
     answers = await written_unread(app, lambda channel: pb_grpc.RnnServeStub(channel).Stream(), requests, 8, 12)
     assert [a.seq for a in answers] == list(range(1, 41))
     assert all(not a.HasField("error") for a in answers)
+
+
+async def test_a_batch_of_chunks_counts_every_time_step_against_the_stream_limit(start_server):
+    """20 messages of 4 sessions' 64-step chunks written without reading: the stream holds about 512 time
+    steps (2 messages), not 512 messages' worth or 512 steps' worth of chunks."""
+    app = await start_server(max_inflight_per_stream=512)
+    chunk = EYE[[t % FEATURES for t in range(64)]]
+    batches = [
+        pb.StepBatch(id=b, steps=[step_request("charlm", f"c{b}-{i}", 1, chunk) for i in range(4)]) for b in range(20)
+    ]
+    # A step weighs its 64 time steps: 2 messages reach the limit, and the transport holds a few more
+    # (16 KiB a message); weighed a step each, the stream would take all 20 (80 steps < 512).
+    results = await written_unread(app, lambda channel: pb_grpc.RnnServeStub(channel).StreamBatch(), batches, 8, 28)
+    assert [r.id for r in results] == list(range(20))
+    assert all(not reply.HasField("error") for r in results for reply in r.responses)
 
 
 async def test_an_answer_larger_than_the_request_limit_is_sent(start_server):
