@@ -25,11 +25,12 @@ class LoadedModel:
     runtime: ModelRuntime
     fingerprint: bytes
 
-    @property
+    # Read several times per step: kept once read.
+    @functools.cached_property
     def name(self) -> str:
         return self.manifest.name
 
-    @property
+    @functools.cached_property
     def version(self) -> int:
         return self.manifest.version
 

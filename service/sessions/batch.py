@@ -38,7 +38,7 @@ from service.errors import (
 from service.metrics import Metrics, observe_many
 from service.models import LoadedModel, ModelRegistry
 from service.sessions.cache import RecordCache
-from service.sessions.rules import Apply, Ask, Replay, judge
+from service.sessions.rules import Apply, Ask, Replay, judge, plain_next
 from service.sessions.steps import Answer, Step, StepResult
 from service.settings import Settings
 from service.state.record import SessionRecord, Tensors, decode, encode_rows, stack_states
@@ -162,15 +162,19 @@ class BatchPipeline:
     ) -> dict[int, _Planned]:
         plans: dict[int, _Planned] = {}
         to_load: list[int] = []
+        known: dict[tuple[str, bytes, int], LoadedModel] = {}
         for i in todo:
             item = items[i]
             if not item.fresh:
                 cached = self._cache.get(item.key)
+                if cached is not None and plain_next(item.ask, cached):  # most steps: judged at less cost
+                    self._settle(i, item, Apply(cached.seq + 1, cached, cached.token), plans, answers, replays, known)
+                    continue
                 if cached is not None or item.ask.start:
                     # A start on no cached record assumes none is stored: its commit says otherwise.
                     verdict = judge(item.ask, cached.token if cached else None, cached, item.step.model)
                     if isinstance(verdict, Apply):
-                        self._settle(i, item, verdict, plans, answers, replays)
+                        self._settle(i, item, verdict, plans, answers, replays, known)
                         continue
             to_load.append(i)
         if not to_load:
@@ -184,12 +188,13 @@ class BatchPipeline:
                 answers[i] = err
             return plans
         self._metrics.store_load_latency.observe(time.perf_counter() - started)
+        known.clear()  # the models served may have changed while the store answered
         for i, stored in zip(to_load, loaded, strict=True):
             item = items[i]
             record = self._read(item, stored)
             token = stored.token if isinstance(stored, Stored) else None
             verdict = judge(item.ask, token, record, item.step.model)
-            self._settle(i, item, verdict, plans, answers, replays)
+            self._settle(i, item, verdict, plans, answers, replays, known)
         return plans
 
     def _read(self, item: Pending, stored: Stored | None | RecordCorrupt) -> SessionRecord | RecordCorrupt | None:
@@ -234,14 +239,16 @@ class BatchPipeline:
         plans: dict[int, _Planned],
         answers: list[Answer | None],
         replays: dict[int, tuple[str, str]],
+        known: dict[tuple[str, bytes, int], LoadedModel],
     ) -> None:
-        """Record the verdict: a plan to apply, or the answer (a replay or a refusal)."""
+        """Record the verdict: a plan to apply, or the answer (a replay or a refusal). `known`: the model
+        versions this batch's records were found to run on so far."""
         step = item.step
         try:
             if isinstance(verdict, RnnServeError):
                 raise verdict
             if isinstance(verdict, Replay):
-                model = self._model_of(verdict.record, step)
+                model = self._model_of(verdict.record, step, known)
                 answers[i] = StepResult(
                     model.name, model.version, step.session_id, verdict.record.seq, verdict.record.outputs, True
                 )
@@ -250,7 +257,7 @@ class BatchPipeline:
             if verdict.base is None:
                 model = self._registry.get(step.model, step.version)
             else:
-                model = self._model_of(verdict.base, step)
+                model = self._model_of(verdict.base, step, known)
             x = item.x  # checked against the admitted version; once more against another (the session's own)
             if model is not item.admitted:
                 x = check_input(model, step.x, self._settings.sessions.max_chunk_steps)
@@ -258,20 +265,26 @@ class BatchPipeline:
         except RnnServeError as err:
             answers[i] = err
 
-    def _model_of(self, record: SessionRecord, step: Step) -> LoadedModel:
-        """The loaded version a stored session runs on, checked against the step and the record."""
-        model = self._registry.by_fingerprint(step.model, record.fingerprint, step.version)
-        if model is None and self._registry.arriving(step.model, record.fingerprint):
-            # Another replica loaded a newly published version before this one's poll did.
-            raise Unavailable(
-                f"session {step.session_id!r} runs on a version of {step.model} (fingerprint "
-                f"{record.fingerprint.hex()[:12]}) this server is loading now; retry in a moment"
-            )
+    def _model_of(
+        self, record: SessionRecord, step: Step, known: dict[tuple[str, bytes, int], LoadedModel]
+    ) -> LoadedModel:
+        """The loaded version a stored session runs on, checked against the step and the record; looked up
+        once per batch (`known`) for the sessions of one version."""
+        model = known.get(found := (step.model, record.fingerprint, step.version))
         if model is None:
-            raise FailedPrecondition(
-                f"session {step.session_id!r} was started on a model version (fingerprint "
-                f"{record.fingerprint.hex()[:12]}) this server has not loaded; start a new session"
-            )
+            model = self._registry.by_fingerprint(step.model, record.fingerprint, step.version)
+            if model is None and self._registry.arriving(step.model, record.fingerprint):
+                # Another replica loaded a newly published version before this one's poll did.
+                raise Unavailable(
+                    f"session {step.session_id!r} runs on a version of {step.model} (fingerprint "
+                    f"{record.fingerprint.hex()[:12]}) this server is loading now; retry in a moment"
+                )
+            if model is None:
+                raise FailedPrecondition(
+                    f"session {step.session_id!r} was started on a model version (fingerprint "
+                    f"{record.fingerprint.hex()[:12]}) this server has not loaded; start a new session"
+                )
+            known[found] = model
         if step.version not in (0, model.version):
             raise FailedPrecondition(
                 f"session {step.session_id!r} is pinned to {model.name} version {model.version}, "

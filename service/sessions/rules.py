@@ -74,15 +74,16 @@ Verdict = Apply | Replay | RnnServeError
 
 
 _SHAPE_2D = struct.Struct("<2q")
+_FLOAT32 = np.dtype("<f4")  # made once: a dtype given as text is parsed on every call
 
 
 def input_digest(x: np.ndarray, end: bool) -> bytes:
     """Identifies a step's input: its float32 values, shape and end flag."""
-    data = np.ascontiguousarray(x, dtype="<f4")
+    data = np.ascontiguousarray(x, dtype=_FLOAT32)
     shape = _SHAPE_2D.pack(*data.shape) if data.ndim == 2 else struct.pack(f"<{data.ndim}q", *data.shape)
-    # One call on the joined bytes (the array's joined as it is, not copied out first): the same digest as
-    # updates in turn, at less cost per step.
-    return hashlib.blake2b(b"".join((shape, b"E" if end else b"-", data.data)), digest_size=DIGEST_BYTES).digest()
+    # One call on the joined bytes: the same digest as updates in turn, at less cost per step (and joining
+    # a copy of the array's bytes costs less than joining a view of them).
+    return hashlib.blake2b(shape + (b"E" if end else b"-") + data.tobytes(), digest_size=DIGEST_BYTES).digest()
 
 
 def judge(ask: Ask, token: str | None, record: SessionRecord | RecordCorrupt | None, model: str) -> Verdict:
@@ -109,6 +110,17 @@ def judge(ask: Ask, token: str | None, record: SessionRecord | RecordCorrupt | N
             return _ended(ask, record, model)
         return Apply(record.seq + 1, record, record.token)
     return _judge_step(ask, ask.seq, record, model)
+
+
+def plain_next(ask: Ask, record: SessionRecord) -> bool:
+    """Whether `ask` is the plain next step of the live session `record`: the step path's common case,
+    told at less cost than by `judge`, which applies it as `Apply(record.seq + 1, record, record.token)`."""
+    return (
+        not ask.start
+        and not record.ended
+        and (ask.seq is None or ask.seq == record.seq + 1)
+        and (not ask.start_id or ask.start_id == record.start_id)
+    )
 
 
 def _judge_step(ask: Ask, seq: int, record: SessionRecord, model: str) -> Verdict:

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from service.errors import AnotherStart, NotARetry, RecordCorrupt, SeqOutOfOrder, SessionEnded, SessionNotFound
-from service.sessions.rules import Apply, Ask, Replay, input_digest, judge
+from service.sessions.rules import Apply, Ask, Replay, input_digest, judge, plain_next
 from service.state.record import SessionRecord
 from service.state.store import ABSENT
 
@@ -125,6 +125,14 @@ def test_a_step_of_another_start_is_never_applied_nor_replayed(ask: Ask, record:
         assert "session 's' of model 'm'" in verdict.message and "start it again" in verdict.message
     else:
         assert not isinstance(verdict, AnotherStart)
+
+
+@given(asks(), records())
+def test_a_plain_next_step_is_what_judge_applies_on_the_record(ask: Ask, record: SessionRecord):
+    """The step path applies a plain next step without judging it: `judge` must agree every time, and
+    tell every other case apart."""
+    verdict = judge(ask, record.token, record, "m")
+    assert plain_next(ask, record) == (verdict == Apply(record.seq + 1, record, record.token))
 
 
 @given(asks())
