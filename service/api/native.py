@@ -63,13 +63,13 @@ def _steps_of(
     message, an input that does not parse, a fault as INTERNAL); and what they weigh in all against the
     stream's in-flight limit (`time_steps` of each, at least 1 in all).
 
-    Each request's fields are read once. The inputs in the clients' usual form, raw float32 [T, F] with
-    every message's step the same shape, become views of one array read at once: per step, reading an
-    input on its own cost more than the rest of the step's parsing."""
+    Each request's fields are read once. The inputs in the clients' usual form, raw float32 [T, F] of the
+    first such input's shape, become views of one array read at once: per step, reading an input on its
+    own cost more than the rest of the step's parsing."""
     steps: list[Step | BaseException] = []
     seen: set[tuple[str, str]] = set()
     weight = 0
-    bulk: list[int] = []  # the steps whose inputs are read together ...
+    bulk: list[Step] = []  # the steps whose inputs are read together ...
     raws: list[bytes] = []  # ... their bytes
     common: tuple[int, int] | None = None  # ... and their shape
     for request in requests:
@@ -110,13 +110,13 @@ def _steps_of(
             continue
         if fast:
             common = (rows, columns)
-            bulk.append(len(steps))
+            bulk.append(step)
             raws.append(raw)
         steps.append(step)
     if common is not None:
         inputs = np.frombuffer(b"".join(raws), _FLOAT32).reshape(len(raws), *common)
-        for i, x in zip(bulk, inputs, strict=True):  # each a view of one row
-            steps[i].x = x  # type: ignore[union-attr]
+        for step, x in zip(bulk, inputs, strict=True):  # each a view of one row
+            step.x = x
     return steps, max(1, weight)
 
 
