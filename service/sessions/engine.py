@@ -57,6 +57,9 @@ class SessionEngine:
         self.cache = RecordCache(settings.sessions.cache_max_sessions)
         self._turns = SessionTurns()
         self._pending = 0  # steps taken and not yet landed
+        # Steps whose session's turn came in this pass of the event loop, by the callback they land with
+        # (one per message): handed to the batcher together at the end of the pass.
+        self._turned: dict[Callable[[int, Answer], None], tuple[list[int], list[Pending]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._pipeline = BatchPipeline(registry, store, self.cache, self._executor, settings, metrics)
         # One batcher for every model: a batch of many models' steps still makes one store read and one
@@ -131,7 +134,8 @@ class SessionEngine:
         """Admit `steps` and give each its session's turn; `done(i, answer)` once steps[i] has landed.
 
         The steps whose sessions have no step in flight here go to the batcher together, as one group;
-        each of the others joins its session's line, and goes alone when its turn comes."""
+        each of the others joins its session's line, and goes when its turn comes, with the other steps of
+        its message whose turns came in the same pass of the event loop (`_turn_came`)."""
         limit = self._settings.batching.max_pending_steps
         now: list[int] = []
         ready: list[Pending] = []
@@ -147,9 +151,25 @@ class SessionEngine:
                     now.append(i)
                     ready.append(pending)
                 else:
-                    self._turns.wait(pending.key, partial(self._dispatch, [i], [pending], done))
+                    self._turns.wait(pending.key, partial(self._turn_came, i, pending, done))
         if ready:
             self._dispatch(now, ready, done)
+
+    def _turn_came(self, i: int, pending: Pending, done: Callable[[int, Answer], None]) -> None:
+        """Step `i` of a message (`done`'s) holds its session's turn now. A gateway that sends a message
+        before the last one for the same sessions is answered has all of its steps waiting, and their
+        turns come together as the last message lands: they go to the batcher as one group, not one by one
+        (a group per step cost the event loop more than the step)."""
+        if not self._turned:
+            asyncio.get_running_loop().call_soon(self._dispatch_turned)
+        indices, group = self._turned.setdefault(done, ([], []))
+        indices.append(i)
+        group.append(pending)
+
+    def _dispatch_turned(self) -> None:
+        turned, self._turned = self._turned, {}
+        for done, (indices, group) in turned.items():
+            self._dispatch(indices, group, done)
 
     def _dispatch(self, indices: list[int], group: list[Pending], done: Callable[[int, Answer], None]) -> None:
         """`group` (steps holding their sessions' turns) to the batcher; each step's turn ends as it lands."""

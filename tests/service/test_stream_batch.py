@@ -379,6 +379,40 @@ async def test_overlapping_batches_wait_only_for_the_sessions_they_share(start_s
     assert engine.steps_in_flight == 0 and engine.sessions_in_flight == 0
 
 
+async def test_a_pipelining_gateways_waiting_steps_go_to_the_batcher_together(start_server, redis_store_url):
+    """A gateway sends each message before the last one for the same sessions is answered: every step of
+    the later messages waits its session's turn, and the turns come together as a message lands. They go
+    to the batcher as one group a message (one by one, the event loop paid per step), and every session
+    still steps in order, its outputs those of an offline run."""
+    app = await start_server(url=redis_store_url)
+    batcher = app.engine._batcher
+    groups: list[int] = []
+    put_many = batcher.put_many
+
+    def counted(items, done):  # the engine's own batcher, its groups counted
+        groups.append(len(items))
+        put_many(items, done)
+
+    batcher.put_many = counted
+    sessions, rounds = 64, 4
+    inputs = {i: EYE[chars(i, rounds)] for i in range(sessions)}
+    messages = [
+        pb.StepBatch(
+            id=t, steps=[step_request("charlm", f"p{i}", t + 1, inputs[i][t : t + 1]) for i in range(sessions)]
+        )
+        for t in range(rounds)
+    ]
+    results = await exchange_batches(f"127.0.0.1:{app.port}", messages)
+    assert [r.id for r in results] == list(range(rounds))
+    expected = {i: offline_logits(V1, x) for i, x in inputs.items()}
+    for t, result in enumerate(results):
+        for i, response in enumerate(result.responses):
+            assert not response.HasField("error"), response.error
+            assert (response.session_id, response.seq) == (f"p{i}", t + 1)
+            np.testing.assert_allclose(logits_of(response)[0], expected[i][t], atol=1e-5, rtol=0)
+    assert groups == [sessions] * rounds
+
+
 async def test_a_gateway_call_past_the_servers_step_limit_goes_as_several_messages(start_server):
     """1,100 sessions in one call, to a server taking at most 1,024 steps a message: the client sends two
     messages at once and answers every session, in the call's order (one message was refused step by step,
