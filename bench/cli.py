@@ -41,6 +41,9 @@ def add_bench_parser(commands: Any, common: argparse.ArgumentParser) -> None:
     load.add_argument("--rate", type=float, help="open loop: steps per second in all; default: ping-pong")
     load.add_argument("--chunk", type=int, default=1, help="time steps per request")
     load.add_argument("--per-message", type=int, default=1, help="fan-in: sessions' steps per StreamBatch message")
+    load.add_argument(
+        "--in-flight", type=int, default=1, help="fan-in: messages each group keeps unanswered (a pipelining gateway)"
+    )
     load.add_argument("--model", default="charlm-lstm")
     load.add_argument("--version", type=int, default=0, help="0: the newest version the server loads")
     load.add_argument("--features", type=int, default=84, help="the model's input features")
@@ -127,6 +130,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 chunk=args.chunk,
                 rate=args.rate,
                 per_message=args.per_message,
+                in_flight=args.in_flight,
                 spread=args.spread,
             )
         except ValueError as err:

@@ -8,7 +8,9 @@ from when it was due (no coordinated omission). Latencies go into an HDR histogr
 
 A failed step (an in-band error) is counted by code and sent again, so every session still ends at T.
 Fan-in (`per_message` > 1): sessions go in groups, one StreamBatch message per group per step, and the
-histogram holds the latency of each message.
+histogram holds the latency of each message. A group may keep several messages in flight (`in_flight`),
+as a gateway does that forwards the next readings before the last are answered: its messages then all go
+on one stream, which answers them in order.
 The client is lean on purpose (prebuilt inputs, no task per step): what it measures is the server.
 """
 
@@ -82,6 +84,7 @@ class LoadSpec:
     chunk: int = 1  # time steps per request
     rate: float | None = None  # open loop: steps per second in all; None: ping-pong
     per_message: int = 1  # >1: fan-in, that many sessions' steps per StreamBatch message (native, ping-pong)
+    in_flight: int = 1  # fan-in: messages a group sends before its first unanswered one is answered
     spread: bool = True  # connections reopened until they spread evenly over the server's worker processes
 
     def __post_init__(self) -> None:
@@ -90,8 +93,10 @@ class LoadSpec:
                 "fan-in (--per-message > 1) sends StreamBatch messages: native protocol, ping-pong only; "
                 "drop --protocol triton and --rate, or send one step per message"
             )
-        if self.per_message < 1 or self.sessions < 1 or self.steps < 1 or self.streams < 1 or self.chunk < 1:
-            raise ValueError("--per-message, --sessions, --steps, --streams and --chunk must be 1 or more")
+        if self.in_flight > 1 and self.per_message == 1:
+            raise ValueError("--in-flight applies to fan-in: send it with --per-message > 1")
+        if min(self.per_message, self.sessions, self.steps, self.streams, self.chunk, self.in_flight) < 1:
+            raise ValueError("--per-message, --sessions, --steps, --streams, --chunk and --in-flight must be 1 or more")
 
 
 @dataclass
@@ -115,6 +120,7 @@ class LoadResult:
             "chunk": self.spec.chunk,
             "rate": self.spec.rate,
             "per_message": self.spec.per_message,
+            "in_flight": self.spec.in_flight,
             "seconds": self.seconds,
             "steps_per_s": self.steps / self.seconds if self.seconds else 0.0,
             "p50_us": h.get_value_at_percentile(50),
@@ -161,7 +167,9 @@ async def spread(target: str, channels: list[grpc.aio.Channel]) -> list[int]:
 class _FanIn:
     """Fan-in: StreamBatch calls, one per channel given, carrying the sessions in groups of `per_message`,
     each group a message. Every group sends its next batch as soon as its last one is answered, on the
-    call a `StreamBalance` picks (as `BatchClient` does); latency is per message."""
+    call a `StreamBalance` picks (as `BatchClient` does); with `in_flight` > 1 it keeps that many messages
+    unanswered, all on one call (group g on call g mod K, so its steps are applied in order). Latency is
+    per message."""
 
     def __init__(
         self, spec: LoadSpec, channels: list[grpc.aio.Channel], sessions: list[str], result: LoadResult
@@ -169,8 +177,10 @@ class _FanIn:
         self.spec = spec
         self.result = result
         self.groups = [sessions[i : i + spec.per_message] for i in range(0, len(sessions), spec.per_message)]
-        self.seq = [1] * len(self.groups)
-        self.sent_at = [0.0] * len(self.groups)
+        self.seq = [1] * len(self.groups)  # of the group's next message
+        # Per group, its messages not yet answered: when each was sent, and the balance's ticket.
+        self.unanswered: list[deque[tuple[float, float]]] = [deque() for _ in self.groups]
+        self.ended = [False] * len(self.groups)
         x = np.random.default_rng(len(sessions)).random((spec.chunk, spec.features)).astype(np.float32)
         tensor = pb.Tensor(shape=x.shape, raw=x.tobytes())
         self.encoders = [BatchEncoder(spec.model, spec.version, group, tensor) for group in self.groups]
@@ -182,22 +192,22 @@ class _FanIn:
         ]
         self.writing = [asyncio.Lock() for _ in self.calls]  # one write at a time on a call (readers share them)
         self.balance = StreamBalance(len(self.calls))
-        self.tickets = [0.0] * len(self.groups)
         self.finished = 0
         self.done = asyncio.Event()
 
     async def send(self, g: int) -> None:
         message = self.encoders[g].encode(self.seq[g], g)
-        k = self.balance.pick()
-        self.tickets[g] = self.balance.sent(k)
-        self.sent_at[g] = time.perf_counter()
+        self.seq[g] += 1
+        k = self.balance.pick() if self.spec.in_flight == 1 else g % len(self.calls)
+        self.unanswered[g].append((time.perf_counter(), self.balance.sent(k)))
         async with self.writing[k]:
             await self.calls[k].write(message)
 
     async def run(self) -> None:
         """Until every group is done; a stream that fails or ends first ends the run with its error."""
-        for g in range(len(self.groups)):
-            await self.send(g)
+        for _ in range(min(self.spec.in_flight, self.spec.steps)):
+            for g in range(len(self.groups)):
+                await self.send(g)
         readers = [asyncio.create_task(self.read(k)) for k in range(len(self.calls))]
         finished = asyncio.create_task(self.done.wait())
         try:
@@ -219,23 +229,25 @@ class _FanIn:
         self.result.workers[await worker_of_stream(call) or "?"] += 1
         async for result in call:
             g = result.id
-            seconds = time.perf_counter() - self.sent_at[g]
-            self.balance.answered(k, self.tickets[g])
-            self.result.histogram.record_value(max(1, int(seconds * 1e6)))
+            sent_at, ticket = self.unanswered[g].popleft()  # a group's messages are answered in order
+            self.balance.answered(k, ticket)
+            self.result.histogram.record_value(max(1, int((time.perf_counter() - sent_at) * 1e6)))
             failed = [r for r in result.responses if r.HasField("error")]
             for response in failed:
                 code = _CODES[response.error.code].name
                 self.result.errors[code] += 1
                 self.result.first_errors.setdefault(code, response.error.message)
             self.result.steps += len(result.responses) - len(failed)
-            self.seq[g] += 1
+            if self.ended[g]:  # answers of a group that stopped short, still in flight
+                continue
             # A group with an error stops short (its errors are what the run reports), and counts as done:
             # a load whose every group failed ends instead of waiting for answers that never come.
-            if failed or self.seq[g] > self.spec.steps:
+            if failed or (not self.unanswered[g] and self.seq[g] > self.spec.steps):
+                self.ended[g] = True
                 self.finished += 1
                 if self.finished == len(self.groups):
                     self.done.set()
-            else:
+            elif self.seq[g] <= self.spec.steps:
                 await self.send(g)
 
 

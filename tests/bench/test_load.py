@@ -45,6 +45,25 @@ async def test_fan_in_counts_every_step(start_server):
         assert result.histogram.get_total_count() == 128 // 16 * 10  # a latency per message
 
 
+async def test_a_pipelining_fan_in_counts_every_step_in_order(start_server):
+    """Groups keeping three messages unanswered (a gateway that forwards before it is answered): every
+    step applied in its session's order (a step out of order would be refused), a latency per message."""
+    app = await start_server()
+    for in_flight in (2, 3, 12):  # 12: more than the steps, so every message is sent before any answer
+        spec = LoadSpec(
+            f"127.0.0.1:{app.port}", 96, 10, 4, model="charlm", features=FEATURES, per_message=16, in_flight=in_flight
+        )
+        result = await asyncio.wait_for(run_load(spec), 60)
+        assert result.steps == 96 * 10 and not result.errors, result.summary()
+        assert result.histogram.get_total_count() == 96 // 16 * 10
+        assert result.summary()["in_flight"] == in_flight
+
+
+def test_in_flight_is_for_fan_in():
+    with pytest.raises(ValueError, match="--in-flight applies to fan-in"):
+        LoadSpec("127.0.0.1:1", 4, 2, in_flight=2)
+
+
 async def test_fan_in_where_every_step_fails_ends(start_server):
     """Every group answered with errors (a version the server does not load) stops short, and the load
     ends with its errors counted instead of waiting for answers that never come."""
