@@ -10,7 +10,7 @@ import numpy as np
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.errors import InvalidArgument
 
-_FLOAT32 = np.dtype("<f4")
+FLOAT32 = np.dtype("<f4")  # the wire's tensors: little-endian float32
 
 
 def tensor_to_array(tensor: pb.Tensor, what: str = "input") -> np.ndarray:
@@ -18,7 +18,7 @@ def tensor_to_array(tensor: pb.Tensor, what: str = "input") -> np.ndarray:
     raw, dims = tensor.raw, tensor.shape
     if len(dims) == 2 and raw and (rows := dims[0]) > 0 and (columns := dims[1]) > 0 and not tensor.data:
         if len(raw) == 4 * rows * columns:  # the common case, [T, F] in raw bytes, checked at less cost
-            return np.frombuffer(raw, dtype=_FLOAT32).reshape(rows, columns)
+            return np.frombuffer(raw, dtype=FLOAT32).reshape(rows, columns)
     shape = list(dims)
     count = checked_count(shape, what)
     if tensor.raw and tensor.data:
@@ -28,7 +28,7 @@ def tensor_to_array(tensor: pb.Tensor, what: str = "input") -> np.ndarray:
             raise InvalidArgument(
                 f"{what}: raw holds {len(tensor.raw)} bytes, shape {shape} needs {4 * count} (float32)"
             )
-        values = np.frombuffer(tensor.raw, dtype=_FLOAT32)
+        values = np.frombuffer(tensor.raw, dtype=FLOAT32)
     else:
         if len(tensor.data) != count:
             raise InvalidArgument(f"{what}: data holds {len(tensor.data)} values, shape {shape} needs {count}")
@@ -58,7 +58,7 @@ def fill_tensors(tensors: MutableMapping[str, pb.Tensor], arrays: Mapping[str, n
     """Each array as a tensor of the message's map, written in place (no message copied). Responses carry
     raw little-endian float32 bytes."""
     for name, array in arrays.items():
-        data = array if array.dtype == _FLOAT32 and array.flags.c_contiguous else np.ascontiguousarray(array, _FLOAT32)
+        data = array if array.dtype == FLOAT32 and array.flags.c_contiguous else np.ascontiguousarray(array, FLOAT32)
         tensor = tensors[name]
         tensor.shape.extend(data.shape)
         tensor.raw = data.tobytes()

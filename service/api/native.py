@@ -13,7 +13,7 @@ from typing import TypeAlias
 import grpc
 import numpy as np
 
-from service.api.convert import fill_tensors, tensor_to_array
+from service.api.convert import FLOAT32, fill_tensors, tensor_to_array
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from service.api.status import classify, grpc_status, unary
@@ -52,8 +52,7 @@ def _model_info(model: LoadedModel) -> pb.ModelInfo:
     )
 
 
-_FLOAT32 = np.dtype("<f4")
-_NO_INPUT = np.empty((0, 0), _FLOAT32)  # a step's input until its message's inputs are read
+_NO_INPUT = np.empty((0, 0), FLOAT32)  # a step's input until its message's inputs are read
 
 
 def _steps_of(
@@ -114,7 +113,7 @@ def _steps_of(
             raws.append(raw)
         steps.append(step)
     if common is not None:
-        inputs = np.frombuffer(b"".join(raws), _FLOAT32).reshape(len(raws), *common)
+        inputs = np.frombuffer(b"".join(raws), FLOAT32).reshape(len(raws), *common)
         for step, x in zip(bulk, inputs, strict=True):  # each a view of one row
             step.x = x
     return steps, max(1, weight)
