@@ -20,19 +20,27 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 ROOT = Path(__file__).resolve().parent.parent
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
     """A port free now, for a server started next. Drawn below the kernel's range for the local ports of
     outgoing connections: a port from that range (what binding port 0 gives) can be taken by any connection
     this machine opens before the server binds it, which once failed a test's server with "Address already
-    in use"."""
+    in use". Never the same port twice in one process: a port is often drawn long before its server binds it
+    (a cluster's six nodes are given theirs at once, then each draws its bus port as it starts), and a second
+    draw of a port not yet bound would find it free."""
     low = _ephemeral_low()
     for _ in range(200):
         port = random.randrange(max(1024, low - 12_000), low)
+        if port in _handed_out:
+            continue
         with socket.socket() as probe:
             try:
                 probe.bind(("127.0.0.1", port))
             except OSError:
                 continue
+            _handed_out.add(port)
             return port
     with socket.socket() as probe:  # the range below is crowded: the kernel's pick, then
         probe.bind(("127.0.0.1", 0))
@@ -221,10 +229,14 @@ class RedisProcess:
         self.tls = tls
         self.password = password
         self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen[bytes] | None = None
 
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
     def start(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
         persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.durable else ["--appendonly", "no"]
         if self.replica_of is not None:
             persistence += ["--replicaof", "127.0.0.1", str(self.replica_of)]
@@ -249,6 +261,7 @@ class RedisProcess:
                 "--repl-diskless-sync-delay",
                 "0",
             ]
+        log = (self.directory / "redis.log").open("ab")  # the child holds its own copy of the file
         self.process = subprocess.Popen(
             [
                 "redis-server",
@@ -261,24 +274,34 @@ class RedisProcess:
                 "",
                 *persistence,
             ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + (30 if self.replica_of is not None else 10)
+        log.close()
+        deadline = time.monotonic() + 30
         with self.client() as client:
             while True:
                 try:
-                    if self.replica_of is None:
-                        client.ping()
-                        return
-                    if client.info("replication").get("master_link_status") == "up":
+                    # This process's, not another server's that holds the port (this one then exits).
+                    if client.info("server").get("process_id") == self.process.pid and (
+                        self.replica_of is None or client.info("replication").get("master_link_status") == "up"
+                    ):
                         return
                 except redis.ConnectionError:
                     pass
-                if time.monotonic() > deadline:
+                code = self.process.poll()
+                if code is not None or time.monotonic() > deadline:
                     self.stop()
-                    raise TimeoutError(f"redis-server on port {self.port} did not come up (or sync) in time")
+                    why = f"exited with {code}" if code is not None else "did not come up (or sync) in 30 s"
+                    raise TimeoutError(f"redis-server on port {self.port} {why}; its log ends:\n{self.log_tail()}")
                 time.sleep(0.02)
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The last lines redis-server wrote (to redis.log in its folder)."""
+        try:
+            return "\n".join((self.directory / "redis.log").read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
 
     def client(self, port: int | None = None) -> redis.Redis:
         """A client of this server (or of another node of its cluster, on `port`), over TLS if it speaks it."""
@@ -328,12 +351,33 @@ class RedisCluster:
         ]
         self.replicas = replicas
         self.tls = tls
-        scheme = "rediss+cluster://" if tls else "redis+cluster://"
-        self.url = scheme + ",".join(f"127.0.0.1:{node.port}" for node in self.nodes[:2])
+
+    @property
+    def url(self) -> str:
+        scheme = "rediss+cluster://" if self.tls else "redis+cluster://"
+        return scheme + ",".join(f"127.0.0.1:{node.port}" for node in self.nodes[:2])
 
     def start(self) -> None:
+        """Start every node and make them a cluster; if that fails, every node is stopped and its folder
+        removed before the error is raised (a fixture whose set-up raises is never torn down)."""
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self) -> None:
         for node in self.nodes:
-            node.start()
+            for attempt in range(3):
+                try:
+                    node.start()
+                    break
+                except TimeoutError as failed:
+                    # Its port taken by another process since it was drawn: a node's port is the cluster's
+                    # own business until the cluster is made, so draw another.
+                    if "Address already in use" not in str(failed) or attempt == 2:
+                        raise
+                    node.port = free_port()
         addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
         tls = ["--tls", "--cacert", str(self.tls / "ca.pem")] if self.tls else []
         subprocess.run(

@@ -27,7 +27,8 @@ class RedisProxy:
     lost: int = 0  # replies lost so far
     _armed: list[_Armed] = field(default_factory=list)
     _server: asyncio.Server | None = None
-    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)  # one a connection
+    _pumps: set[asyncio.Task[None]] = field(default_factory=set)  # two a connection, one each way
     _open: bool = True
     _replies: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -57,8 +58,10 @@ class RedisProxy:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
-        for task in list(self._tasks):
-            task.cancel()
+        # Each connection ends once its pumps do. Its own task is never cancelled: asyncio's server (before
+        # Python 3.12) logs a cancelled connection task as an unhandled error.
+        for pump in list(self._pumps):
+            pump.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _connection(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
@@ -71,11 +74,17 @@ class RedisProxy:
             client_w.close()
             self._tasks.discard(task)
             return
+        if not self._open:  # closed while connecting
+            for writer in (client_w, server_w):
+                writer.close()
+            self._tasks.discard(task)
+            return
         cut = asyncio.Event()
         pumps = [
             asyncio.create_task(self._requests(client_r, server_w, cut)),
             asyncio.create_task(self._replies_to(server_r, client_w, cut)),
         ]
+        self._pumps.update(pumps)
         try:
             await asyncio.wait(pumps, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -85,6 +94,7 @@ class RedisProxy:
             for writer in (client_w, server_w):
                 with contextlib.suppress(Exception):
                     writer.close()
+            self._pumps.difference_update(pumps)
             self._tasks.discard(task)
 
     async def _requests(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, cut: asyncio.Event) -> None:
