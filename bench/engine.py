@@ -19,7 +19,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from bench.process import RedisProcess
-from service.server import create_server
+from service.server import create_server, keep_out_of_collections
 from service.sessions.steps import Step
 from service.settings import RedisSettings, Settings
 
@@ -36,6 +36,7 @@ async def measure(
     redis = RedisSettings(url=redis_url)
     settings = Settings(model_repo=model_repo, redis=redis, host="127.0.0.1", port=0, metrics_port=None)
     app = await create_server(settings, CollectorRegistry())
+    keep_out_of_collections()  # as `rnnserve serve` does once it is up
     try:
         engine = app.engine
         features = engine.registry.get(model, version).manifest.features
