@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from service.errors import RecordCorrupt
-from service.state.store import ABSENT, Commit, CommitResult, Outcome, StateStore, Stored
+from service.state.store import ABSENT, APPLIED, Commit, CommitResult, Outcome, StateStore, Stored
 
 
 @dataclass(slots=True)
@@ -84,7 +84,7 @@ class MemoryStateStore(StateStore):
                 live.pop(commit.key, None)
             elif live is not None:
                 live[commit.key] = expires
-            results.append(CommitResult(Outcome.OK, commit.token))
+            results.append(APPLIED)
         return results
 
     async def delete(self, key: str, live: str = "") -> bool:

@@ -39,7 +39,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from service.batching import raise_if_cancelled
 from service.errors import RecordCorrupt, StartupError, StoreRefused, Unavailable
 from service.settings import SENTINEL_SCHEME, RedisSettings, parse_sentinel_url
-from service.state.store import Commit, CommitResult, Outcome, StateStore, Stored
+from service.state.store import APPLIED, Commit, CommitResult, Outcome, StateStore, Stored
 from service.tls import load_key_pair
 
 TOKEN_FIELD = "token"
@@ -64,8 +64,9 @@ TOKEN_HEAD = 64
 # ARGV, six per key: expected token ('' = unconditional, '!' = no record), new token, ttl ms, the tenant's
 # live-sessions key ('' = not counted), the count's part (N > 0: a start, refused while the key is uncounted
 # and N sessions are live; 0: a step that keeps it live; -1: its end), and the record's staging key (string)
-# or the record (hash). Returns, per key: {0, token} applied, {1, current} conflict, {2, ''} missing, {3,
-# error} refused (OOM, a key of another type), {4, live} the tenant's limit. The live set is scored by expiry
+# or the record (hash). Returns, per key: 0 applied (a bare integer: most keys are, and a pair each cost
+# Redis and the reply's reader more), {1, current} conflict, {2, ''} missing, {3, error} refused (OOM, a key
+# of another type), {4, live} the tenant's limit. The live set is scored by expiry
 # (Redis's clock), so an idled-out session stops counting, and expires itself with the last of them. A
 # session's staged record, where applied, is renamed to the session's key (`_commit_call` deletes the rest).
 # Every Redis call is a pcall: each key is compared and set on its own, and one key's error never stops the
@@ -172,7 +173,7 @@ for i = 1, #KEYS do
           redis.pcall('PEXPIRE', live, ttl_ms)
         end
       end
-      out[i] = {0, token}
+      out[i] = 0
     end
   end
 end
@@ -700,8 +701,12 @@ def _call_results(
         elif isinstance(reply, RedisError):  # BUSY, a script error: whether any key was written is unknown
             results += [CommitResult(Outcome.UNKNOWN, str(reply))] * len(call)
         else:
-            results += [CommitResult(_OUTCOMES[code], current.decode() or None) for code, current in reply]
+            results += [APPLIED if result == 0 else _refused(*result) for result in reply]
     return results
+
+
+def _refused(code: int, current: bytes) -> CommitResult:
+    return CommitResult(_OUTCOMES[code], current.decode() or None)
 
 
 def _redis_message(err: ResponseError) -> str:

@@ -74,11 +74,15 @@ class Commit:
     live_limit: int = 0
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class CommitResult:
     outcome: Outcome
-    # The token found in the store: on conflict, whoever wrote last.
+    # What the store found: on conflict, the token of whoever wrote last; on an error or the tenant's limit,
+    # why. None for an applied commit.
     current: str | None = None
+
+
+APPLIED = CommitResult(Outcome.OK)  # every applied commit's result (one value: most commits are)
 
 
 class StateStore(abc.ABC):
