@@ -16,6 +16,8 @@ from pathlib import Path
 import grpc
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,8 +33,9 @@ def free_port() -> int:
     (a cluster's six nodes are given theirs at once, then each draws its bus port as it starts), and a second
     draw of a port not yet bound would find it free."""
     low = _ephemeral_low()
-    for _ in range(200):
-        port = random.randrange(max(1024, low - 12_000), low)
+    floor = max(1024, low - 12_000)
+    for _ in range(200 if floor < low else 0):
+        port = random.randrange(floor, low)
         if port in _handed_out:
             continue
         with socket.socket() as probe:
@@ -42,9 +45,14 @@ def free_port() -> int:
                 continue
             _handed_out.add(port)
             return port
-    with socket.socket() as probe:  # the range below is crowded: the kernel's pick, then
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    for _ in range(200):  # the range below is crowded (or there is none): the kernel's pick, then
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise OSError("no free port found that this process has not handed out already")
 
 
 def _ephemeral_low() -> int:
@@ -278,20 +286,28 @@ class RedisProcess:
             stderr=subprocess.STDOUT,
         )
         log.close()
+        try:
+            self._wait_up(self.process)
+        except BaseException:
+            self.stop()  # however the wait ended, no server is left running behind it
+            raise
+
+    def _wait_up(self, process: subprocess.Popen[bytes]) -> None:
         deadline = time.monotonic() + 30
-        with self.client() as client:
+        # Each probe bounded: whatever holds the port may accept connections and never answer (a stopped server).
+        with self.client(timeout_s=1.0) as client:
             while True:
-                try:
-                    # This process's, not another server's that holds the port (this one then exits).
-                    if client.info("server").get("process_id") == self.process.pid and (
-                        self.replica_of is None or client.info("replication").get("master_link_status") == "up"
-                    ):
-                        return
-                except redis.ConnectionError:
-                    pass
-                code = self.process.poll()
+                code = process.poll()  # first: a server that could not bind exits at once
+                if code is None:
+                    try:
+                        # This process's, not another server's that holds the port (this one then exits).
+                        if client.info("server").get("process_id") == process.pid and (
+                            self.replica_of is None or client.info("replication").get("master_link_status") == "up"
+                        ):
+                            return
+                    except (redis.RedisError, OSError):
+                        pass  # not up yet, or something else answers on the port (not a Redis, or a stopped one)
                 if code is not None or time.monotonic() > deadline:
-                    self.stop()
                     why = f"exited with {code}" if code is not None else "did not come up (or sync) in 30 s"
                     raise TimeoutError(f"redis-server on port {self.port} {why}; its log ends:\n{self.log_tail()}")
                 time.sleep(0.02)
@@ -303,10 +319,13 @@ class RedisProcess:
         except OSError:
             return "(no log)"
 
-    def client(self, port: int | None = None) -> redis.Redis:
-        """A client of this server (or of another node of its cluster, on `port`), over TLS if it speaks it."""
-        tls = {"ssl": True, "ssl_ca_certs": str(self.tls / "ca.pem")} if self.tls else {}
-        return redis.Redis(port=port or self.port, password=self.password, **tls)  # type: ignore[arg-type]
+    def client(self, port: int | None = None, timeout_s: float | None = None) -> redis.Redis:
+        """A client of this server (or of another node of its cluster, on `port`), over TLS if it speaks it;
+        `timeout_s` bounds each connect and each reply (by default, none)."""
+        options: dict[str, object] = {"ssl": True, "ssl_ca_certs": str(self.tls / "ca.pem")} if self.tls else {}
+        if timeout_s is not None:  # bounded: one try, each step within timeout_s
+            options.update(socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0))
+        return redis.Redis(port=port or self.port, password=self.password, **options)  # type: ignore[arg-type]
 
     def stop(self) -> None:
         """Stop the server; a durable one keeps its data for the next start(). One that does not stop in

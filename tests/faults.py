@@ -56,13 +56,14 @@ class RedisProxy:
         self._open = False
         self._replies.set()
         if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+            self._server.close()  # no new connection; waited for below, once the open ones are closed
         # Each connection ends once its pumps do. Its own task is never cancelled: asyncio's server (before
         # Python 3.12) logs a cancelled connection task as an unhandled error.
         for pump in list(self._pumps):
             pump.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()  # from Python 3.12 it waits for every connection to close
 
     async def _connection(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 
 import pytest
@@ -28,6 +30,48 @@ def test_a_redis_server_that_cannot_bind_fails_its_start_at_once_with_its_log(tm
         assert second.process is None
     finally:
         first.close()
+
+
+def test_a_port_held_by_a_stopped_server_fails_the_start_without_hanging(tmp_path):
+    holder = RedisProcess(tmp_path / "holder")
+    holder.start()
+    holder.pause()  # accepts connections, answers nothing
+    try:
+        second = RedisProcess(tmp_path / "second")
+        second.port = holder.port
+        began = time.monotonic()
+        with pytest.raises(TimeoutError, match="Address already in use"):
+            second.start()
+        assert time.monotonic() - began < 10
+        assert second.process is None
+    finally:
+        holder.pause(False)
+        holder.close()
+
+
+def test_a_port_held_by_something_else_than_redis_fails_the_start_with_the_log(tmp_path):
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", free_port()))
+        listener.listen()
+        answering = threading.Thread(target=_answer_http, args=(listener,), daemon=True)
+        answering.start()
+        server = RedisProcess(tmp_path / "server")
+        server.port = listener.getsockname()[1]
+        with pytest.raises(TimeoutError, match="Address already in use"):
+            server.start()
+        assert server.process is None
+
+
+def _answer_http(listener: socket.socket) -> None:
+    """Answer whatever connects as a web server would, until the listener closes."""
+    while True:
+        try:
+            connection, _ = listener.accept()
+        except OSError:
+            return
+        with connection:
+            connection.recv(1024)
+            connection.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
 
 
 def test_a_cluster_node_whose_port_was_taken_moves_to_another(tmp_path):
