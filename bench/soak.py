@@ -32,7 +32,10 @@ from bench.process import RedisProcess, ServerProcess, free_port, rss_mb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from service.client import CHANNEL_OPTIONS
-from service.state.store import session_key
+from service.server import open_store
+from service.settings import RedisSettings
+from service.state.record import decode
+from service.state.store import Stored, session_key
 
 MAX_LATENCY_US = 60_000_000
 _CODES = {code.value[0]: code.name for code in grpc.StatusCode}
@@ -150,8 +153,17 @@ class _Stream:
 
 
 async def run(
-    model_repo: Path, minutes: int, sessions: int, streams: int, rate: float, model: str, log: Path | None
+    model_repo: Path,
+    minutes: int,
+    sessions: int,
+    streams: int,
+    rate: float,
+    model: str,
+    log: Path | None,
+    minute_s: float = 60,
 ) -> dict[str, Any]:
+    """`minutes` rounds of `minute_s` seconds each (a test makes them short); then each session's stored seq,
+    read through the service's own store, against the last seq the client saw acknowledged."""
     store = RedisProcess()
     store.start()
     replicas = [
@@ -178,7 +190,7 @@ async def run(
         for m in range(minutes):
             record = Minute()
             started = time.perf_counter()
-            until = started + 60
+            until = started + minute_s
             await asyncio.gather(
                 *(lane.minute(channels[(k + m) % 2][k % 2], until, record) for k, lane in enumerate(lanes))
             )
@@ -186,12 +198,16 @@ async def run(
             record.redis_mb = round(int(client.info("memory")["used_memory"]) / 2**20, 1)
             figures.append(record.summary(time.perf_counter() - started))
             print(f"minute {m + 1}: {json.dumps(figures[-1])}", flush=True)
-        stored: list[Any] = [client.hget(session_key("rnnserve", model, sid), "token") for sid in ids]
+        reader = open_store(RedisSettings(url=store.url))  # reads either record layout, as a replica does
+        try:
+            loaded = await reader.load_many([session_key("rnnserve", model, sid) for sid in ids])
+        finally:
+            await reader.close()
         acked = {sid: n for lane in lanes for sid, n in lane.acked.items()}
         mismatched = [
             sid
-            for sid, token in zip(ids, stored, strict=True)
-            if token is None or int(token.split(b":")[1]) != acked[sid]
+            for sid, found in zip(ids, loaded, strict=True)
+            if not isinstance(found, Stored) or decode(found.record).seq != acked.get(sid)
         ]
         for pair in channels:
             for channel in pair:
