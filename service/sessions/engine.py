@@ -89,6 +89,14 @@ class SessionEngine:
                 "been applied: a resend settles it)",
                 abandoned,
             )
+        # Steps still waiting their session's turn get it as the steps before them land, one a loop pass,
+        # and the stopped batcher refuses each: answered before the engine says it has stopped.
+        try:
+            async with asyncio.timeout(1.0):
+                while self._pending:
+                    await asyncio.sleep(0)
+        except TimeoutError:
+            log.warning("%d steps were still waiting their session's turn when the engine stopped", self._pending)
         self._executor.shutdown(wait=True)
 
     # -- the public operations -----------------------------------------------------------------

@@ -8,7 +8,7 @@ import grpc
 import numpy as np
 
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
-from service.errors import Overloaded, RnnServeError
+from service.errors import Overloaded, RnnServeError, Unavailable
 from service.sessions.steps import Step, StepResult
 from tests.conftest import TEST_REPO, logits_of, offline_logits, step_request, vocabulary
 
@@ -102,3 +102,18 @@ async def test_steps_past_the_replica_limit_are_refused_and_the_rest_land(start_
     assert app.engine.steps_in_flight == 0
     again = await app.engine.step(Step("charlm", "p149", 1, x, start=True))  # room again
     assert again.seq == 1
+
+
+async def test_the_engine_stops_only_once_every_step_waiting_its_turn_is_answered(start_server):
+    """Steps queued behind their session's step in flight when the engine stops: each is answered (the
+    first applied, the rest refused as the stopping batcher refuses them, a loop pass apiece) before stop
+    returns, not after."""
+    app = await start_server()
+    x = EYE[[3]]
+    futures = [app.engine.submit(Step("charlm", "line", 1, x, start=True))]
+    futures += [app.engine.submit(Step("charlm", "line", seq, x)) for seq in range(2, 7)]
+    await app.engine.stop(timeout_s=10)
+    assert [f.done() for f in futures] == [True] * 6
+    assert futures[0].exception() is None
+    assert all(isinstance(f.exception(), Unavailable) for f in futures[1:])
+    assert app.engine.steps_in_flight == 0
