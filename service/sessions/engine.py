@@ -61,6 +61,7 @@ class SessionEngine:
         # (one per message): handed to the batcher together at the end of the pass.
         self._turned: dict[Callable[[int, Answer], None], tuple[list[int], list[Pending]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False
         self._pipeline = BatchPipeline(registry, store, self.cache, self._executor, settings, metrics)
         # One batcher for every model: a batch of many models' steps still makes one store read and one
         # commit (the pipeline makes one runtime call per model version and chunk length).
@@ -81,7 +82,9 @@ class SessionEngine:
 
     async def stop(self, timeout_s: float | None = None) -> None:
         """Finish queued and in-flight steps (their commits included), then release the runtime threads.
-        Past `timeout_s` (a store that does not answer), the steps left are answered UNAVAILABLE."""
+        Past `timeout_s` (a store that does not answer), the steps left are answered UNAVAILABLE. A
+        DeleteSession whose turn comes from now on is refused UNAVAILABLE, as a step is."""
+        self._stopping = True
         abandoned = await self._batcher.stop(timeout_s)
         if abandoned:
             log.warning(
@@ -89,14 +92,20 @@ class SessionEngine:
                 "been applied: a resend settles it)",
                 abandoned,
             )
-        # Steps still waiting their session's turn get it as the steps before them land, one a loop pass,
-        # and the stopped batcher refuses each: answered before the engine says it has stopped.
+        # Steps (and deletes) still waiting their session's turn get it as the ones before them land, one a
+        # loop pass, and each is refused: all answered before the engine says it has stopped. Bounded: about
+        # 7 us a waiting step, 0.5 s for the most a replica holds (`batching.max_pending_steps`); a delete
+        # already at the store when the stop began finishes within the store's socket timeout.
         try:
-            async with asyncio.timeout(1.0):
-                while self._pending:
-                    await asyncio.sleep(0)
+            async with asyncio.timeout(STOP_SETTLE_S):
+                while self._pending or self._tasks:
+                    await asyncio.sleep(0 if self._pending else 0.001)
         except TimeoutError:
-            log.warning("%d steps were still waiting their session's turn when the engine stopped", self._pending)
+            log.warning(
+                "%d steps and %d deletes were still waiting their session's turn when the engine stopped",
+                self._pending,
+                len(self._tasks),
+            )
         self._executor.shutdown(wait=True)
 
     # -- the public operations -----------------------------------------------------------------
@@ -290,6 +299,9 @@ class SessionEngine:
 
         async def delete() -> None:
             try:
+                if self._stopping:
+                    settle(deleted, Unavailable("the server is stopping; send the delete to another replica"))
+                    return
                 self.cache.forget(key)
                 settle(deleted, await self._store.delete(key, live))
             except BaseException as err:
@@ -311,6 +323,9 @@ class SessionEngine:
         self.registry.get(model_name)  # NOT_FOUND for a model this server does not serve
         return session_key(self._prefix, model_name, session_id, tenant)
 
+
+# The most `stop` waits for the steps and deletes in session lines to be answered once the batcher has stopped.
+STOP_SETTLE_S = 5.0
 
 # Epochs need to be unpredictable across processes, not secret: seeded once from the OS, then cheap (a
 # draw from os.urandom on every start showed up in profiles).

@@ -10,6 +10,7 @@ import numpy as np
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from service.errors import Overloaded, RnnServeError, Unavailable
 from service.sessions.steps import Step, StepResult
+from service.state.store import session_key
 from tests.conftest import TEST_REPO, logits_of, offline_logits, step_request, vocabulary
 
 SESSIONS, STREAMS, STEPS = 1024, 16, 4
@@ -117,3 +118,18 @@ async def test_the_engine_stops_only_once_every_step_waiting_its_turn_is_answere
     assert futures[0].exception() is None
     assert all(isinstance(f.exception(), Unavailable) for f in futures[1:])
     assert app.engine.steps_in_flight == 0
+
+
+async def test_a_delete_waiting_its_turn_when_the_engine_stops_is_refused_not_applied_later(start_server):
+    """A DeleteSession queued behind its session's step: once the engine stops it is refused (UNAVAILABLE,
+    send it elsewhere) and stop has answered it; it is never applied after the stop."""
+    app = await start_server()
+    x = EYE[[3]]
+    first = app.engine.submit(Step("charlm", "doomed", 1, x, start=True))
+    deleting = asyncio.ensure_future(app.engine.delete_session("charlm", "doomed"))
+    await asyncio.sleep(0)  # the delete joins the session's line behind the step
+    await app.engine.stop(timeout_s=10)
+    assert first.done() and first.exception() is None
+    assert deleting.done() and isinstance(deleting.exception(), Unavailable)
+    (stored,) = await app.store.load_many([session_key("rnnserve", "charlm", "doomed")])
+    assert stored is not None  # the session is still there: the delete was not applied
