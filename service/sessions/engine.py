@@ -304,9 +304,11 @@ class SessionEngine:
                     return
                 self.cache.forget(key)
                 settle(deleted, await self._store.delete(key, live))
-            except BaseException as err:
+            except asyncio.CancelledError as err:
                 settle(deleted, err)
                 raise
+            except Exception as err:  # noqa: BLE001 - the caller's to report; re-raised, it was logged as lost
+                settle(deleted, err)
             finally:
                 self._turns.leave(key)
 

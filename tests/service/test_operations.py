@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import json
 import logging
@@ -26,7 +27,7 @@ from service.api.health import Readiness
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from service.cli import main as cli_main
-from service.errors import StartupError
+from service.errors import StartupError, Unavailable
 from service.repository import MANIFEST_FILE
 from service.server import _probe_store, create_server
 from service.state.memory_store import MemoryStateStore
@@ -291,3 +292,18 @@ async def test_a_second_server_cannot_share_a_port(start_server):
     first = await start_server()
     with pytest.raises(StartupError, match="is another server using it"):
         await create_server(server_settings(port=first.port), CollectorRegistry())
+
+
+async def test_a_delete_the_store_cannot_take_is_refused_to_its_caller_and_logged_nowhere_else(
+    start_server, persistent_redis, caplog
+):
+    """Redis gone: DeleteSession answers UNAVAILABLE. The delete ran as a background task, which re-raised
+    the error after handing it over: asyncio then logged it, with its traceback, as a lost exception."""
+    app = await start_server(url=persistent_redis.url, redis={"socket_timeout_s": 0.5, "connect_timeout_s": 0.3})
+    persistent_redis.stop()
+    with pytest.raises(Unavailable):
+        await app.engine.delete_session("charlm", "gone")
+    await asyncio.sleep(0)
+    gc.collect()  # a task whose exception nobody retrieved says so when it is collected
+    await asyncio.sleep(0)
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
