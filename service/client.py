@@ -34,7 +34,7 @@ from typing import Any, Generic, Self, TypeVar
 import grpc
 import numpy as np
 
-from service.api.convert import tensor_to_array
+from service.api.convert import FLOAT32, tensor_to_array
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 
@@ -151,7 +151,7 @@ class StepError(Exception):
         self.expected_seq = expected_seq
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class StepReply:
     session_id: str
     seq: int
@@ -877,16 +877,17 @@ class BatchClient(_Connected):
         messages; then no session of the call moves on, and calling again with the same inputs resends every
         step (those applied are answered as replays)."""
         ending = set(end)
-        states = [self._sessions.setdefault((model, sid), _SessionState(version)) for sid in inputs]
+        states = [self._session_state(model, session_id, version) for session_id in inputs]
         held: list[_SessionState] = []
         try:
             for state in sorted(states, key=id):  # one call at a time per session: each seq follows the last
                 await state.order.acquire()
                 held.append(state)
-            requests = [
-                state.next(model, sid, x, sid in ending) for (sid, x), state in zip(inputs.items(), states, strict=True)
-            ]
-            parts = self._messages(requests)
+            batch = pb.StepBatch()  # each step written in place: a request made apart is copied into it
+            add = batch.steps.add
+            for (session_id, x), state in zip(inputs.items(), states, strict=True):
+                state.fill(add(), model, session_id, x, session_id in ending)
+            parts = self._messages(batch)
             if len(parts) == 1:
                 results = await self._send_fitted(parts[0])
             else:  # every message runs to its end before any session moves on (see the docstring)
@@ -908,15 +909,24 @@ class BatchClient(_Connected):
             for state in held:
                 state.order.release()
 
-    def _messages(self, requests: list[pb.StepRequest]) -> list[list[pb.StepRequest]]:
+    def _session_state(self, model: str, session_id: str, version: int) -> _SessionState:
+        state = self._sessions.get((model, session_id))
+        if state is None:  # made only when new (it draws a start_id)
+            state = self._sessions[model, session_id] = _SessionState(version)
+        return state
+
+    def _messages(self, batch: pb.StepBatch) -> list[pb.StepBatch]:
         """The call's steps in order, cut into messages of at most `max_steps_per_message` steps and
-        `max_message_bytes` bytes; ValueError, before anything is sent, for a step that alone exceeds it."""
-        parts: list[list[pb.StepRequest]] = [[]]
+        `max_message_bytes` bytes; ValueError, before anything is sent, for a step that alone exceeds it.
+        `batch` itself where it fits (the usual call), weighed whole (its id unset)."""
         # Each the client's own, or a server's that turned out smaller (its streams' headers say).
         limit = min(stream.max_message_bytes for stream in self._streams)
         steps = min([self._max_steps] + [stream.max_steps for stream in self._streams if stream.max_steps])
         room = budget = limit - _BATCH_ID_BYTES
-        for request in requests:
+        if len(batch.steps) <= steps and batch.ByteSize() <= budget:
+            return [batch]
+        parts: list[list[pb.StepRequest]] = [[]]
+        for request in batch.steps:
             size = request.ByteSize()
             size += 1 + _varint_bytes(size)  # the field's tag and length
             if size > budget:
@@ -929,36 +939,42 @@ class BatchClient(_Connected):
                 room = budget
             parts[-1].append(request)
             room -= size
-        return parts
+        return [pb.StepBatch(steps=part) for part in parts]
 
-    async def _send_fitted(self, requests: list[pb.StepRequest]) -> list[tuple[pb.StepBatchResult, float]]:
+    async def _send_fitted(self, batch: pb.StepBatch) -> list[tuple[pb.StepBatchResult, float]]:
         """One message of a call; cut again and sent in pieces, one after another, where the server it
         reached takes less than the message was cut for (a server's limits are known once a stream to it is
         open): a message past its byte limit is refused before it is sent, and one past its step limit is
         refused step by step, whole; its pieces carry the same steps, so a step of it that a replica applied
         before a failover comes back as a replay."""
         try:
-            answered = await self._send(requests)
+            answered = await self._send(batch)
         except MessageTooLarge:
-            pieces = self._messages(requests)
+            batch.id = 0  # weighed again as it was cut: without an id
+            pieces = self._messages(batch)
             if len(pieces) == 1:
                 raise
         else:
             steps = min((stream.max_steps for stream in self._streams if stream.max_steps), default=None)
-            too_many = steps is not None and len(requests) > steps
+            too_many = steps is not None and len(batch.steps) > steps
             refused = all(r.error.code == _RESOURCE_EXHAUSTED for r in answered[0].responses)
-            if not (too_many and refused) or len(pieces := self._messages(requests)) == 1:
+            if not (too_many and refused):
+                return [answered]
+            batch.id = 0
+            if len(pieces := self._messages(batch)) == 1:
                 return [answered]
         return [result for piece in pieces for result in await self._send_fitted(piece)]
 
-    async def _send(self, requests: list[pb.StepRequest]) -> tuple[pb.StepBatchResult, float]:
-        """One message, on the stream whose answers promise to come soonest; its answer and latency."""
+    async def _send(self, batch: pb.StepBatch) -> tuple[pb.StepBatchResult, float]:
+        """One message (numbered here), on the stream whose answers promise to come soonest; its answer and
+        latency."""
         k = self._balance.pick(self._leaving)
         ticket = self._balance.sent(k)
         started = time.perf_counter()
         measured = False
+        batch.id = next(self._ids)
         try:
-            result = await self._streams[k]._exchange(pb.StepBatch(steps=requests, id=next(self._ids)))
+            result = await self._streams[k]._exchange(batch)
             measured = True
         except ConnectionError:  # no stream could be had: its time counts, and the stream is given less
             measured = True
@@ -979,9 +995,13 @@ class _SessionState:
         self.order = asyncio.Lock()  # one step at a time: each seq follows the last acknowledged one
 
     def next(self, model: str, session_id: str, x: np.ndarray, end: bool) -> pb.StepRequest:
+        return self.fill(pb.StepRequest(), model, session_id, x, end)
+
+    def fill(self, step: pb.StepRequest, model: str, session_id: str, x: np.ndarray, end: bool) -> pb.StepRequest:
+        """`step` made this session's next one."""
         seq = self.acked_seq + 1
         named = self.start_id if seq == 1 or self.started else 0
-        return step_request(model, session_id, seq, x, version=self.version, start_id=named, end=end)
+        return fill_step(step, model, session_id, seq, x, version=self.version, start_id=named, end=end)
 
     def acknowledged(self, reply: StepReply) -> None:
         self.acked_seq, self.version = reply.seq, reply.version
@@ -996,17 +1016,36 @@ def step_request(
     model: str, session_id: str, seq: int, x: np.ndarray, *, version: int = 0, start_id: int = 0, end: bool = False
 ) -> pb.StepRequest:
     """Step `seq` of a session (seq 1 starts it); `start_id` names the start every step belongs to."""
-    data = np.ascontiguousarray(x, dtype=np.float32)
-    return pb.StepRequest(
-        model=model,
-        version=version,
-        session_id=session_id,
-        seq=seq,
-        start=seq == 1,
-        start_id=start_id,
-        end=end,
-        input=pb.Tensor(shape=data.shape, raw=data.tobytes()),
-    )
+    return fill_step(pb.StepRequest(), model, session_id, seq, x, version=version, start_id=start_id, end=end)
+
+
+def fill_step(
+    step: pb.StepRequest,
+    model: str,
+    session_id: str,
+    seq: int,
+    x: np.ndarray,
+    *,
+    version: int = 0,
+    start_id: int = 0,
+    end: bool = False,
+) -> pb.StepRequest:
+    """`step_request`, written into `step`: a new message (or one just added to a batch's steps), whose fields
+    hold their defaults (those that stay so are not written: each write costs)."""
+    data = np.ascontiguousarray(x, dtype=FLOAT32)
+    step.model, step.session_id, step.seq = model, session_id, seq
+    if version:
+        step.version = version
+    if seq == 1:
+        step.start = True
+    if start_id:
+        step.start_id = start_id
+    if end:
+        step.end = True
+    tensor = step.input
+    tensor.shape[:] = data.shape
+    tensor.raw = data.tobytes()
+    return step
 
 
 # gRPC's words when a server refuses a message past its receive limit (a server started with a smaller
@@ -1034,14 +1073,10 @@ def _varint_bytes(value: int) -> int:
 def _reply(response: pb.StepResponse, latency_s: float) -> StepReply | StepError:
     if response.HasField("error"):
         return StepError(_CODES[response.error.code], response.error.message, response.expected_seq)
-    return StepReply(
-        session_id=response.session_id,
-        seq=response.seq,
-        version=response.version,
-        outputs={name: tensor_to_array(t, name) for name, t in response.outputs.items()},
-        replayed=response.replayed,
-        latency_s=latency_s,
-    )
+    tensors = response.outputs
+    # By name, not `items()`: a protobuf map's items() iterate in Python, at more cost than the rest.
+    outputs = {name: tensor_to_array(tensors[name], name) for name in tensors}
+    return StepReply(response.session_id, response.seq, response.version, outputs, response.replayed, latency_s)
 
 
 async def _write(call: grpc.aio.StreamStreamCall[Req, Resp], request: Req) -> bool:
