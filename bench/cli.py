@@ -54,6 +54,12 @@ def add_bench_parser(commands: Any, common: argparse.ArgumentParser) -> None:
         help="keep the connections where the kernel put them (default: reopen them until they spread evenly "
         "over the server's worker processes)",
     )
+    load.add_argument(
+        "--sdk",
+        action="store_true",
+        help="fan-in through service.client.BatchClient, as a gateway built on it (default: the lean encoder, "
+        "which measures the server)",
+    )
     load.add_argument("--json", type=Path, help="also write the figures here")
 
     ab = kind("ab", "this checkout against an earlier commit: servers from both take turns under the same loads")
@@ -132,6 +138,7 @@ def run_bench(args: argparse.Namespace) -> int:
                 per_message=args.per_message,
                 in_flight=args.in_flight,
                 spread=args.spread,
+                sdk=args.sdk,
             )
         except ValueError as err:
             print(f"rnnserve bench load: {err}", file=sys.stderr)

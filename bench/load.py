@@ -12,6 +12,8 @@ histogram holds the latency of each message. A group may keep several messages i
 as a gateway does that forwards the next readings before the last are answered: its messages then all go
 on one stream, which answers them in order.
 The client is lean on purpose (prebuilt inputs, no task per step): what it measures is the server.
+With `sdk`, fan-in goes through `service.client.BatchClient` instead, as a gateway built on it would: a
+call per group, the groups' calls at once; its CPU per step is then what the SDK costs a gateway.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from hdrh.histogram import HdrHistogram
 from service.api import kserve_messages as kv
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
-from service.client import CHANNEL_OPTIONS, Spread, StreamBalance, worker_of_stream
+from service.client import CHANNEL_OPTIONS, BatchClient, Spread, StepError, StreamBalance, worker_of_stream
 
 MAX_LATENCY_US = 120_000_000
 STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
@@ -86,6 +88,7 @@ class LoadSpec:
     per_message: int = 1  # >1: fan-in, that many sessions' steps per StreamBatch message (native, ping-pong)
     in_flight: int = 1  # fan-in: messages a group sends before its first unanswered one is answered
     spread: bool = True  # connections reopened until they spread evenly over the server's worker processes
+    sdk: bool = False  # fan-in through `BatchClient` (which spreads its streams itself), not the lean encoder
 
     def __post_init__(self) -> None:
         if self.per_message > 1 and (self.protocol != "native" or self.rate is not None):
@@ -95,6 +98,11 @@ class LoadSpec:
             )
         if self.in_flight > 1 and self.per_message == 1:
             raise ValueError("--in-flight applies to fan-in: send it with --per-message > 1")
+        if self.sdk and (self.per_message == 1 or self.in_flight > 1 or self.chunk > 1):
+            raise ValueError(
+                "--sdk drives fan-in through BatchClient, one call per group at a time: send it with "
+                "--per-message > 1, without --in-flight or --chunk"
+            )
         if min(self.per_message, self.sessions, self.steps, self.streams, self.chunk, self.in_flight) < 1:
             raise ValueError("--per-message, --sessions, --steps, --streams, --chunk and --in-flight must be 1 or more")
 
@@ -121,6 +129,7 @@ class LoadResult:
             "rate": self.spec.rate,
             "per_message": self.spec.per_message,
             "in_flight": self.spec.in_flight,
+            "sdk": self.spec.sdk,
             "seconds": self.seconds,
             "steps_per_s": self.steps / self.seconds if self.seconds else 0.0,
             "p50_us": h.get_value_at_percentile(50),
@@ -251,6 +260,37 @@ class _FanIn:
                 await self.send(g)
 
 
+class _Gateway:
+    """Fan-in through `BatchClient`: each group of `per_message` sessions steps `steps` times, one call at a
+    time, all groups at once on one client of `streams` streams. Latency is per call."""
+
+    def __init__(self, spec: LoadSpec, sessions: list[str], result: LoadResult) -> None:
+        self.spec = spec
+        self.result = result
+        self.groups = [sessions[i : i + spec.per_message] for i in range(0, len(sessions), spec.per_message)]
+        x = np.random.default_rng(len(sessions)).random((1, spec.features)).astype(np.float32)
+        self.inputs = [dict.fromkeys(group, x) for group in self.groups]
+
+    async def run(self) -> None:
+        async with BatchClient(self.spec.target, streams=self.spec.streams) as gateway:
+            await asyncio.gather(*(self._group(gateway, inputs) for inputs in self.inputs))
+            self.result.workers.update(gateway.workers)
+
+    async def _group(self, gateway: BatchClient, inputs: dict[str, np.ndarray]) -> None:
+        histogram, errors = self.result.histogram, self.result.errors
+        for _ in range(self.spec.steps):
+            started = time.perf_counter()
+            replies = await gateway.step(self.spec.model, inputs, version=self.spec.version)
+            histogram.record_value(max(1, int((time.perf_counter() - started) * 1e6)))
+            failed = [reply for reply in replies.values() if isinstance(reply, StepError)]
+            for reply in failed:
+                errors[reply.code.name] += 1
+                self.result.first_errors.setdefault(reply.code.name, reply.message)
+            self.result.steps += len(replies) - len(failed)
+            if failed:  # as the lean fan-in: a group with an error stops short, its errors reported
+                return
+
+
 class _Stream:
     """One call and the sessions on it."""
 
@@ -364,6 +404,12 @@ async def run_load(spec: LoadSpec) -> LoadResult:
     result = LoadResult(spec)
     run_id = uuid.uuid4().hex[:8]
     ids = [f"load-{run_id}-{i}" for i in range(spec.sessions)]
+    if spec.sdk:
+        gateway = _Gateway(spec, ids, result)
+        started = time.perf_counter()
+        await gateway.run()
+        result.seconds = time.perf_counter() - started
+        return result
     # Up to four connections (each its own: see CHANNEL_OPTIONS), spread over a server's worker processes.
     channels = [grpc.aio.insecure_channel(spec.target, options=CHANNEL_OPTIONS) for _ in range(min(spec.streams, 4))]
     try:

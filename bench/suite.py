@@ -40,6 +40,7 @@ class Scenario:
     rate: float | None = None
     echo: bool = True  # also run it against the echo server
     per_message: int = 1  # fan-in: steps per StreamBatch message
+    sdk: bool = False  # fan-in through `BatchClient` (the load generator's CPU is then the SDK's)
 
     @property
     def server(self) -> tuple[str, int]:
@@ -62,6 +63,18 @@ FAN_IN = [
     # streams, over the workers: the load generator's four connections split 2:2, 3:1 or 4:0 by chance.
     Scenario(
         "fan-in: 1,024 sessions, 256 steps per message, durable, 2 workers", 1024, 4, 40, workers=2, per_message=256
+    ),
+    # The same through the client SDK's `BatchClient`, as a gateway built on it sends: its CPU a step shows
+    # in the load generator's column.
+    Scenario(
+        "fan-in: 1,024 sessions, 256 steps per message, durable, 2 workers, through BatchClient",
+        1024,
+        4,
+        40,
+        workers=2,
+        echo=False,
+        per_message=256,
+        sdk=True,
     ),
     # The same on a Redis that syncs every write to disk before it answers (appendfsync always).
     Scenario(
@@ -190,6 +203,7 @@ async def measure(
         features=features,
         rate=scenario.rate,
         per_message=scenario.per_message,
+        sdk=scenario.sdk,
     )
     target, metrics_port = servers.target(scenario)
     redis = (redis_pids or {}).get(scenario.store)

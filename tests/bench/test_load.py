@@ -64,6 +64,35 @@ def test_in_flight_is_for_fan_in():
         LoadSpec("127.0.0.1:1", 4, 2, in_flight=2)
 
 
+@pytest.mark.parametrize(
+    "odd", [{"per_message": 1}, {"per_message": 16, "in_flight": 2}, {"per_message": 16, "chunk": 2}]
+)
+def test_the_sdk_load_is_fan_in_one_call_at_a_time(odd):
+    with pytest.raises(ValueError, match="--sdk drives fan-in through BatchClient"):
+        LoadSpec("127.0.0.1:1", 32, 2, sdk=True, **odd)
+
+
+async def test_fan_in_through_the_sdk_counts_every_step(start_server, redis_store_url):
+    """The gateway's load through `BatchClient`: every step applied in order (the client numbers them; a
+    step out of order would be refused), a latency per call, and the streams' workers reported."""
+    app = await start_server(url=redis_store_url)
+    spec = LoadSpec(f"127.0.0.1:{app.port}", 96, 5, 2, model="charlm", features=FEATURES, per_message=32, sdk=True)
+    result = await asyncio.wait_for(run_load(spec), 60)
+    assert result.steps == 96 * 5 and not result.errors, result.summary()
+    assert result.histogram.get_total_count() == 96 // 32 * 5
+    assert result.summary()["sdk"] is True and sum(result.workers.values()) >= 1
+
+
+async def test_fan_in_through_the_sdk_where_every_step_fails_ends(start_server):
+    app = await start_server()
+    spec = LoadSpec(
+        f"127.0.0.1:{app.port}", 64, 3, 2, model="charlm", version=99, features=FEATURES, per_message=16, sdk=True
+    )
+    result = await asyncio.wait_for(run_load(spec), 30)
+    assert result.steps == 0 and result.errors == {"NOT_FOUND": 64}
+    assert "charlm/99" in result.summary()["first_errors"]["NOT_FOUND"]
+
+
 async def test_fan_in_where_every_step_fails_ends(start_server):
     """Every group answered with errors (a version the server does not load) stops short, and the load
     ends with its errors counted instead of waiting for answers that never come."""
