@@ -1073,9 +1073,15 @@ def _varint_bytes(value: int) -> int:
 def _reply(response: pb.StepResponse, latency_s: float) -> StepReply | StepError:
     if response.HasField("error"):
         return StepError(_CODES[response.error.code], response.error.message, response.expected_seq)
+    outputs = {}
     tensors = response.outputs
-    # By name, not `items()`: a protobuf map's items() iterate in Python, at more cost than the rest.
-    outputs = {name: tensor_to_array(tensors[name], name) for name in tensors}
+    for name in tensors:  # by name: a protobuf map's items() iterate in Python, at more cost than the rest
+        tensor = tensors[name]
+        raw, dims = tensor.raw, tensor.shape
+        if len(dims) == 2 and raw and len(raw) == 4 * dims[0] * dims[1]:  # as rnnserve answers: [T, F] in raw
+            outputs[name] = np.frombuffer(raw, FLOAT32).reshape(dims[0], dims[1])
+        else:
+            outputs[name] = tensor_to_array(tensor, name)
     return StepReply(response.session_id, response.seq, response.version, outputs, response.replayed, latency_s)
 
 
