@@ -860,7 +860,7 @@ class BatchClient(_Connected):
 
     def resume(self, model: str, session_id: str, last_seq: int, start_id: int = 0, *, version: int = 0) -> None:
         """Continue a session this client did not start (a gateway that restarted), as Session.resume."""
-        self._sessions.setdefault((model, session_id), _SessionState(version)).resume(last_seq, start_id)
+        self._session_state(model, session_id, version).resume(last_seq, start_id)
 
     def restart(self, model: str, session_id: str, *, version: int = 0) -> None:
         """Make the session's next step a new start (seq 1, a new start_id): after it ended, or after a

@@ -307,7 +307,10 @@ class KServeServicer:
             model = self._engine.registry.get(request.model_name, parse_version(request.model_version))
         except RnnServeError:
             return None
-        return self._statistics.setdefault((model.name, model.version), _Statistics())
+        stats = self._statistics.get(key := (model.name, model.version))
+        if stats is None:  # made only when new (a default to setdefault is made on every request)
+            stats = self._statistics[key] = _Statistics()
+        return stats
 
     @staticmethod
     def _sequence_step(request: Any, sequence: Sequence, x: Any, tenant: str) -> Step:
