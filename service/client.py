@@ -887,15 +887,7 @@ class BatchClient(_Connected):
             add = batch.steps.add
             for (session_id, x), state in zip(inputs.items(), states, strict=True):
                 state.fill(add(), model, session_id, x, session_id in ending)
-            parts = self._messages(batch)
-            if len(parts) == 1:
-                results = await self._send_fitted(parts[0])
-            else:  # every message runs to its end before any session moves on (see the docstring)
-                outcomes = await asyncio.gather(*(self._send_fitted(part) for part in parts), return_exceptions=True)
-                for outcome in outcomes:
-                    if isinstance(outcome, BaseException):
-                        raise outcome
-                results = [piece for outcome in outcomes for piece in outcome]  # type: ignore[union-attr]
+            results = await self._send_all(self._messages(batch))
             replies: dict[str, StepReply | StepError] = {}
             responses = (
                 item for result, latency in results for item in zip(result.responses, itertools.repeat(latency))
@@ -942,7 +934,7 @@ class BatchClient(_Connected):
         return [pb.StepBatch(steps=part) for part in parts]
 
     async def _send_fitted(self, batch: pb.StepBatch) -> list[tuple[pb.StepBatchResult, float]]:
-        """One message of a call; cut again and sent in pieces, one after another, where the server it
+        """One message of a call; cut again and sent in pieces, all at once, where the server it
         reached takes less than the message was cut for (a server's limits are known once a stream to it is
         open): a message past its byte limit is refused before it is sent, and one past its step limit is
         refused step by step, whole; its pieces carry the same steps, so a step of it that a replica applied
@@ -963,7 +955,18 @@ class BatchClient(_Connected):
             batch.id = 0
             if len(pieces := self._messages(batch)) == 1:
                 return [answered]
-        return [result for piece in pieces for result in await self._send_fitted(piece)]
+        return await self._send_all(pieces)
+
+    async def _send_all(self, parts: list[pb.StepBatch]) -> list[tuple[pb.StepBatchResult, float]]:
+        """Every message at once (their sessions differ), each run to its end before any session moves on
+        (see `step`): then the first failure is raised."""
+        if len(parts) == 1:
+            return await self._send_fitted(parts[0])
+        outcomes = await asyncio.gather(*(self._send_fitted(part) for part in parts), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return [piece for outcome in outcomes for piece in outcome]  # type: ignore[union-attr]
 
     async def _send(self, batch: pb.StepBatch) -> tuple[pb.StepBatchResult, float]:
         """One message (numbered here), on the stream whose answers promise to come soonest; its answer and

@@ -521,7 +521,22 @@ async def test_a_gateway_keeps_to_a_servers_smaller_step_limit(start_server):
     assert headers["rnnserve-max-steps-per-message"] == "8" and headers["rnnserve-max-message-bytes"] == str(4 << 20)
     refused = {"method": "StreamBatch", "code": "RESOURCE_EXHAUSTED"}
     async with BatchClient(target, streams=1) as gateway:
+        sent, most = 0, 0  # messages in flight: the pieces of a message cut again go out at once
+        send = gateway._send
+
+        async def counted(batch: pb.StepBatch) -> tuple[pb.StepBatchResult, float]:
+            nonlocal sent, most
+            sent += 1
+            most = max(most, sent)
+            try:
+                return await send(batch)
+            finally:
+                sent -= 1
+
+        gateway._send = counted  # type: ignore[method-assign]
         for seq in (1, 2):
             replies = await gateway.step("charlm", {f"e{i}": EYE[[(i + seq) % FEATURES]] for i in range(30)})
             assert all(isinstance(r, StepReply) and r.seq == seq and not r.replayed for r in replies.values())
             assert app.metrics.registry.get_sample_value("rnnserve_errors_total", refused) == 30  # the first only
+            if seq == 1:
+                assert most == 4, f"the refused message's four pieces went out {most} at a time"
