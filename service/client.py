@@ -151,7 +151,7 @@ class StepError(Exception):
         self.expected_seq = expected_seq
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True)
 class StepReply:
     session_id: str
     seq: int
@@ -868,21 +868,31 @@ class BatchClient(_Connected):
         self._sessions[model, session_id] = _SessionState(version)
 
     async def step(
-        self, model: str, inputs: dict[str, np.ndarray], *, end: Iterable[str] = (), version: int = 0
+        self, model: str, inputs: dict[str, np.ndarray], *, end: Iterable[str] = (), version: int | None = None
     ) -> dict[str, StepReply | StepError]:
         """One step for each session in `inputs` (x: [T, F] float32), in one message (in several, sent at
         once, past `max_steps_per_message` sessions or `max_message_bytes`); the sessions in `end` end with
         it. A refused step leaves its session where it was: call again with the same input to resend it.
         Raises ConnectionError if no stream could be had within the reconnect timeout for any of its
         messages; then no session of the call moves on, and calling again with the same inputs resends every
-        step (those applied are answered as replays)."""
+        step (those applied are answered as replays; a call for some of the same sessions made meanwhile
+        with other inputs is refused for them, as not a resend).
+
+        `version`: the model version the sessions this call starts run on (0: the newest loaded); a session
+        stays on the version it started on, so it counts only until a session's first step is acknowledged
+        (a start refused for a version not loaded can be sent again with another). None: the version given
+        to `restart` or `resume`, else the newest."""
         ending = set(end)
-        states = [self._session_state(model, session_id, version) for session_id in inputs]
+        states = [self._session_state(model, session_id, version or 0) for session_id in inputs]
         held: list[_SessionState] = []
         try:
             for state in sorted(states, key=id):  # one call at a time per session: each seq follows the last
                 await state.order.acquire()
                 held.append(state)
+            if version is not None:
+                for state in states:
+                    if not state.acked_seq:  # not started yet (a started session keeps its version)
+                        state.version = version
             batch = pb.StepBatch()  # each step written in place: a request made apart is copied into it
             add = batch.steps.add
             for (session_id, x), state in zip(inputs.items(), states, strict=True):
@@ -1004,7 +1014,7 @@ class _SessionState:
         """`step` made this session's next one."""
         seq = self.acked_seq + 1
         named = self.start_id if seq == 1 or self.started else 0
-        return fill_step(step, model, session_id, seq, x, version=self.version, start_id=named, end=end)
+        return _fill_step(step, model, session_id, seq, x, version=self.version, start_id=named, end=end)
 
     def acknowledged(self, reply: StepReply) -> None:
         self.acked_seq, self.version = reply.seq, reply.version
@@ -1019,10 +1029,10 @@ def step_request(
     model: str, session_id: str, seq: int, x: np.ndarray, *, version: int = 0, start_id: int = 0, end: bool = False
 ) -> pb.StepRequest:
     """Step `seq` of a session (seq 1 starts it); `start_id` names the start every step belongs to."""
-    return fill_step(pb.StepRequest(), model, session_id, seq, x, version=version, start_id=start_id, end=end)
+    return _fill_step(pb.StepRequest(), model, session_id, seq, x, version=version, start_id=start_id, end=end)
 
 
-def fill_step(
+def _fill_step(
     step: pb.StepRequest,
     model: str,
     session_id: str,
@@ -1076,15 +1086,9 @@ def _varint_bytes(value: int) -> int:
 def _reply(response: pb.StepResponse, latency_s: float) -> StepReply | StepError:
     if response.HasField("error"):
         return StepError(_CODES[response.error.code], response.error.message, response.expected_seq)
-    outputs = {}
     tensors = response.outputs
-    for name in tensors:  # by name: a protobuf map's items() iterate in Python, at more cost than the rest
-        tensor = tensors[name]
-        raw, dims = tensor.raw, tensor.shape
-        if len(dims) == 2 and raw and len(raw) == 4 * dims[0] * dims[1]:  # as rnnserve answers: [T, F] in raw
-            outputs[name] = np.frombuffer(raw, FLOAT32).reshape(dims[0], dims[1])
-        else:
-            outputs[name] = tensor_to_array(tensor, name)
+    # By name, not `items()`: a protobuf map's items() iterate in Python, at more cost than the rest.
+    outputs = {name: tensor_to_array(tensors[name], name) for name in tensors}
     return StepReply(response.session_id, response.seq, response.version, outputs, response.replayed, latency_s)
 
 

@@ -14,7 +14,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
-from service.client import BatchClient, Spread, StepReply, StreamBalance, StreamClient, open_channel
+from service.client import BatchClient, Spread, StepReply, StreamBalance, StreamClient, _reply, open_channel
+from service.errors import InvalidArgument
 from tests.conftest import vocabulary
 from tests.service.test_session_contract import EXPECTED, TOLERANCE, X
 
@@ -468,3 +469,32 @@ async def test_two_sessions_objects_stepping_one_session_at_once_do_not_hang(sta
         refused = next(o for o in outcomes if not isinstance(o, StepReply))
         assert isinstance(refused, ValueError) and "already waiting" in str(refused)
         assert client.in_flight == 0
+
+
+def _answer(**tensor: object) -> pb.StepResponse:
+    response = pb.StepResponse(session_id="s", seq=3, version=1)
+    response.outputs["y"].CopyFrom(pb.Tensor(**tensor))  # type: ignore[arg-type]
+    return response
+
+
+@pytest.mark.parametrize(
+    "tensor",
+    [
+        {"shape": [1, 2], "raw": np.ones(2, np.float32).tobytes(), "data": [1.0, 2.0]},  # both filled
+        {"shape": [-1, -2], "raw": np.ones(2, np.float32).tobytes()},
+        {"shape": [1, 3], "raw": np.ones(2, np.float32).tobytes()},  # too few bytes for the shape
+    ],
+)
+def test_an_answer_whose_outputs_do_not_parse_is_refused_not_misread(tensor):
+    with pytest.raises(InvalidArgument):
+        _reply(_answer(**tensor), 0.0)
+
+
+@pytest.mark.parametrize(
+    "tensor", [{"shape": [2, 2], "raw": np.arange(4, dtype="<f4").tobytes()}, {"shape": [2, 2], "data": [0, 1, 2, 3]}]
+)
+def test_an_answer_is_read_from_raw_or_data(tensor):
+    reply = _reply(_answer(**tensor), 0.25)
+    assert isinstance(reply, StepReply) and (reply.session_id, reply.seq, reply.version) == ("s", 3, 1)
+    np.testing.assert_array_equal(reply.outputs["y"], np.arange(4, dtype=np.float32).reshape(2, 2))
+    assert reply.latency_s == 0.25

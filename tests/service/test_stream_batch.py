@@ -540,3 +540,23 @@ async def test_a_gateway_keeps_to_a_servers_smaller_step_limit(start_server):
             assert app.metrics.registry.get_sample_value("rnnserve_errors_total", refused) == 30  # the first only
             if seq == 1:
                 assert most == 4, f"the refused message's four pieces went out {most} at a time"
+
+
+async def test_a_gateway_start_refused_for_its_version_goes_again_with_the_next_calls_version(start_server):
+    """A call's version counts until a session's first step is acknowledged: a start refused for a version
+    the server does not load goes again with the next call's; a started session keeps its own, and a call
+    without a version keeps the one `restart` gave."""
+    app = await start_server()
+    x = EYE[:1]
+    async with BatchClient(f"127.0.0.1:{app.port}") as gateway:
+        (refused,) = (await gateway.step("charlm", {"v": x}, version=99)).values()
+        assert isinstance(refused, StepError) and refused.code is grpc.StatusCode.NOT_FOUND
+        (started,) = (await gateway.step("charlm", {"v": x}, version=1)).values()
+        assert isinstance(started, StepReply) and (started.seq, started.version) == (1, 1), started
+        (pinned,) = (await gateway.step("charlm", {"v": x}, version=99)).values()
+        assert isinstance(pinned, StepReply) and (pinned.seq, pinned.version) == (2, 1), pinned
+        gateway.restart("charlm", "r", version=99)
+        (refused,) = (await gateway.step("charlm", {"r": x})).values()
+        assert isinstance(refused, StepError) and refused.code is grpc.StatusCode.NOT_FOUND
+        (started,) = (await gateway.step("charlm", {"r": x}, version=0)).values()
+        assert isinstance(started, StepReply) and (started.seq, started.version) == (1, 1), started
