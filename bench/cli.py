@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 PROTOCOLS = ("native", "triton")
 
 
@@ -121,33 +123,7 @@ def add_bench_parser(commands: Any, common: argparse.ArgumentParser) -> None:
 
 def run_bench(args: argparse.Namespace) -> int:
     if args.bench_command == "load":
-        from bench.load import LoadSpec, run_load
-
-        try:
-            spec = LoadSpec(
-                target=args.target,
-                sessions=args.sessions,
-                steps=args.steps,
-                streams=args.streams,
-                protocol=args.protocol,
-                model=args.model,
-                version=args.version,
-                features=args.features,
-                chunk=args.chunk,
-                rate=args.rate,
-                per_message=args.per_message,
-                in_flight=args.in_flight,
-                spread=args.spread,
-                sdk=args.sdk,
-            )
-        except ValueError as err:
-            print(f"rnnserve bench load: {err}", file=sys.stderr)
-            return 2
-        summary = asyncio.run(run_load(spec)).summary()
-        print(json.dumps(summary, indent=2))
-        if args.json:
-            args.json.write_text(json.dumps(summary, indent=2) + "\n")
-        return 0 if not summary["errors"] else 1
+        return _run_load(args)
     if args.bench_command == "ab":
         from bench.ab import main as ab_main
 
@@ -181,3 +157,41 @@ def run_bench(args: argparse.Namespace) -> int:
     from bench.step_latency import main as floors_main
 
     return floors_main(args.model_repo, args.redis_url, args.steps, args.long_steps, args.sessions, args.json)
+
+
+def _run_load(args: argparse.Namespace) -> int:
+    from bench.load import LoadSpec, run_load
+
+    try:
+        spec = LoadSpec(
+            target=args.target,
+            sessions=args.sessions,
+            steps=args.steps,
+            streams=args.streams,
+            protocol=args.protocol,
+            model=args.model,
+            version=args.version,
+            features=args.features,
+            chunk=args.chunk,
+            rate=args.rate,
+            per_message=args.per_message,
+            in_flight=args.in_flight,
+            spread=args.spread,
+            sdk=args.sdk,
+        )
+    except ValueError as err:
+        print(f"rnnserve bench load: {err}", file=sys.stderr)
+        return 2
+    try:
+        summary = asyncio.run(run_load(spec)).summary()
+    except (TimeoutError, ConnectionError, grpc.aio.AioRpcError) as err:
+        why = f"{err.code().name}: {err.details()}" if isinstance(err, grpc.aio.AioRpcError) else str(err)
+        print(
+            f"rnnserve bench load: the load against {spec.target} failed: {why or type(err).__name__}",
+            file=sys.stderr,
+        )
+        return 1
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    return 0 if not summary["errors"] else 1
