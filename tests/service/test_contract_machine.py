@@ -1,12 +1,14 @@
 """The whole system against a model of the contract, in random interleavings (hypothesis.stateful).
 
 Two replicas share one real redis-server, behind a proxy that can lose replies (a commit applied but
-reported as failed). A client drives a few sessions through either protocol (native Stream, Triton
-with rnnserve_seq) on either replica: next steps, resends of the last answer, resends of an old start,
-new starts, ends, resends of an end, two replicas racing on one step (the same input, or rival
-inputs), replica restarts, lost replies. The model holds what must be true: the inputs applied to each
-session, acknowledged in order. Every answer must equal an offline run of exactly those inputs, so a
-step lost or applied twice shows up as a wrong output; and the store must agree at the end.
+reported as failed). A client drives a few sessions through each protocol (native Stream, Triton
+with rnnserve_seq, and the gateways' StreamBatch, a step alone or every fan-in session's step in one
+message, with a stranger's bad step among them) on either replica: next steps, resends of the last
+answer, resends of an old start, new starts, ends, resends of an end, two replicas racing on one step
+(the same input, or rival inputs), replica restarts, lost replies. The model holds what must be true:
+the inputs applied to each session, acknowledged in order. Every answer must equal an offline run of
+exactly those inputs, so a step lost or applied twice shows up as a wrong output; and the store must
+agree at the end.
 
 RNNSERVE_CONTRACT_EXAMPLES sets how many interleavings to try (default 50; the figures in the
 closing notes come from larger runs), RNNSERVE_CONTRACT_REPORT a JSON file for the counts.
@@ -46,6 +48,9 @@ V1 = TEST_REPO / "charlm" / "1"
 MANIFEST = read_manifest(V1)
 FEATURES = MANIFEST.features
 SESSIONS = ["a", "b", "c"]
+PROTOCOLS = ["native", "triton", "batch"]
+PREFIX = {"native": "", "triton": "t-", "batch": "f-"}  # each protocol's sessions are its own
+CODES = {c.value[0]: c for c in grpc.StatusCode}
 EXAMPLES = int(os.environ.get("RNNSERVE_CONTRACT_EXAMPLES", "50"))
 COUNTS: Counter[str] = Counter()
 OK, UNKNOWN = "ok", "unknown"
@@ -114,31 +119,32 @@ class Replica:
         await self.channel.close()
 
     async def send(self, session: str, sent: Sent, protocol: str) -> Answer:
-        x = np.eye(FEATURES, dtype=np.float32)[[sent.char]]
         if protocol == "native":
-            return await self._native(session, sent, x)
-        return await self._triton(session, sent, x)
+            return await self._native(session, sent)
+        if protocol == "batch":
+            (answer,) = await self.send_batch([(PREFIX[protocol] + session, sent)])
+            return answer
+        return await self._triton(session, sent)
 
-    async def _native(self, session: str, sent: Sent, x: np.ndarray) -> Answer:
-        request = pb.StepRequest(
-            model="charlm",
-            session_id=session,
-            seq=sent.seq,
-            start=sent.start,
-            start_id=sent.start_id,
-            end=sent.end,
-            input=pb.Tensor(shape=x.shape, raw=x.tobytes()),
-        )
+    async def _native(self, session: str, sent: Sent) -> Answer:
         call = self.native.Stream()
-        await call.write(request)
+        await call.write(_request(session, sent))
         response = await call.read()
         await call.done_writing()
-        if response.HasField("error"):
-            code = {c.value[0]: c for c in grpc.StatusCode}[response.error.code]
-            return Answer(code, message=response.error.message)
-        return Answer(grpc.StatusCode.OK, tensor_to_array(response.outputs["logits"])[0], response.replayed)
+        return _answer(response)
 
-    async def _triton(self, session: str, sent: Sent, x: np.ndarray) -> Answer:
+    async def send_batch(self, steps: list[tuple[str, Sent]]) -> list[Answer]:
+        """One StepBatch of these (session id, step) pairs; each step's answer, in order."""
+        call = self.native.StreamBatch()
+        await call.write(pb.StepBatch(id=7, steps=[_request(session, sent) for session, sent in steps]))
+        result = await call.read()
+        await call.done_writing()
+        assert result.id == 7 and len(result.responses) == len(steps), result
+        assert [r.session_id for r in result.responses] == [session for session, _ in steps]
+        return [_answer(response) for response in result.responses]
+
+    async def _triton(self, session: str, sent: Sent) -> Answer:
+        x = np.eye(FEATURES, dtype=np.float32)[[sent.char]]
         tensor = triton_aio.InferInput("x", [1, *x.shape], "FP32")
         tensor.set_data_from_numpy(x[None])
         parameters: dict[str, Any] = {"rnnserve_seq": sent.seq}
@@ -160,13 +166,32 @@ class Replica:
         return Answer(grpc.StatusCode.OK, result.as_numpy("logits")[0, 0])
 
 
+def _request(session: str, sent: Sent) -> pb.StepRequest:
+    x = np.eye(FEATURES, dtype=np.float32)[[sent.char]]
+    return pb.StepRequest(
+        model="charlm",
+        session_id=session,
+        seq=sent.seq,
+        start=sent.start,
+        start_id=sent.start_id,
+        end=sent.end,
+        input=pb.Tensor(shape=x.shape, raw=x.tobytes()),
+    )
+
+
+def _answer(response: pb.StepResponse) -> Answer:
+    if response.HasField("error"):
+        return Answer(CODES[response.error.code], message=response.error.message)
+    return Answer(grpc.StatusCode.OK, tensor_to_array(response.outputs["logits"])[0], response.replayed)
+
+
 class ContractMachine(RuleBasedStateMachine):
-    """Sessions 'a', 'b', 'c' per protocol (the Triton ones are named t-a, t-b, t-c)."""
+    """Sessions 'a', 'b', 'c' per protocol (the Triton ones are named t-a, t-b, t-c; StreamBatch's f-a, ...)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.loop: asyncio.AbstractEventLoop = LOOP
-        self.models = {(s, p): SessionModel() for s in SESSIONS for p in ("native", "triton")}
+        self.models = {(s, p): SessionModel() for s in SESSIONS for p in PROTOCOLS}
         self.armed = 0
         self.replicas: list[Replica] = self.run(self._start())
 
@@ -233,7 +258,7 @@ class ContractMachine(RuleBasedStateMachine):
 
     @rule(
         session=st.sampled_from(SESSIONS),
-        protocol=st.sampled_from(["native", "triton"]),
+        protocol=st.sampled_from(PROTOCOLS),
         replica=st.integers(0, 1),
         char=st.integers(0, FEATURES - 1),
         end=st.booleans(),
@@ -246,7 +271,7 @@ class ContractMachine(RuleBasedStateMachine):
             sent.end = True
         self._send(key, replica, sent, chars)
 
-    @rule(session=st.sampled_from(SESSIONS), protocol=st.sampled_from(["native", "triton"]), replica=st.integers(0, 1))
+    @rule(session=st.sampled_from(SESSIONS), protocol=st.sampled_from(PROTOCOLS), replica=st.integers(0, 1))
     def resend_the_last_answered_step(self, session: str, protocol: str, replica: int) -> None:
         model = self.models[(session, protocol)]
         if model.last is None or model.pending is not None:
@@ -255,7 +280,7 @@ class ContractMachine(RuleBasedStateMachine):
         if answer.code == grpc.StatusCode.OK:
             assert answer.replayed or protocol == "triton", "a resend must be answered from the store"
 
-    @rule(session=st.sampled_from(SESSIONS), protocol=st.sampled_from(["native", "triton"]), replica=st.integers(0, 1))
+    @rule(session=st.sampled_from(SESSIONS), protocol=st.sampled_from(PROTOCOLS), replica=st.integers(0, 1))
     def resend_an_old_start(self, session: str, protocol: str, replica: int) -> None:
         """The start, resent after later steps were applied: refused, and nothing changes."""
         model = self.models[(session, protocol)]
@@ -270,7 +295,7 @@ class ContractMachine(RuleBasedStateMachine):
 
     @rule(
         session=st.sampled_from(SESSIONS),
-        protocol=st.sampled_from(["native", "triton"]),
+        protocol=st.sampled_from(PROTOCOLS),
         replica=st.integers(0, 1),
         char=st.integers(0, FEATURES - 1),
     )
@@ -312,6 +337,28 @@ class ContractMachine(RuleBasedStateMachine):
             COUNTS["replays"] += 1
         self._judge(key, winner, [*model.chars, winner.char], answers[won[0]])
 
+    @rule(
+        replica=st.integers(0, 1),
+        chars=st.lists(st.integers(0, FEATURES - 1), min_size=len(SESSIONS), max_size=len(SESSIONS)),
+        stranger=st.booleans(),
+    )
+    def fan_in_every_session_at_once(self, replica: int, chars: list[int], stranger: bool) -> None:
+        """One StepBatch carrying every fan-in session's next step (its unanswered one, sent again, where
+        it has one), and perhaps a stranger's step that must be refused: no step fails another."""
+        keys = [(session, "batch") for session in SESSIONS]
+        steps = [self._next(self.models[key], char) for key, char in zip(keys, chars, strict=True)]
+        sent = [(PREFIX["batch"] + key[0], step) for key, (step, _) in zip(keys, steps, strict=True)]
+        if stranger:  # a session never started, at seq 5: NOT_FOUND (or, on a lost load reply, UNAVAILABLE)
+            sent.insert(1, ("f-stranger", Sent(5, chars[0])))
+        COUNTS["fan-in messages"] += 1
+        answers = self.run(self.replicas[replica].send_batch(sent))
+        if stranger:
+            refused = answers.pop(1)
+            assert refused.code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE), refused
+        for key, (step, applied), answer in zip(keys, steps, answers, strict=True):
+            COUNTS["batch steps"] += 1
+            self._judge(key, step, applied, answer)
+
     @rule(replica=st.integers(0, 1))
     def restart_a_replica(self, replica: int) -> None:
         COUNTS["replica restarts"] += 1
@@ -348,7 +395,7 @@ class ContractMachine(RuleBasedStateMachine):
             assert model.pending is None
             if model.last is None:
                 continue
-            sid = session if protocol == "native" else f"t-{session}"
+            sid = PREFIX[protocol] + session
             try:
                 info = await self.replicas[1].native.GetSession(pb.SessionRef(model="charlm", session_id=sid))
             except grpc.aio.AioRpcError as err:
