@@ -864,8 +864,11 @@ class BatchClient(_Connected):
 
     def restart(self, model: str, session_id: str, *, version: int = 0) -> None:
         """Make the session's next step a new start (seq 1, a new start_id): after it ended, or after a
-        refusal that says to start it again."""
-        self._sessions[model, session_id] = _SessionState(version)
+        refusal that says to start it again. A call already under way for the session finishes first."""
+        state = _SessionState(version)
+        if (old := self._sessions.get((model, session_id))) is not None:
+            state.order = old.order  # still one call at a time for the session
+        self._sessions[model, session_id] = state
 
     async def step(
         self, model: str, inputs: dict[str, np.ndarray], *, end: Iterable[str] = (), version: int | None = None

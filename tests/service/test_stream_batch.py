@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import grpc
 import numpy as np
@@ -521,25 +522,13 @@ async def test_a_gateway_keeps_to_a_servers_smaller_step_limit(start_server):
     assert headers["rnnserve-max-steps-per-message"] == "8" and headers["rnnserve-max-message-bytes"] == str(4 << 20)
     refused = {"method": "StreamBatch", "code": "RESOURCE_EXHAUSTED"}
     async with BatchClient(target, streams=1) as gateway:
-        sent, most = 0, 0  # messages in flight: the pieces of a message cut again go out at once
-        send = gateway._send
-
-        async def counted(batch: pb.StepBatch) -> tuple[pb.StepBatchResult, float]:
-            nonlocal sent, most
-            sent += 1
-            most = max(most, sent)
-            try:
-                return await send(batch)
-            finally:
-                sent -= 1
-
-        gateway._send = counted  # type: ignore[method-assign]
+        most = _messages_in_flight(gateway)  # the pieces of a message cut again go out at once
         for seq in (1, 2):
             replies = await gateway.step("charlm", {f"e{i}": EYE[[(i + seq) % FEATURES]] for i in range(30)})
             assert all(isinstance(r, StepReply) and r.seq == seq and not r.replayed for r in replies.values())
             assert app.metrics.registry.get_sample_value("rnnserve_errors_total", refused) == 30  # the first only
             if seq == 1:
-                assert most == 4, f"the refused message's four pieces went out {most} at a time"
+                assert most() == 4, f"the refused message's four pieces went out {most()} at a time"
 
 
 async def test_a_gateway_start_refused_for_its_version_goes_again_with_the_next_calls_version(start_server):
@@ -560,3 +549,38 @@ async def test_a_gateway_start_refused_for_its_version_goes_again_with_the_next_
         assert isinstance(refused, StepError) and refused.code is grpc.StatusCode.NOT_FOUND
         (started,) = (await gateway.step("charlm", {"r": x}, version=0)).values()
         assert isinstance(started, StepReply) and (started.seq, started.version) == (1, 1), started
+
+
+async def test_a_restart_waits_for_the_call_under_way_for_its_session(start_server):
+    """`restart` makes the session's next step a new start, and that step still waits for a call under
+    way for the session: one call at a time per session, restarted or not."""
+    app = await start_server()
+    async with BatchClient(f"127.0.0.1:{app.port}", streams=1) as gateway:
+        await gateway.step("charlm", {"r": EYE[:1]})
+        most = _messages_in_flight(gateway)
+        under_way = asyncio.create_task(gateway.step("charlm", {"r": np.tile(EYE[[3]], (120, 1))}))
+        await asyncio.sleep(0)  # the call holds the session now
+        gateway.restart("charlm", "r")
+        (restarted,) = (await asyncio.wait_for(gateway.step("charlm", {"r": EYE[:1]}), 10)).values()
+        (second,) = (await under_way).values()
+        assert isinstance(second, StepReply) and second.seq == 2, second
+        assert isinstance(restarted, StepReply) and restarted.seq == 1 and not restarted.replayed, restarted
+        assert most() == 1, f"{most()} calls for one session were in flight at once"
+
+
+def _messages_in_flight(gateway: BatchClient) -> Callable[[], int]:
+    """From now on, the most messages `gateway` has had in flight at once (its `_send` counted)."""
+    sent, most = 0, 0
+    send = gateway._send
+
+    async def counted(batch: pb.StepBatch) -> tuple[pb.StepBatchResult, float]:
+        nonlocal sent, most
+        sent += 1
+        most = max(most, sent)
+        try:
+            return await send(batch)
+        finally:
+            sent -= 1
+
+    gateway._send = counted  # type: ignore[method-assign]
+    return lambda: most
