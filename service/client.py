@@ -955,7 +955,6 @@ class BatchClient(_Connected):
         try:
             answered = await self._send(batch)
         except MessageTooLarge:
-            batch.id = 0  # weighed again as it was cut: without an id
             pieces = self._messages(batch)
             if len(pieces) == 1:
                 raise
@@ -963,10 +962,7 @@ class BatchClient(_Connected):
             steps = min((stream.max_steps for stream in self._streams if stream.max_steps), default=None)
             too_many = steps is not None and len(batch.steps) > steps
             refused = all(r.error.code == _RESOURCE_EXHAUSTED for r in answered[0].responses)
-            if not (too_many and refused):
-                return [answered]
-            batch.id = 0
-            if len(pieces := self._messages(batch)) == 1:
+            if not (too_many and refused) or len(pieces := self._messages(batch)) == 1:
                 return [answered]
         return await self._send_all(pieces)
 
@@ -982,8 +978,8 @@ class BatchClient(_Connected):
         return [piece for outcome in outcomes for piece in outcome]  # type: ignore[union-attr]
 
     async def _send(self, batch: pb.StepBatch) -> tuple[pb.StepBatchResult, float]:
-        """One message (numbered here), on the stream whose answers promise to come soonest; its answer and
-        latency."""
+        """One message, numbered for as long as it is in flight, on the stream whose answers promise to come
+        soonest; its answer and latency. Its id is unset again after, so it is weighed as it was cut."""
         k = self._balance.pick(self._leaving)
         ticket = self._balance.sent(k)
         started = time.perf_counter()
@@ -997,6 +993,7 @@ class BatchClient(_Connected):
             raise
         finally:
             self._balance.answered(k, ticket, measured=measured)
+            batch.id = 0
         return result, time.perf_counter() - started
 
 
