@@ -118,6 +118,11 @@ class LoadResult:
     steps: int = 0
     seconds: float = 0.0
 
+    def refused(self, code: str, message: str) -> None:
+        """A fan-in step answered with an error: counted by code, the first message of each kept."""
+        self.errors[code] += 1
+        self.first_errors.setdefault(code, message)
+
     def summary(self) -> dict[str, Any]:
         h = self.histogram
         return {
@@ -243,9 +248,7 @@ class _FanIn:
             self.result.histogram.record_value(max(1, int((time.perf_counter() - sent_at) * 1e6)))
             failed = [r for r in result.responses if r.HasField("error")]
             for response in failed:
-                code = _CODES[response.error.code].name
-                self.result.errors[code] += 1
-                self.result.first_errors.setdefault(code, response.error.message)
+                self.result.refused(_CODES[response.error.code].name, response.error.message)
             self.result.steps += len(result.responses) - len(failed)
             if self.ended[g]:  # answers of a group that stopped short, still in flight
                 continue
@@ -277,15 +280,14 @@ class _Gateway:
             self.result.workers.update(gateway.workers)
 
     async def _group(self, gateway: BatchClient, inputs: dict[str, np.ndarray]) -> None:
-        histogram, errors = self.result.histogram, self.result.errors
+        histogram = self.result.histogram
         for _ in range(self.spec.steps):
             started = time.perf_counter()
             replies = await gateway.step(self.spec.model, inputs, version=self.spec.version)
             histogram.record_value(max(1, int((time.perf_counter() - started) * 1e6)))
             failed = [reply for reply in replies.values() if isinstance(reply, StepError)]
             for reply in failed:
-                errors[reply.code.name] += 1
-                self.result.first_errors.setdefault(reply.code.name, reply.message)
+                self.result.refused(reply.code.name, reply.message)
             self.result.steps += len(replies) - len(failed)
             if failed:  # as the lean fan-in: a group with an error stops short, its errors reported
                 return
