@@ -353,3 +353,52 @@ asyncio.run(serve(settings, on_ready=ready))
     frozen, in_reach = map(int, re.fullmatch(r"frozen (\d+) in reach (\d+)\n", done.stdout).groups())  # type: ignore[union-attr]
     assert frozen > 10_000  # the modules alone make tens of thousands
     assert in_reach < frozen / 10
+
+
+async def test_a_serving_process_makes_no_collections_at_fan_in():
+    """A batch's objects live until it is answered and are freed by their reference counts: a young
+    collection walks them all for nothing. At Python's default threshold, 1,024 sessions' steps in messages
+    of 256 set off dozens of collections (at fan-in, about a twentieth of a step's CPU); the server starts
+    them later, so a load like this one makes none."""
+    port = free_port()
+    script = f"""
+import asyncio, gc, os, signal
+from pathlib import Path
+from service.server import serve
+from service.settings import Settings
+
+made = [0, 0, 0]
+
+def counted(phase, info):
+    if phase == "start":
+        made[info["generation"]] += 1
+
+def ready():
+    gc.callbacks.append(counted)
+    print("ready", flush=True)
+
+settings = Settings(model_repo=Path({str(TEST_REPO)!r}), host="127.0.0.1", port={port}, metrics_port=None)
+asyncio.run(serve(settings, on_ready=ready))
+print("collections", *made, flush=True)
+"""
+    server = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert await asyncio.to_thread(server.stdout.readline) == "ready\n"  # type: ignore[union-attr]
+        x = np.eye(84, dtype=np.float32)[:1]
+        async with BatchClient(f"127.0.0.1:{port}", streams=2) as gateway:
+            for _ in range(4):
+                groups = [{f"s{g}-{i}": x for i in range(256)} for g in range(4)]
+                replies = await asyncio.gather(*(gateway.step("charlm", group) for group in groups))
+                assert all(isinstance(r, StepReply) for answered in replies for r in answered.values())
+        server.send_signal(signal.SIGTERM)
+        out, err = await asyncio.to_thread(server.communicate, timeout=60)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    assert server.returncode == 0, err
+    made = re.fullmatch(r"collections (\d+) (\d+) (\d+)\n", out)
+    assert made is not None, (out, err)
+    assert list(map(int, made.groups())) == [0, 0, 0]
