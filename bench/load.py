@@ -32,20 +32,12 @@ from hdrh.histogram import HdrHistogram
 from service.api import kserve_messages as kv
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
+from service.api.wire import varint
 from service.client import CHANNEL_OPTIONS, BatchClient, Spread, StepError, StreamBalance, worker_of_stream
 
 MAX_LATENCY_US = 120_000_000
 STREAM_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
 STREAM_BATCH_METHOD = "/rnnserve.v1.RnnServe/StreamBatch"
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 class BatchEncoder:
@@ -62,11 +54,11 @@ class BatchEncoder:
         self._heads: dict[int, list[bytes]] = {}  # by the tail's length: each step's tag, length and fixed fields
 
     def encode(self, seq: int, batch_id: int) -> bytes:
-        tail = b"\x20" + _varint(seq) + (b"\x28\x01" if seq == 1 else b"")  # seq (4), start (5)
+        tail = b"\x20" + varint(seq) + (b"\x28\x01" if seq == 1 else b"")  # seq (4), start (5)
         heads = self._heads.get(len(tail))
         if heads is None:  # steps (1): each a length-delimited StepRequest
-            heads = self._heads[len(tail)] = [b"\x0a" + _varint(len(f) + len(tail)) + f for f in self._fixed]
-        return tail.join(heads) + tail + b"\x10" + _varint(batch_id)  # id (2)
+            heads = self._heads[len(tail)] = [b"\x0a" + varint(len(f) + len(tail)) + f for f in self._fixed]
+        return tail.join(heads) + tail + b"\x10" + varint(batch_id)  # id (2)
 
 
 def _as_is(message: bytes) -> bytes:

@@ -29,9 +29,8 @@ from prometheus_client import CollectorRegistry, start_http_server
 from service.api import kserve_messages
 from service.api.health import HealthServicer, Readiness
 from service.api.kserve import KServeServicer
-from service.api.native import NativeServicer
+from service.api.native import NativeServicer, add_to_server
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
-from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from service.api.streams import StreamGate
 from service.auth import Authenticator, AuthInterceptor
 from service.batching import raise_if_cancelled
@@ -203,7 +202,7 @@ async def _serve_grpc(
     metrics.stream_limit.set(settings.max_streams)
     metrics.session_cache_limit.set(settings.sessions.cache_max_sessions)
     native = NativeServicer(engine, settings, metrics, gate, auth)
-    pb_grpc.add_RnnServeServicer_to_server(native, server)
+    add_to_server(native, server)
     kserve = KServeServicer(engine, settings, metrics, gate, readiness, loader, auth)
     server.add_generic_rpc_handlers((kserve.handler(),))
     health_pb2_grpc.add_HealthServicer_to_server(HealthServicer(readiness), server)

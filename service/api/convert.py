@@ -54,11 +54,16 @@ def checked_count(shape: list[int], what: str) -> int:
     return count
 
 
+def wire_array(array: np.ndarray) -> np.ndarray:
+    """`array` as the wire's raw bytes hold it: C-ordered little-endian float32 (a copy only if it is not)."""
+    return array if array.dtype == FLOAT32 and array.flags.c_contiguous else np.ascontiguousarray(array, FLOAT32)
+
+
 def fill_tensors(tensors: MutableMapping[str, pb.Tensor], arrays: Mapping[str, np.ndarray]) -> None:
     """Each array as a tensor of the message's map, written in place (no message copied). Responses carry
     raw little-endian float32 bytes."""
     for name, array in arrays.items():
-        data = array if array.dtype == FLOAT32 and array.flags.c_contiguous else np.ascontiguousarray(array, FLOAT32)
+        data = wire_array(array)
         tensor = tensors[name]
         tensor.shape.extend(data.shape)
         tensor.raw = data.tobytes()

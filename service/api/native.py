@@ -8,7 +8,7 @@ import os
 import socket
 from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from functools import partial
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import grpc
 import numpy as np
@@ -18,6 +18,7 @@ from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from service.api.status import classify, grpc_status, unary
 from service.api.streams import StreamGate, Submitted, answer_all, failed, time_steps
+from service.api.wire import BatchResultWriter
 from service.auth import Authenticator, tenant_of, while_valid
 from service.errors import InvalidArgument, Overloaded, RnnServeError, SeqOutOfOrder
 from service.metrics import Metrics
@@ -32,7 +33,8 @@ log = logging.getLogger(__name__)
 WORKER_METADATA = (("rnnserve-worker", str(os.getpid())), ("rnnserve-host", socket.gethostname()))
 
 StreamContext: TypeAlias = grpc.aio.ServicerContext[pb.StepRequest, pb.StepResponse]
-BatchContext: TypeAlias = grpc.aio.ServicerContext[pb.StepBatch, pb.StepBatchResult]
+BatchContext: TypeAlias = grpc.aio.ServicerContext[pb.StepBatch, bytes]
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 
 
 def _model_info(model: LoadedModel) -> pb.ModelInfo:
@@ -128,6 +130,30 @@ def _in_order(batch: pb.StepBatch) -> int:
     return 0
 
 
+class _Handlers:
+    """Takes the method handlers the generated registration makes (it registers them on a server)."""
+
+    def __init__(self) -> None:
+        self.service = ""
+        self.handlers: dict[str, Handler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Handler]) -> None:
+        self.service, self.handlers = service, dict(handlers)
+
+
+def add_to_server(servicer: NativeServicer, server: grpc.aio.Server) -> None:
+    """Serve the native API, as the generated `add_RnnServeServicer_to_server` does but for one method:
+    StreamBatch's results go out as the bytes `NativeServicer.StreamBatch` yields, serialised already."""
+    made = _Handlers()
+    pb_grpc.add_RnnServeServicer_to_server(servicer, made)
+    made.handlers["StreamBatch"] = made.handlers["StreamBatch"]._replace(response_serializer=None)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(made.service, made.handlers),))
+    server.add_registered_method_handlers(made.service, made.handlers)
+
+
 class NativeServicer(pb_grpc.RnnServeServicer):
     def __init__(
         self, engine: SessionEngine, settings: Settings, metrics: Metrics, gate: StreamGate, auth: Authenticator | None
@@ -144,6 +170,7 @@ class NativeServicer(pb_grpc.RnnServeServicer):
             ("rnnserve-max-message-bytes", str(settings.max_message_bytes)),
             ("rnnserve-max-steps-per-message", str(settings.max_steps_per_message)),
         )
+        self._writer = BatchResultWriter()
 
     # -- Stream --------------------------------------------------------------------------------
 
@@ -165,9 +192,10 @@ class NativeServicer(pb_grpc.RnnServeServicer):
             self.metrics.errors.labels("Stream", refusal.code.name).inc()
             await context.abort(grpc_status(refusal.code), refusal.message)
 
-    async def StreamBatch(  # noqa: N802 - gRPC method name
+    async def StreamBatch(  # type: ignore[override]  # noqa: N802 - gRPC method name; yields bytes
         self, request_iterator: AsyncIterable[pb.StepBatch], context: BatchContext
-    ) -> AsyncIterator[pb.StepBatchResult]:
+    ) -> AsyncIterator[bytes]:
+        """Each StepBatch's StepBatchResult, serialised here (see `add_to_server`)."""
         try:
             metadata = context.invocation_metadata()
             tenant = tenant_of(self._auth, metadata)
@@ -199,14 +227,19 @@ class NativeServicer(pb_grpc.RnnServeServicer):
         steps, weight = _steps_of(requests, tenant, inflight)
         return self._engine.submit_many(steps), weight
 
-    def _respond_batch(
-        self, batch: pb.StepBatch, done: asyncio.Future[list[Answer]], taken: float
-    ) -> pb.StepBatchResult:
-        result = pb.StepBatchResult(id=batch.id)
-        add = result.responses.add  # filled in place: a message built apart is copied when appended
+    def _respond_batch(self, batch: pb.StepBatch, done: asyncio.Future[list[Answer]], taken: float) -> bytes:
+        """The StepBatchResult, serialised: results written by hand (`BatchResultWriter`), the rest (errors)
+        by protobuf."""
+        writer = self._writer
+        responses = []
         for request, answer in zip(batch.steps, done.result(), strict=True):
-            self._fill(add(), request, answer, "StreamBatch")
-        return result
+            if isinstance(answer, StepResult):
+                responses.append(writer.result(answer))
+            else:
+                response = pb.StepResponse()
+                self._fill(response, request, answer, "StreamBatch")
+                responses.append(writer.embedded(response.SerializeToString()))
+        return writer.batch(responses, batch.id)
 
     def _submit(self, request: pb.StepRequest, tenant: str) -> Submitted[StepResult]:
         (step,), weight = _steps_of((request,), tenant, self._settings.max_inflight_per_stream)
