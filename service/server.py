@@ -348,27 +348,14 @@ def _reflection_pool() -> descriptor_pool.DescriptorPool:
     return pool
 
 
-# Container objects made (less those freed) before a young collection, where Python's default is 700. A
-# batch's thousands of objects (steps, plans, records, answers) all live until it is answered, and are freed
-# by their reference counts, not by the collector; at 700, a batch of 256 steps set off several young
-# collections, each walking the live batches' objects, and every tenth a middle one: in a worker at fan-in,
-# 2,273 young, 206 middle and 18 full collections in about 210,000 steps, 515 ms, 2.4 us a step (about a
-# twentieth of a step's CPU). At this threshold, none in the same load, and the same memory after 800,000
-# steps: garbage in cycles (rare here) still starts a collection once this many objects of it pile up.
-YOUNG_COLLECTION_THRESHOLD = 50_000
-
-
 def keep_out_of_collections() -> None:
     """Take what starting made out of the garbage collector's reach (`gc.freeze`): the modules, the message,
     settings and metric classes, the models. It lives as long as the process, yet every full collection
     walked it: in a worker at fan-in, about 65,000 objects, each full collection about 37 ms (20 of them in
     a 15 s run), its steps' CPU 16 % more and its p99 twice as long. Called once the server is up, so a
-    full collection walks only what serving made since. Young collections start later than Python's
-    default (`YOUNG_COLLECTION_THRESHOLD`)."""
+    full collection walks only what serving made since."""
     gc.collect()
     gc.freeze()
-    _, middle, full = gc.get_threshold()
-    gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, middle, full)
 
 
 async def serve(
