@@ -9,10 +9,14 @@ result, is written here; the rest (errors) go through protobuf and are embedded 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from service.api.convert import wire_array
-from service.sessions import StepResult
+
+if TYPE_CHECKING:  # the load generator imports this module, and needs nothing of the engine's
+    from service.sessions import StepResult
 
 _SMALL = 1 << 14
 _VARINTS: list[bytes] = []  # varint(i) for i < _SMALL: most lengths, seqs and versions
