@@ -214,6 +214,11 @@ class BatchingSettings(BaseModel):
     )
 
 
+# Sessions a batch has, at least, for its runtime call to run on the event loop where the server runs a worker
+# process per usable CPU or more (see `service.workers.runtime_placed`).
+LARGE_BATCH_ROWS = 128
+
+
 class RuntimeSettings(BaseModel):
     """ONNX Runtime."""
 
@@ -238,6 +243,16 @@ class RuntimeSettings(BaseModel):
         ge=0,
         description="batches of at most this many sessions run on the event loop, larger ones in a runtime thread",
     )
+    inline_min_rows: int | None = Field(
+        default=None,
+        ge=0,
+        description="batches of at least this many sessions run on the event loop too (0: none do); none: "
+        f"{LARGE_BATCH_ROWS} where the server runs a worker process per usable CPU or more, else 0",
+    )
+
+    def inline(self, rows: int) -> bool:
+        """Whether a batch of `rows` sessions makes its runtime call on the event loop."""
+        return rows <= self.inline_max_rows or 0 < (self.inline_min_rows or 0) <= rows
 
 
 class SessionSettings(BaseModel):

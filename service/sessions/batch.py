@@ -304,8 +304,9 @@ class BatchPipeline:
         if not groups:
             return {}
         work = [(members, plans[members[0]].model) for members in groups.values()]
-        if len(plans) <= self._settings.runtime.inline_max_rows:
-            # A small batch costs less on the event loop than a hand-off to a runtime thread and back.
+        if self._settings.runtime.inline(len(plans)):
+            # A small batch costs less on the event loop than a hand-off to a runtime thread and back; so may a
+            # large one, where other worker processes keep the CPUs busy meanwhile (`inline_min_rows`).
             outcomes = _run_groups(work, plans, items)
         else:
             outcomes = await asyncio.get_running_loop().run_in_executor(self._executor, _run_groups, work, plans, items)

@@ -24,7 +24,8 @@ from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
 from service.api.pb.rnnserve.v1 import rnnserve_pb2_grpc as pb_grpc
 from service.client import CHANNEL_OPTIONS, BatchClient, StepReply
 from service.server import SIBLINGS_STARTING
-from service.workers import METRICS_DIR_PREFIX, _sweep_metrics_dirs, usable_cpus
+from service.settings import LARGE_BATCH_ROWS, RedisSettings, RuntimeSettings, Settings
+from service.workers import METRICS_DIR_PREFIX, _sweep_metrics_dirs, runtime_placed, usable_cpus
 from tests.conftest import (
     TEST_REPO,
     exchange,
@@ -255,6 +256,32 @@ def test_the_default_worker_count_follows_the_containers_cpu_limit(tmp_path, cpu
     visible = len(os.sched_getaffinity(0))
     assert usable_cpus(path) == (visible if expected is None else min(visible, expected))
     assert usable_cpus(tmp_path / "absent") == visible
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+def test_large_batches_run_on_the_event_loop_where_workers_fill_the_cpus(extra):
+    """With a worker per usable CPU (or more), a large batch's runtime call runs on its event loop: a runtime
+    thread would only contend with the other workers. With fewer, a runtime thread runs it beside the event
+    loop. Small batches run on the event loop either way; a setting given is kept."""
+    cpus = usable_cpus()
+    settings = Settings(redis=RedisSettings(url="redis://127.0.0.1:1/0"))
+    filled = runtime_placed(settings, cpus + extra).runtime
+    assert filled.inline_min_rows == LARGE_BATCH_ROWS
+    assert [filled.inline(rows) for rows in (1, 8, 9, LARGE_BATCH_ROWS - 1, LARGE_BATCH_ROWS, 1024)] == [
+        True,
+        True,
+        False,
+        False,
+        True,
+        True,
+    ]
+    if cpus > 1:
+        fewer = runtime_placed(settings, cpus - 1).runtime
+        assert fewer.inline_min_rows == 0
+        assert [fewer.inline(rows) for rows in (8, 9, LARGE_BATCH_ROWS, 1024)] == [True, False, False, False]
+    chosen = settings.model_copy(update={"runtime": RuntimeSettings(inline_min_rows=512)})
+    assert runtime_placed(chosen, cpus + extra).runtime.inline_min_rows == 512
+    assert Settings().runtime.inline(LARGE_BATCH_ROWS) is False  # a server not started by `serve_workers`
 
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
