@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable
 
 import grpc
 import numpy as np
+import pytest
 import redis
 
 from service.api.pb.rnnserve.v1 import rnnserve_pb2 as pb
@@ -38,8 +40,12 @@ async def exchange_batches(target: str, batches: list[pb.StepBatch]) -> list[pb.
     return await written_then_read(target, lambda channel: pb_grpc.RnnServeStub(channel).StreamBatch(), batches)
 
 
-async def test_1024_sessions_in_batches_of_256(start_server, redis_store_url):
-    app = await start_server(url=redis_store_url)
+@pytest.mark.parametrize("on_the_event_loop", [False, True])
+async def test_1024_sessions_in_batches_of_256(start_server, redis_store_url, on_the_event_loop):
+    """Also with the runtime calls made on the event loop, as a server with a worker per CPU makes them for
+    batches this large (`runtime.inline_min_rows`): no runtime thread is started then."""
+    before = set(threading.enumerate())
+    app = await start_server(url=redis_store_url, runtime={"inline_min_rows": 128 if on_the_event_loop else 0})
     target = f"127.0.0.1:{app.port}"
     sessions, steps = 1024, 3
     expected = {}
@@ -62,6 +68,8 @@ async def test_1024_sessions_in_batches_of_256(start_server, redis_store_url):
     assert app.metrics.registry.get_sample_value("rnnserve_batch_size_sum", labels) == sessions * steps
     batches = app.metrics.registry.get_sample_value("rnnserve_batch_size_count", labels)
     assert batches is not None and batches <= 2 * 4 * steps  # runtime calls by the batch, not by the step
+    threads = [t for t in set(threading.enumerate()) - before if t.name.startswith("runtime")]
+    assert bool(threads) is not on_the_event_loop, threads
 
 
 async def test_one_batch_may_mix_models(start_server):
