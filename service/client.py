@@ -1088,7 +1088,7 @@ def _reply(response: pb.StepResponse, latency_s: float) -> StepReply | StepError
         return StepError(_CODES[response.error.code], response.error.message, response.expected_seq)
     tensors = response.outputs
     # By name, not `items()`: a protobuf map's items() iterate in Python, at more cost than the rest.
-    outputs = {name: tensor_to_array(tensors[name], name) for name in tensors}
+    outputs = {name: tensor_to_array(tensors[name], name, scalar_ok=True) for name in tensors}
     return StepReply(response.session_id, response.seq, response.version, outputs, response.replayed, latency_s)
 
 

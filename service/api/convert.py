@@ -13,14 +13,15 @@ from service.errors import InvalidArgument
 FLOAT32 = np.dtype("<f4")  # the wire's tensors: little-endian float32
 
 
-def tensor_to_array(tensor: pb.Tensor, what: str = "input") -> np.ndarray:
-    """A float32 array from `data` or `raw`, checked against its shape."""
+def tensor_to_array(tensor: pb.Tensor, what: str = "input", *, scalar_ok: bool = False) -> np.ndarray:
+    """A float32 array from `data` or `raw`, checked against its shape. With `scalar_ok`, a tensor with no
+    shape is one value (a 0-d array: a model's output may be one value a session); an input needs a shape."""
     raw, dims = tensor.raw, tensor.shape
     if len(dims) == 2 and raw and (rows := dims[0]) > 0 and (columns := dims[1]) > 0 and not tensor.data:
         if len(raw) == 4 * rows * columns:  # the common case, [T, F] in raw bytes, checked at less cost
             return np.frombuffer(raw, dtype=FLOAT32).reshape(rows, columns)
     shape = list(dims)
-    count = checked_count(shape, what)
+    count = 1 if scalar_ok and not shape else checked_count(shape, what)
     if tensor.raw and tensor.data:
         raise InvalidArgument(f"{what}: fill either data or raw, not both")
     if tensor.raw:

@@ -498,3 +498,12 @@ def test_an_answer_is_read_from_raw_or_data(tensor):
     assert isinstance(reply, StepReply) and (reply.session_id, reply.seq, reply.version) == ("s", 3, 1)
     np.testing.assert_array_equal(reply.outputs["y"], np.arange(4, dtype=np.float32).reshape(2, 2))
     assert reply.latency_s == 0.25
+
+
+@pytest.mark.parametrize("tensor", [{"raw": np.float32(7.5).tobytes()}, {"data": [7.5]}])
+def test_an_output_of_one_value_a_session_is_read_as_a_0_d_array(tensor):
+    """A model may answer one value a session (an output shaped [batch]): its tensor has no shape, and the
+    client reads it rather than failing the whole call."""
+    reply = _reply(_answer(**tensor), 0.0)
+    assert isinstance(reply, StepReply)
+    assert reply.outputs["y"].shape == () and reply.outputs["y"] == np.float32(7.5)
