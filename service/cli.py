@@ -153,7 +153,12 @@ def _kind(annotation: Any) -> Any:
         return _comma_list
     if args and type(None) in get_args(annotation):  # Optional[X]: "none" unsets it
         inner = args[0]
-        return lambda text: None if text.lower() == "none" else inner(text)
+
+        def optional(text: str) -> Any:
+            return None if text.lower() == "none" else inner(text)
+
+        optional.__name__ = getattr(inner, "__name__", "value")  # argparse names it in its errors: "invalid int value"
+        return optional
     return annotation
 
 

@@ -72,6 +72,8 @@ def test_the_command_line_says_what_it_needs():
     ):
         assert flag in serve_help.stdout and variable in serve_help.stdout
     assert rnnserve("serve", "--log-level", "WARNING", "--port", "x").returncode == 2  # parsed, then refused
+    optional = rnnserve("serve", "--workers", "abc")  # a flag that also takes "none"
+    assert optional.returncode == 2 and "--workers: invalid int value: 'abc'" in optional.stderr, optional.stderr
     long_steps = rnnserve("bench", "--long-steps", "1000")
     assert long_steps.returncode != 0 and "at least 2000" in long_steps.stderr
     fan_in_triton = rnnserve(
