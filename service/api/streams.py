@@ -3,7 +3,7 @@
 Requests on one stream may belong to many sessions; each is started at once, so a slow session does not
 hold up the others, and answered in its session's order, as soon as it and its predecessors are done.
 A `StreamGate` admits streams (a limit across both APIs) and drains them on shutdown: each stream stops
-reading, answers what it has taken, and ends, so its client reconnects elsewhere.
+reading, answers what it has taken, and ends with UNAVAILABLE, so its client reconnects elsewhere.
 """
 
 from __future__ import annotations
@@ -25,6 +25,12 @@ Resp = TypeVar("Resp")
 
 # What starting a request gives: its future, and its weight against the stream's in-flight limit.
 Submitted = tuple[asyncio.Future[Out], int]
+
+
+DRAINED = (
+    "the server is shutting down: this stream's steps read so far are answered above; send the rest again on a "
+    "new stream (any replica can continue the session)"
+)
 
 
 class StreamGate:
@@ -183,6 +189,7 @@ class _Answers(Generic[Req, Out, Resp]):
 
     async def read(self, requests: AsyncIterable[Req], gate: StreamGate) -> None:
         iterator = aiter(requests)
+        end: object = _END
         try:
             while True:
                 # Room first: between reading a request and taking it there is no await, so a drain
@@ -195,6 +202,9 @@ class _Answers(Generic[Req, Out, Resp]):
         except asyncio.CancelledError:
             if not gate.draining:
                 raise
+            # Once what was read is answered, the stream ends as a drain does: UNAVAILABLE, so that a client
+            # still writing knows its later steps were not read (an OK end would leave it to guess).
+            end = _Failed(Unavailable(DRAINED))
         except Exception as err:  # noqa: BLE001 - a broken request stream ends the response stream
             self.responses.put_nowait(_Failed(err))
             return
@@ -203,7 +213,7 @@ class _Answers(Generic[Req, Out, Resp]):
             assert reader is not None
             gate.unwatch(reader)  # reading is over: a drain from now on must not cancel the answers
         await self._answered.wait()
-        self.responses.put_nowait(_END)
+        self.responses.put_nowait(end)
 
 
 async def answer_all(

@@ -170,7 +170,9 @@ async def test_a_drain_answers_probes_ends_watches_and_is_not_held_by_them(start
         assert await health_of(target, "liveness") == SERVING  # draining is not dying
         answer = await stream.read()
         assert answer.seq == 1 and not answer.HasField("error")  # the step in flight is answered
-        assert await stream.read() is grpc.aio.EOF
+        with pytest.raises(grpc.aio.AioRpcError) as ended:  # then it ends, UNAVAILABLE: reconnect elsewhere
+            await stream.read()
+        assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
         await stopping
         assert time.monotonic() - started < 2  # over when the streams are, not at the grace period
 

@@ -234,6 +234,23 @@ async def test_the_batch_client_resumes_across_a_drain(start_server, redis_store
         assert all(gateway.acked_seq("charlm", sid) == 12 for sid in sessions)
 
 
+async def test_a_drained_stream_answers_what_it_read_then_ends_unavailable(start_server, redis_store_url):
+    """A stream whose reading a drain cut ends with UNAVAILABLE once what it read is answered: a client still
+    writing learns that its later steps were not read (an OK end would leave it to guess)."""
+    app = await start_server(url=redis_store_url)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
+        call = pb_grpc.RnnServeStub(channel).StreamBatch()
+        await call.write(pb.StepBatch(id=1, steps=[step_request("charlm", "d", 1, EYE[[3]], start_id=5)]))
+        (answered,) = (await call.read()).responses
+        assert not answered.HasField("error"), answered
+        stopping = asyncio.create_task(app.stop(grace_s=2))
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await call.read()
+        await stopping
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "send the rest again on a new stream" in (ended.value.details() or "")
+
+
 async def test_a_refused_step_leaves_the_session_where_it_was(start_server):
     app = await start_server()
     async with BatchClient(f"127.0.0.1:{app.port}") as gateway:
