@@ -114,6 +114,11 @@ class Unavailable(RnnServeError):
     code = Code.UNAVAILABLE
 
 
+class Drained(Unavailable):
+    """A drain cut a stream's reading: what it read is answered, the rest goes to another replica. An orderly
+    end of the stream, not counted among the errors (a rollout would count one for every open stream)."""
+
+
 class StoreRefused(Unavailable):
     """The store answered but refused a command (a key of the wrong type, out of memory, read-only)."""
 

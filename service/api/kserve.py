@@ -38,7 +38,7 @@ from service.api.kserve_convert import (
 from service.api.status import classify, grpc_status, unary
 from service.api.streams import StreamGate, answer_all, failed, time_steps, weighed
 from service.auth import Authenticator, tenant_of, while_valid
-from service.errors import InvalidArgument, ModelNotFound, RnnServeError, SessionEnded, SessionNotFound
+from service.errors import Drained, InvalidArgument, ModelNotFound, RnnServeError, SessionEnded, SessionNotFound
 from service.loader import ModelLoader
 from service.metrics import Metrics
 from service.sessions import SessionEngine, Step, StepResult
@@ -248,9 +248,10 @@ class KServeServicer:
                 answers = answer_all(requests, start_weighed, respond, limit, self._gate, _sequence_key)
                 async for response in answers:
                     yield response
-        except Exception as err:  # noqa: BLE001 - refused by the gate, or (triton_grpc_error) the first error
+        except Exception as err:  # noqa: BLE001 - refused by the gate, drained, or (triton_grpc_error) the first error
             code, message = classify(err, "ModelStreamInfer")
-            self.metrics.errors.labels("ModelStreamInfer", code.name).inc()
+            if not isinstance(err, Drained):  # an orderly end, not an error
+                self.metrics.errors.labels("ModelStreamInfer", code.name).inc()
             await context.abort(grpc_status(code), message)
 
     def _start(self, request: Any, tenant: str) -> asyncio.Future[Any]:

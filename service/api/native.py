@@ -20,7 +20,7 @@ from service.api.status import classify, grpc_status, unary
 from service.api.streams import StreamGate, Submitted, answer_all, failed, time_steps
 from service.api.wire import BatchResultWriter
 from service.auth import Authenticator, tenant_of, while_valid
-from service.errors import InvalidArgument, Overloaded, RnnServeError, SeqOutOfOrder
+from service.errors import Drained, InvalidArgument, Overloaded, RnnServeError, SeqOutOfOrder
 from service.metrics import Metrics
 from service.models import LoadedModel
 from service.sessions import Answer, SessionEngine, Step, StepResult
@@ -188,9 +188,8 @@ class NativeServicer(pb_grpc.RnnServeServicer):
                 answers = answer_all(requests, submit, self._respond, limit, self._gate, _session_of)
                 async for response in answers:
                     yield response
-        except RnnServeError as refusal:  # steps answer in-band: only the gate refuses a whole stream
-            self.metrics.errors.labels("Stream", refusal.code.name).inc()
-            await context.abort(grpc_status(refusal.code), refusal.message)
+        except RnnServeError as refusal:  # steps answer in-band: a stream ends so only when refused or drained
+            await self._end("Stream", refusal, context)
 
     async def StreamBatch(  # type: ignore[override]  # noqa: N802 - gRPC method name; yields bytes
         self, request_iterator: AsyncIterable[pb.StepBatch], context: BatchContext
@@ -212,9 +211,14 @@ class NativeServicer(pb_grpc.RnnServeServicer):
                 )
                 async for response in answers:
                     yield response
-        except RnnServeError as refusal:  # steps answer in-band: only the gate refuses a whole stream
-            self.metrics.errors.labels("StreamBatch", refusal.code.name).inc()
-            await context.abort(grpc_status(refusal.code), refusal.message)
+        except RnnServeError as refusal:  # steps answer in-band: a stream ends so only when refused or drained
+            await self._end("StreamBatch", refusal, context)
+
+    async def _end(self, method: str, refusal: RnnServeError, context: StreamContext | BatchContext) -> None:
+        """End a stream with `refusal` (the gate's, the token's, or a drain's, which is not counted as an error)."""
+        if not isinstance(refusal, Drained):
+            self.metrics.errors.labels(method, refusal.code.name).inc()
+        await context.abort(grpc_status(refusal.code), refusal.message)
 
     def _submit_batch(self, batch: pb.StepBatch, tenant: str) -> Submitted[list[Answer]]:
         """Every step of the batch started at once (the engine batches them together); done when all are."""

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Hashable, It
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from service.errors import Overloaded, Unavailable
+from service.errors import Drained, Overloaded, Unavailable
 from service.metrics import Metrics
 
 Req = TypeVar("Req")
@@ -204,7 +204,7 @@ class _Answers(Generic[Req, Out, Resp]):
                 raise
             # Once what was read is answered, the stream ends as a drain does: UNAVAILABLE, so that a client
             # still writing knows its later steps were not read (an OK end would leave it to guess).
-            end = _Failed(Unavailable(DRAINED))
+            end = _Failed(Drained(DRAINED))
         except Exception as err:  # noqa: BLE001 - a broken request stream ends the response stream
             self.responses.put_nowait(_Failed(err))
             return
