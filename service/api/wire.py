@@ -40,9 +40,14 @@ def varint(value: int) -> bytes:
     return _VARINTS[value] if 0 <= value < _SMALL else _encode_varint(value)
 
 
+def _head(number: int, length: int) -> bytes:
+    """A length-delimited field's tag and length, its value to follow."""
+    return varint(number << 3 | 2) + varint(length)
+
+
 def field(number: int, value: bytes) -> bytes:
     """A length-delimited field (a string, bytes, a message or a packed repeated field): tag, length, value."""
-    return varint(number << 3 | 2) + varint(len(value)) + value
+    return _head(number, len(value)) + value
 
 
 def _varint_field(number: int, value: int) -> bytes:
@@ -85,8 +90,7 @@ class BatchResultWriter:
             parts.append(data.tobytes())
         if answer.replayed:
             parts.append(_REPLAYED)
-        body = b"".join(parts)
-        return b"\x0a" + varint(len(body)) + body
+        return field(1, b"".join(parts))
 
     @staticmethod
     def embedded(response: bytes) -> bytes:
@@ -104,9 +108,8 @@ def _output_head(name: str, shape: tuple[int, ...]) -> bytes:
     """An outputs map entry's bytes up to the tensor's raw bytes, for a float32 tensor of `shape`."""
     size = 4 * int(np.prod(shape, dtype=np.int64))
     dims = b"".join(varint(d) for d in shape)
-    tensor = (field(1, dims) if dims else b"") + (varint(3 << 3 | 2) + varint(size) if size else b"")
+    tensor = (field(1, dims) if dims else b"") + (_head(3, size) if size else b"")
     tensor_length = len(tensor) + size
     key = field(1, name.encode())  # a map entry's key and value are written even when empty, as protobuf does
-    value = varint(2 << 3 | 2) + varint(tensor_length) + tensor
-    entry_length = len(key) + len(value) + size
-    return varint(5 << 3 | 2) + varint(entry_length) + key + value
+    value = _head(2, tensor_length) + tensor
+    return _head(5, len(key) + len(value) + size) + key + value
